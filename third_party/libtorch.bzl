@@ -1,0 +1,73 @@
+"""LibTorch as an external repository: `@libtorch//:torch`.
+
+Reads LIBTORCH_HOME: the root of a pytorch.org LibTorch zip, or the `torch/` folder of a pip
+wheel (both have `include/` and `lib/`). Without it, uses Debian's libtorch-dev under /usr.
+Works with LibTorch 1.13 (Debian) and 2.x: code that must tell them apart includes
+<torch/version.h>, and only dist/groups does.
+"""
+
+_DEBIAN_INCLUDE_DIRS = ["ATen", "c10", "caffe2", "torch"]
+
+_BUILD = '''package(default_visibility = ["//visibility:public"])
+
+# Everything that includes c10d's ProcessGroupGloo.hpp needs USE_C10D_GLOO, and the C++ ABI
+# must match the one LibTorch was built with.
+cc_library(
+    name = "torch",
+    hdrs = glob(["include/**"], allow_empty = True),
+    includes = ["include", "include/torch/csrc/api/include"],
+    defines = {defines},
+    linkopts = {linkopts},
+)
+
+# Facts about this LibTorch, for `bazel query` and for humans.
+exports_files(["INFO"])
+'''
+
+def _cxx11_abi(ctx, root):
+    """The _GLIBCXX_USE_CXX11_ABI value LibTorch was built with, or None if unknown."""
+    for cfg in ["share/cmake/Torch/TorchConfig.cmake", "lib/x86_64-linux-gnu/cmake/Torch/TorchConfig.cmake"]:
+        p = root.get_child(cfg) if root else None
+        if p and p.exists:
+            text = ctx.read(p)
+            for v in ["0", "1"]:
+                if "_GLIBCXX_USE_CXX11_ABI=" + v in text:
+                    return v
+    return None
+
+def _libtorch_repository_impl(ctx):
+    home = ctx.os.environ.get("LIBTORCH_HOME", "").strip()
+    defines = ["USE_C10D_GLOO"]
+    if home:
+        root = ctx.path(home)
+        if not root.get_child("include").exists or not root.get_child("lib").exists:
+            fail("LIBTORCH_HOME=%s has no include/ and lib/ folders: point it at a LibTorch zip's root or a wheel's torch/ folder" % home)
+        ctx.symlink(root.get_child("include"), "include")
+        lib = str(root.get_child("lib"))
+        libs = ["torch", "torch_cpu", "c10"]
+        for extra in ["torch_cuda", "c10_cuda"]:
+            if root.get_child("lib").get_child("lib%s.so" % extra).exists:
+                libs.append(extra)
+        linkopts = ["-L" + lib, "-Wl,-rpath," + lib, "-Wl,--no-as-needed"] + ["-l" + l for l in libs] + ["-Wl,--as-needed"]
+        abi = _cxx11_abi(ctx, root)
+        source = home
+    else:
+        for d in _DEBIAN_INCLUDE_DIRS:
+            p = ctx.path("/usr/include/" + d)
+            if not p.exists:
+                fail("LibTorch not found: /usr/include/%s is missing. Install Debian's libtorch-dev (tools/bazel does) or set LIBTORCH_HOME." % d)
+            ctx.symlink(p, "include/" + d)
+        linkopts = ["-ltorch", "-ltorch_cpu", "-lc10"]
+        abi = _cxx11_abi(ctx, ctx.path("/usr"))
+        source = "/usr (Debian libtorch-dev)"
+    if abi != None:
+        defines.append("_GLIBCXX_USE_CXX11_ABI=" + abi)
+    ctx.file("INFO", "source: %s\ncxx11_abi: %s\n" % (source, abi))
+    ctx.file("WORKSPACE", 'workspace(name = "%s")\n' % ctx.name)
+    ctx.file("BUILD", _BUILD.format(defines = repr(defines), linkopts = repr(linkopts)))
+
+libtorch_repository = repository_rule(
+    implementation = _libtorch_repository_impl,
+    environ = ["LIBTORCH_HOME"],
+    local = True,
+)

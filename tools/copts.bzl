@@ -1,0 +1,13 @@
+"""Compile flags shared by every Switchyard target (one place, like Abseil's ABSL_DEFAULT_COPTS)."""
+
+SY_DEFAULT_COPTS = [
+    "-Wall",
+    "-Wextra",
+    "-Wno-unused-parameter",
+    # LibTorch's headers trip these under -Wextra; they say nothing about our code.
+    "-Wno-missing-field-initializers",
+]
+
+SY_TEST_COPTS = SY_DEFAULT_COPTS + [
+    "-Wno-sign-compare",
+]

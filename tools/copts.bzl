@@ -11,3 +11,7 @@ SY_DEFAULT_COPTS = [
 SY_TEST_COPTS = SY_DEFAULT_COPTS + [
     "-Wno-sign-compare",
 ]
+
+# For code whose tests loop over many cases (exhaustive layout checks): -O0 makes them
+# minutes instead of seconds.
+SY_OPT_COPTS = ["-O2"]

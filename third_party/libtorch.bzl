@@ -27,8 +27,8 @@ exports_files(["INFO"])
 def _cxx11_abi(ctx, root):
     """The _GLIBCXX_USE_CXX11_ABI value LibTorch was built with, or None if unknown."""
     for cfg in ["share/cmake/Torch/TorchConfig.cmake", "lib/x86_64-linux-gnu/cmake/Torch/TorchConfig.cmake"]:
-        p = root.get_child(cfg) if root else None
-        if p and p.exists:
+        p = ctx.path("%s/%s" % (root, cfg))
+        if p.exists:
             text = ctx.read(p)
             for v in ["0", "1"]:
                 if "_GLIBCXX_USE_CXX11_ABI=" + v in text:

@@ -1,0 +1,351 @@
+#include "dist/groups/comm.h"
+
+#include <algorithm>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/version.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "dist/groups/store_impl.h"
+
+// LibTorch 1.13 (Debian) and 2.x differ in c10d's class hierarchy (ProcessGroupGloo derives
+// from ProcessGroup in 1.13, from Backend in 2.x) but not in the calls used here; this is
+// the one file that would hold a version switch if they did.
+static_assert(TORCH_VERSION_MAJOR >= 2 || (TORCH_VERSION_MAJOR == 1 && TORCH_VERSION_MINOR >= 13),
+              "Switchyard needs LibTorch 1.13 or newer");
+
+namespace switchyard::groups {
+namespace {
+
+std::string FirstLine(const std::exception& e) {
+  std::string w = e.what();
+  size_t nl = w.find('\n');
+  return nl == std::string::npos ? w : w.substr(0, nl);
+}
+
+c10d::ReduceOp ToC10d(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kMax: return c10d::ReduceOp::MAX;
+    case ReduceOp::kMin: return c10d::ReduceOp::MIN;
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg: return c10d::ReduceOp::SUM;
+  }
+  return c10d::ReduceOp::SUM;
+}
+
+absl::Status Failure(const std::string& where, const char* op, const std::string& why) {
+  const bool timeout = absl::StrContains(why, "imed out") || absl::StrContains(why, "imeout");
+  std::string msg = absl::StrFormat("%s: %s %s: %s", where, op,
+                                    timeout ? "timed out" : "failed", why);
+  return timeout ? absl::DeadlineExceededError(msg) : absl::UnavailableError(msg);
+}
+
+}  // namespace
+
+struct Work::State {
+  c10::intrusive_ptr<c10d::Work> work;  // null: nothing to wait for
+  std::function<void()> finish;          // runs after a successful wait (copies, averages)
+  std::string where;                      // group and rank, for messages
+  const char* op = "";
+  std::chrono::milliseconds timeout{0};
+};
+
+Work::Work(absl::Status error) : error_(std::move(error)) {}
+
+absl::Status Work::Wait() {
+  if (!error_.ok()) return error_;
+  if (!state_) return absl::OkStatus();
+  std::shared_ptr<State> s = std::move(state_);
+  try {
+    if (s->work) s->work->wait(s->timeout);
+    if (s->finish) s->finish();
+  } catch (const std::exception& e) {
+    error_ = Failure(s->where, s->op, FirstLine(e));
+    return error_;
+  }
+  return absl::OkStatus();
+}
+
+struct Group::Impl {
+  std::string name;
+  std::vector<int> ranks;
+  int rank = 0;
+  std::chrono::milliseconds timeout{0};
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;  // null for a group of one
+
+  std::string Where() const {
+    return absl::StrFormat("group %s, member %d of %d (global rank %d)", name, rank,
+                           ranks.size(), ranks[rank]);
+  }
+
+  // Starts `start` (which returns the c10d work) and wraps it; exceptions become errors.
+  template <typename Start>
+  Work Run(const char* op, Start&& start, std::function<void()> finish = nullptr) {
+    auto state = std::make_shared<Work::State>();
+    state->where = Where();
+    state->op = op;
+    state->timeout = timeout;
+    state->finish = std::move(finish);
+    try {
+      if (pg) state->work = start();
+    } catch (const std::exception& e) {
+      return Work(Failure(state->where, op, FirstLine(e)));
+    }
+    return Work::FromState(std::move(state));
+  }
+
+  // A Work whose only job is `finish` (which waits on inner work itself).
+  Work Then(const char* op, std::function<void()> finish) const {
+    auto state = std::make_shared<Work::State>();
+    state->where = Where();
+    state->op = op;
+    state->timeout = timeout;
+    state->finish = std::move(finish);
+    return Work::FromState(std::move(state));
+  }
+};
+
+Group::Group(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Group::~Group() = default;
+const std::string& Group::name() const { return impl_->name; }
+int Group::rank() const { return impl_->rank; }
+int Group::size() const { return static_cast<int>(impl_->ranks.size()); }
+const std::vector<int>& Group::ranks() const { return impl_->ranks; }
+
+Work Group::AllReduce(at::Tensor& tensor, ReduceOp op) {
+  std::function<void()> finish;
+  if (op == ReduceOp::kAvg) {
+    finish = [tensor, n = size()]() mutable { tensor.div_(n); };
+  }
+  return impl_->Run("all_reduce", [&] {
+    std::vector<at::Tensor> ts{tensor};
+    c10d::AllreduceOptions o;
+    o.reduceOp = ToC10d(op);
+    return impl_->pg->allreduce(ts, o);
+  }, std::move(finish));
+}
+
+Work Group::Broadcast(at::Tensor& tensor, int root) {
+  if (root < 0 || root >= size()) {
+    return Work(absl::InvalidArgumentError(absl::StrFormat(
+        "%s: broadcast root %d is not a member index", impl_->Where(), root)));
+  }
+  return impl_->Run("broadcast", [&] {
+    std::vector<at::Tensor> ts{tensor};
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    return impl_->pg->broadcast(ts, o);
+  });
+}
+
+Work Group::AllGather(const at::Tensor& in, at::Tensor& out) {
+  const int64_t n = in.size(0);
+  if (out.size(0) != n * size()) {
+    return Work(absl::InvalidArgumentError(absl::StrFormat(
+        "%s: all_gather output has %d rows, expected %d × %d", impl_->Where(), out.size(0),
+        size(), n)));
+  }
+  if (!impl_->pg) {
+    out.copy_(in);
+    return Work();
+  }
+  // c10d's Gloo all-gather writes into a list of outputs: give it views of `out`.
+  auto outs = std::make_shared<std::vector<std::vector<at::Tensor>>>(1);
+  for (int i = 0; i < size(); ++i) (*outs)[0].push_back(out.narrow(0, i * n, n));
+  return impl_->Run("all_gather", [&] {
+    std::vector<at::Tensor> ins{in};
+    return impl_->pg->allgather(*outs, ins);
+  }, [outs] {});
+}
+
+Work Group::AllGatherV(const at::Tensor& in, at::Tensor& out, const std::vector<int64_t>& counts) {
+  if (static_cast<int>(counts.size()) != size() || counts[rank()] != in.size(0)) {
+    return Work(absl::InvalidArgumentError(absl::StrFormat(
+        "%s: all_gather_v needs %d counts with counts[%d] = %d rows of the input",
+        impl_->Where(), size(), rank(), in.size(0))));
+  }
+  int64_t total = 0, max_rows = 0;
+  for (int64_t c : counts) {
+    total += c;
+    max_rows = std::max(max_rows, c);
+  }
+  if (out.size(0) != total) {
+    return Work(absl::InvalidArgumentError(absl::StrFormat(
+        "%s: all_gather_v output has %d rows, counts add up to %d", impl_->Where(),
+        out.size(0), total)));
+  }
+  // Gloo gathers equal sizes only: pad every contribution to the largest, then compact.
+  std::vector<int64_t> shape = in.sizes().vec();
+  shape[0] = max_rows;
+  at::Tensor padded = at::zeros(shape, in.options());
+  if (in.size(0) > 0) padded.narrow(0, 0, in.size(0)).copy_(in);
+  shape[0] = max_rows * size();
+  at::Tensor gathered = at::empty(shape, in.options());
+  Work w = AllGather(padded, gathered);
+  return impl_->Then("all_gather_v", [w, gathered, out, counts, max_rows]() mutable {
+    absl::Status s = w.Wait();
+    if (!s.ok()) throw std::runtime_error(std::string(s.message()));
+    int64_t at_row = 0;
+    for (size_t i = 0; i < counts.size(); ++i) {
+      if (counts[i] > 0) {
+        out.narrow(0, at_row, counts[i]).copy_(gathered.narrow(0, i * max_rows, counts[i]));
+      }
+      at_row += counts[i];
+    }
+  });
+}
+
+Work Group::ReduceScatter(const at::Tensor& in, at::Tensor& out, ReduceOp op) {
+  const int64_t n = out.size(0);
+  if (in.size(0) != n * size()) {
+    return Work(absl::InvalidArgumentError(absl::StrFormat(
+        "%s: reduce_scatter input has %d rows, expected %d × %d", impl_->Where(), in.size(0),
+        size(), n)));
+  }
+  // c10d's Gloo backend has no reduce-scatter: all-reduce a copy and keep this rank's block.
+  at::Tensor buf = in.clone();
+  Work w = AllReduce(buf, op);
+  return impl_->Then("reduce_scatter", [w, buf, out, n, r = rank()]() mutable {
+    absl::Status s = w.Wait();
+    if (!s.ok()) throw std::runtime_error(std::string(s.message()));
+    out.copy_(buf.narrow(0, r * n, n));
+  });
+}
+
+Work Group::AllToAllV(const at::Tensor& in, at::Tensor& out,
+                      const std::vector<int64_t>& send_counts,
+                      const std::vector<int64_t>& recv_counts) {
+  int64_t send_total = 0, recv_total = 0;
+  for (int64_t c : send_counts) send_total += c;
+  for (int64_t c : recv_counts) recv_total += c;
+  if (static_cast<int>(send_counts.size()) != size() ||
+      static_cast<int>(recv_counts.size()) != size() || send_total != in.size(0) ||
+      recv_total != out.size(0)) {
+    return Work(absl::InvalidArgumentError(absl::StrFormat(
+        "%s: all_to_all_v needs %d send and recv counts adding up to the input (%d) and "
+        "output (%d) rows; got sends [%s], recvs [%s]",
+        impl_->Where(), size(), in.size(0), out.size(0), absl::StrJoin(send_counts, ","),
+        absl::StrJoin(recv_counts, ","))));
+  }
+  if (!impl_->pg) {
+    out.copy_(in);
+    return Work();
+  }
+  return impl_->Run("all_to_all_v", [&] {
+    at::Tensor o = out, i = in;
+    std::vector<int64_t> rc = recv_counts, sc = send_counts;
+    return impl_->pg->alltoall_base(o, i, rc, sc);
+  });
+}
+
+Work Group::Barrier() {
+  return impl_->Run("barrier", [&] { return impl_->pg->barrier(); });
+}
+
+Work Group::Send(const at::Tensor& tensor, int dst, int tag) {
+  if (dst < 0 || dst >= size() || dst == rank()) {
+    return Work(absl::InvalidArgumentError(
+        absl::StrFormat("%s: send to member %d is not another member", impl_->Where(), dst)));
+  }
+  return impl_->Run("send", [&] {
+    std::vector<at::Tensor> ts{tensor};
+    return impl_->pg->send(ts, dst, tag);
+  });
+}
+
+Work Group::Recv(at::Tensor& tensor, int src, int tag) {
+  if (src < 0 || src >= size() || src == rank()) {
+    return Work(absl::InvalidArgumentError(
+        absl::StrFormat("%s: recv from member %d is not another member", impl_->Where(), src)));
+  }
+  return impl_->Run("recv", [&] {
+    std::vector<at::Tensor> ts{tensor};
+    return impl_->pg->recv(ts, src, tag);
+  });
+}
+
+absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::shared_ptr<Store> store,
+                                                                   int rank,
+                                                                   const Layout& layout,
+                                                                   const CommOptions& options) {
+  if (rank < 0 || rank >= layout.world_size()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "rank %d is outside the world of %d ranks", rank, layout.world_size()));
+  }
+  std::unique_ptr<Communicator> comm(new Communicator(rank, layout));
+  comm->store_ = store;
+  std::shared_ptr<::gloo::transport::Device> device;
+  try {
+    device = !options.interface.empty()
+                 ? c10d::ProcessGroupGloo::createDeviceForInterface(options.interface)
+             : !options.hostname.empty()
+                 ? c10d::ProcessGroupGloo::createDeviceForHostname(options.hostname)
+                 : c10d::ProcessGroupGloo::createDefaultDevice();
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrFormat(
+        "rank %d: cannot open a Gloo device on %s: %s", rank,
+        options.interface.empty() ? "host \"" + options.hostname + "\""
+                                  : "interface " + options.interface,
+        FirstLine(e)));
+  }
+  auto make = [&](const std::string& name, const std::vector<int>& ranks)
+      -> absl::StatusOr<std::unique_ptr<Group>> {
+    auto impl = std::make_shared<Group::Impl>();
+    impl->name = name;
+    impl->ranks = ranks;
+    impl->rank = static_cast<int>(std::find(ranks.begin(), ranks.end(), rank) - ranks.begin());
+    impl->timeout = options.timeout;
+    if (ranks.size() > 1) {
+      try {
+        auto opts = c10d::ProcessGroupGloo::Options::create(options.timeout);
+        opts->devices.push_back(device);
+        auto prefixed = c10::make_intrusive<c10d::PrefixStore>("sy/" + name, store->impl().store);
+        impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(
+            prefixed, impl->rank, static_cast<int>(ranks.size()), opts);
+      } catch (const std::exception& e) {
+        return Failure(impl->Where(), "create", FirstLine(e));
+      }
+    }
+    return std::make_unique<Group>(impl);
+  };
+  std::vector<int> all(layout.world_size());
+  for (int r = 0; r < layout.world_size(); ++r) all[r] = r;
+  absl::StatusOr<std::unique_ptr<Group>> world = make("world", all);
+  if (!world.ok()) return world.status();
+  comm->world_ = *std::move(world);
+  // Same member list → same c10d group. Every rank walks the kinds in the same order, so
+  // they agree on which name (store prefix) each list gets.
+  std::map<std::vector<int>, const Group*> made;
+  for (GroupKind kind : kAllGroupKinds) {
+    const std::vector<int>& members = layout.GroupOf(kind, rank);
+    if (members.empty()) continue;
+    if (members == all) {
+      comm->by_kind_[kind] = std::make_unique<Group>(*comm->world_);
+      continue;
+    }
+    auto it = made.find(members);
+    if (it != made.end()) {
+      comm->by_kind_[kind] = std::make_unique<Group>(*it->second);
+      continue;
+    }
+    const std::string name =
+        absl::StrFormat("%s#%d[%s]", GroupKindName(kind), layout.GroupIndex(kind, rank),
+                        absl::StrJoin(members, ","));
+    absl::StatusOr<std::unique_ptr<Group>> g = make(name, members);
+    if (!g.ok()) return g.status();
+    made[members] = g->get();
+    comm->by_kind_[kind] = *std::move(g);
+  }
+  return comm;
+}
+
+}  // namespace switchyard::groups

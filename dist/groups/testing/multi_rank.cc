@@ -1,0 +1,67 @@
+#include "dist/groups/testing/multi_rank.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+
+namespace switchyard::groups::testing {
+
+absl::Status RunRanks(const RunOptions& options, std::function<absl::Status(Communicator&)> fn) {
+  absl::StatusOr<Layout> layout = Layout::Create(options.layout);
+  if (!layout.ok()) return layout.status();
+  const int n = layout->world_size();
+  std::shared_ptr<Store> store = Store::InMemory(options.collective_timeout);
+  std::vector<absl::Status> results(n);
+  std::mutex mu;
+  std::condition_variable cv;
+  int done = 0;
+  std::vector<bool> finished(n, false);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < n; ++r) {
+    const bool absent = std::count(options.absent_ranks.begin(), options.absent_ranks.end(), r) > 0;
+    threads.emplace_back([&, r, absent] {
+      absl::Status s;
+      if (!absent) {
+        CommOptions co;
+        co.timeout = options.collective_timeout;
+        absl::StatusOr<std::unique_ptr<Communicator>> comm = Communicator::Create(store, r, *layout, co);
+        s = comm.ok() ? fn(**comm) : comm.status();
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      results[r] = s;
+      finished[r] = true;
+      ++done;
+      cv.notify_all();
+    });
+  }
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    if (!cv.wait_for(lock, options.deadline, [&] { return done == n; })) {
+      std::vector<int> stuck;
+      for (int r = 0; r < n; ++r)
+        if (!finished[r]) stuck.push_back(r);
+      std::fprintf(stderr, "RunRanks: ranks [%s] still running after the %lld ms deadline\n",
+                   absl::StrJoin(stuck, ",").c_str(),
+                   static_cast<long long>(options.deadline.count()));
+      std::fflush(stderr);
+      std::_Exit(3);
+    }
+  }
+  for (std::thread& t : threads) t.join();
+  std::vector<std::string> failures;
+  for (int r = 0; r < n; ++r) {
+    if (!results[r].ok()) failures.push_back(absl::StrFormat("rank %d: %s", r, results[r].ToString()));
+  }
+  if (failures.empty()) return absl::OkStatus();
+  return absl::InternalError(absl::StrJoin(failures, "\n"));
+}
+
+}  // namespace switchyard::groups::testing

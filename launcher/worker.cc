@@ -1,0 +1,157 @@
+#include "launcher/worker.h"
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "common/status_macros.h"
+#include "dist/groups/comm.h"
+#include "dist/groups/store.h"
+
+namespace switchyard::launcher {
+namespace {
+
+struct Fault {
+  std::string kind;  // "", "exit", "hang", "sleep"
+  int rank = -1;
+  int value = 0;
+};
+
+Fault ParseFault() {
+  Fault f;
+  const char* v = std::getenv("SWITCHYARD_FAULT");
+  if (v == nullptr) return f;
+  std::vector<std::string> parts = absl::StrSplit(v, ':');
+  if (parts[0] == "exit" && parts.size() == 3 && absl::SimpleAtoi(parts[1], &f.rank) &&
+      absl::SimpleAtoi(parts[2], &f.value)) {
+    f.kind = "exit";
+  } else if (parts[0] == "hang" && parts.size() == 2 && absl::SimpleAtoi(parts[1], &f.rank)) {
+    f.kind = "hang";
+  } else if (parts[0] == "sleep" && parts.size() == 2 && absl::SimpleAtoi(parts[1], &f.value)) {
+    f.kind = "sleep";
+  } else {
+    std::fprintf(stderr, "warning: SWITCHYARD_FAULT=\"%s\" is not understood; ignored\n", v);
+  }
+  return f;
+}
+
+bool IsLoopback(const std::string& addr) {
+  return addr == "localhost" || addr.rfind("127.", 0) == 0 || addr == "::1";
+}
+
+// Builds every group, then checks: a world barrier, a world all-reduce of rank + 1, and an
+// all-reduce of 1 on this rank's group of every kind (each must come back as the group size).
+absl::Status CheckCluster(const ResolvedJob& job, const WorkerEnv& env, const Fault& fault) {
+  const Launch& launch = job.job.launch();
+  const std::string addr = env.master_addr.empty() ? launch.master_addr() : env.master_addr;
+  const int port = env.master_port >= 0 ? env.master_port : launch.master_port();
+  const auto rendezvous_timeout = std::chrono::seconds(launch.rendezvous_timeout_s());
+  const auto collective_timeout = std::chrono::seconds(launch.collective_timeout_s());
+  const auto t0 = std::chrono::steady_clock::now();
+
+  SY_ASSIGN_OR_RETURN(std::shared_ptr<groups::Store> store,
+                      groups::Store::ConnectTcp({.host = addr, .port = port,
+                                                 .is_server = !env.agent_store && env.rank == 0,
+                                                 .timeout = rendezvous_timeout}));
+  groups::CommOptions co;
+  co.timeout = collective_timeout;
+  if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
+    co.interface = ifname;
+  } else {
+    co.hostname = IsLoopback(addr) ? "127.0.0.1" : "";
+  }
+  SY_ASSIGN_OR_RETURN(std::unique_ptr<groups::Communicator> comm,
+                      groups::Communicator::Create(store, env.rank, job.layout, co));
+  const auto t_groups = std::chrono::steady_clock::now();
+
+  if (fault.kind == "hang" && fault.rank == env.rank) {
+    std::fprintf(stderr, "[rank %d] SWITCHYARD_FAULT: hanging before the first collective\n", env.rank);
+    std::this_thread::sleep_for(std::chrono::hours(1));
+  }
+  SY_RETURN_IF_ERROR(comm->World().Barrier().Wait());
+  at::Tensor x = at::full({1}, static_cast<double>(env.rank + 1), at::kDouble);
+  SY_RETURN_IF_ERROR(comm->World().AllReduce(x).Wait());
+  const double w = env.world_size;
+  const double expected = w * (w + 1) / 2;
+  if (x.item<double>() != expected) {
+    return absl::InternalError(absl::StrFormat(
+        "world all-reduce of rank+1 gave %g, expected %g", x.item<double>(), expected));
+  }
+  int kinds = 0;
+  for (groups::GroupKind kind : groups::kAllGroupKinds) {
+    if (!comm->Has(kind)) continue;
+    groups::Group& g = comm->Get(kind);
+    at::Tensor one = at::ones({1}, at::kDouble);
+    SY_RETURN_IF_ERROR(g.AllReduce(one).Wait());
+    if (one.item<double>() != g.size()) {
+      return absl::InternalError(absl::StrFormat("%s: all-reduce of 1 gave %g, expected %d",
+                                                 g.name(), one.item<double>(), g.size()));
+    }
+    ++kinds;
+  }
+  SY_RETURN_IF_ERROR(comm->World().Barrier().Wait());
+  const auto t1 = std::chrono::steady_clock::now();
+  if (env.rank == 0) {
+    const groups::Layout& l = job.layout;
+    absl::PrintF(
+        "[rank 0] job \"%s\": %d ranks (%s), tp %d × cp %d × dp %d × pp %d; experts etp %d × "
+        "ep %d × edp %d\n"
+        "[rank 0] cluster check passed: rendezvous at %s:%d and %d groups in %.0f ms; world "
+        "barrier and all-reduce (sum of rank+1 = %g, expected %g) and an all-reduce on each "
+        "of %d group kinds in %.1f ms\n"
+        "[rank 0] training is not implemented yet: this job only checked the cluster\n",
+        job.job.name(), env.world_size,
+        env.source == "switchyard" ? std::string("started by the Switchyard launcher")
+                                   : "started by " + env.source,
+        l.tp(), l.cp(), l.dp(), l.pp(), l.etp(), l.ep(), l.edp(), addr, store->port(), kinds,
+        std::chrono::duration<double, std::milli>(t_groups - t0).count(), x.item<double>(),
+        expected, kinds, std::chrono::duration<double, std::milli>(t1 - t_groups).count());
+    std::fflush(stdout);
+  }
+  // Rank 0 may host the store: keep it up until every rank is done with it.
+  if (!env.agent_store) {
+    SY_RETURN_IF_ERROR(comm->World().Barrier().Wait());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int RunWorker(const std::string& spec_path, const WorkerEnv& env) {
+  absl::StatusOr<ResolvedJob> job = LoadJob(spec_path, env.world_size);
+  if (!job.ok()) {
+    std::fprintf(stderr, "[rank %d] error: %s\n", env.rank, std::string(job.status().message()).c_str());
+    return 2;
+  }
+  const Launch& launch = job->job.launch();
+  int threads = launch.threads_per_rank();
+  if (threads == 0) {
+    const unsigned cores = std::thread::hardware_concurrency();
+    threads = std::max(1, static_cast<int>(cores) / std::max(1, env.local_world_size));
+  }
+  at::set_num_threads(threads);
+
+  const Fault fault = ParseFault();
+  absl::Status s = CheckCluster(*job, env, fault);
+  if (!s.ok()) {
+    std::fprintf(stderr, "[rank %d] error: %s\n", env.rank, std::string(s.message()).c_str());
+    return 1;
+  }
+  if (fault.kind == "sleep") std::this_thread::sleep_for(std::chrono::seconds(fault.value));
+  if (fault.kind == "exit" && fault.rank == env.rank) {
+    std::fprintf(stderr, "[rank %d] SWITCHYARD_FAULT: exiting with code %d\n", env.rank, fault.value);
+    return fault.value;
+  }
+  return 0;
+}
+
+}  // namespace switchyard::launcher

@@ -1,0 +1,23 @@
+// One rank of a job: joins the rendezvous, builds every process group of the layout and
+// checks them. (Training is a later step; until then the job checks the cluster only.)
+#ifndef LAUNCHER_WORKER_H_
+#define LAUNCHER_WORKER_H_
+
+#include <string>
+
+#include "launcher/spec.h"
+#include "launcher/worker_env.h"
+
+namespace switchyard::launcher {
+
+// Runs this process as rank env.rank. Returns the process exit code: 0 on success, 2 for a
+// bad spec, 1 for any other failure (with a message on stderr naming the rank).
+//
+// Tests inject faults with SWITCHYARD_FAULT: "exit:RANK:CODE" (that rank exits with CODE
+// after the check), "hang:RANK" (that rank stops before the first collective),
+// "sleep:SECONDS" (every rank waits that long after the check).
+int RunWorker(const std::string& spec_path, const WorkerEnv& env);
+
+}  // namespace switchyard::launcher
+
+#endif  // LAUNCHER_WORKER_H_

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The launcher as a user meets it: the default job, --dry_run, and every bad spec.
+source "${TEST_SRCDIR}/${TEST_WORKSPACE}/tests/launcher/lib.sh"
+ROOT="${TEST_SRCDIR}/${TEST_WORKSPACE}"
+
+# The README's job: 4 ranks check the cluster and the launcher exits 0.
+"$LAUNCHER" --spec="$ROOT/launcher/examples/tiny.pbtxt" >"$TMP/tiny.out" 2>"$TMP/tiny.err" || fail "tiny exited $?"
+expect_in "$TMP/tiny.out" 'cluster check passed'
+expect_in "$TMP/tiny.out" 'sum of rank+1 = 10, expected 10'
+expect_in "$TMP/tiny.out" 'tp 1 × cp 1 × dp 4 × pp 1; experts etp 1 × ep 2 × edp 2'
+expect_in "$TMP/tiny.out" 'on each of 14 group kinds'
+expect_in "$TMP/tiny.out" 'this job only checked the cluster'
+expect_in "$TMP/tiny.out" '[launcher] node 0: all 4 workers finished'
+pass "default job"
+
+# --dry_run prints every rank's coordinates and groups.
+s=$(spec dry 8 '' 'parallel { tp: 2 ep: 2 }')
+"$LAUNCHER" --spec="$s" --dry_run >"$TMP/dry.out" 2>"$TMP/dry.err" || fail "dry run exited $?"
+expect_in "$TMP/dry.out" 'world 8 = tp 2 × cp 1 × dp 4 × pp 1; experts: etp 2 × ep 2 × edp 2'
+expect_in "$TMP/dry.out" '   5    1   0   2   0 |   1   0   1'
+grep -aqE '^ep +\[0,2\] \[1,3\] \[4,6\] \[5,7\]$' "$TMP/dry.out" || fail "ep groups wrong in dry run"
+grep -aqE '^edp +\[0,4\] \[1,5\] \[2,6\] \[3,7\]$' "$TMP/dry.out" || fail "edp groups wrong in dry run"
+pass "--dry_run"
+
+# Every bad spec: exit code 2, the expected fragment, no crash.
+n=0
+for f in "$ROOT"/tests/bad_specs/*.pbtxt; do
+  want=$(head -n 1 "$f" | sed 's/^# expect: //')
+  "$LAUNCHER" --spec="$f" >"$TMP/bad.out" 2>"$TMP/bad.err"
+  rc=$?
+  [[ $rc == 2 ]] || fail "$(basename "$f"): exit code $rc, expected 2"
+  grep -aqF -- "$want" "$TMP/bad.err" || fail "$(basename "$f"): stderr lacks \"$want\": $(cat "$TMP/bad.err")"
+  n=$((n + 1))
+done
+(( n >= 20 )) || fail "only $n bad specs"
+pass "$n bad specs exit 2 naming the field"
+
+"$LAUNCHER" --spec=/nonexistent/job.pbtxt >/dev/null 2>"$TMP/nofile.err"
+[[ $? == 2 ]] || fail "missing spec: wrong exit code"
+expect_in "$TMP/nofile.err" '--spec: "/nonexistent/job.pbtxt" cannot be opened (No such file or directory)'
+"$LAUNCHER" --spec="$s" --frobnicate >/dev/null 2>"$TMP/flag.err"
+[[ $? == 2 ]] || fail "unknown flag: wrong exit code"
+expect_in "$TMP/flag.err" 'unknown argument "--frobnicate"'
+"$LAUNCHER" >/dev/null 2>"$TMP/noflag.err"
+[[ $? == 2 ]] || fail "no --spec: wrong exit code"
+expect_in "$TMP/noflag.err" '--spec is required'
+pass "missing file and bad flags exit 2"
+
+finish

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Supervision: a dead worker, a failing worker, a hung collective, Ctrl-C and a busy port.
+source "${TEST_SRCDIR}/${TEST_WORKSPACE}/tests/launcher/lib.sh"
+
+# SIGKILL one worker: the launcher exits non-zero within 5 s, names the rank, leaves nothing.
+s=$(spec kill 3)
+SWITCHYARD_FAULT=sleep:120 "$LAUNCHER" --spec="$s" >"$TMP/kill.out" 2>"$TMP/kill.err" &
+lpid=$!
+wait_for "$TMP/kill.out" 'cluster check passed' 60
+mapfile -t pids < <(worker_pids "$TMP/kill.out")
+(( ${#pids[@]} == 3 )) || fail "expected 3 worker pids, got ${#pids[@]}"
+t0=$(now_ms)
+kill -KILL "${pids[1]}"
+wait "$lpid"
+rc=$?
+dt=$(( $(now_ms) - t0 ))
+(( rc != 0 )) || fail "launcher exited 0 after a worker was killed"
+(( dt <= 5000 )) || fail "launcher took ${dt} ms to stop (limit 5000)"
+expect_in "$TMP/kill.err" "rank 1 (pid ${pids[1]}, node 0) was killed by signal 9 (SIGKILL)"
+assert_gone "${pids[@]}"
+pass "SIGKILL of rank 1: launcher exit $rc after ${dt} ms, no worker left"
+
+# A worker that exits non-zero.
+s=$(spec exit 2)
+SWITCHYARD_FAULT=exit:1:3 "$LAUNCHER" --spec="$s" >"$TMP/exit.out" 2>"$TMP/exit.err"
+rc=$?
+(( rc == 1 )) || fail "worker exit: launcher exit code $rc, expected 1"
+expect_in "$TMP/exit.err" 'rank 1 (pid'
+expect_in "$TMP/exit.err" 'exited with code 3'
+pass "worker exit code 3 reported"
+
+# A rank that never reaches the collective: the others time out with a clear error.
+s=$(spec hang 2 'collective_timeout_s: 3')
+t0=$(now_ms)
+SWITCHYARD_FAULT=hang:1 "$LAUNCHER" --spec="$s" >"$TMP/hang.out" 2>"$TMP/hang.err"
+rc=$?
+dt=$(( $(now_ms) - t0 ))
+(( rc == 1 )) || fail "hung collective: launcher exit code $rc"
+(( dt < 20000 )) || fail "hung collective took ${dt} ms"
+expect_in "$TMP/hang.err" '[rank 0] error: group world, member 0 of 2 (global rank 0): barrier timed out'
+expect_in "$TMP/hang.err" 'rank 0 (pid'
+mapfile -t pids < <(worker_pids "$TMP/hang.out")
+assert_gone "${pids[@]}"
+pass "hung collective times out after ${dt} ms"
+
+# Ctrl-C (SIGINT to the launcher): every worker stops, exit code 130.
+s=$(spec int 2)
+SWITCHYARD_FAULT=sleep:120 "$LAUNCHER" --spec="$s" >"$TMP/int.out" 2>"$TMP/int.err" &
+lpid=$!
+wait_for "$TMP/int.out" 'cluster check passed' 60
+mapfile -t pids < <(worker_pids "$TMP/int.out")
+t0=$(now_ms)
+kill -INT "$lpid"
+wait "$lpid"
+rc=$?
+dt=$(( $(now_ms) - t0 ))
+(( rc == 130 )) || fail "SIGINT: exit code $rc, expected 130"
+(( dt <= 5000 )) || fail "SIGINT: took ${dt} ms"
+expect_in "$TMP/int.err" 'interrupted by SIGINT'
+assert_gone "${pids[@]}"
+pass "Ctrl-C stops all workers in ${dt} ms"
+
+# A busy port.
+port=$(free_port)
+python3 -c 'import socket,sys,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(); print("listening", flush=True); time.sleep(60)' "$port" >"$TMP/holder.out" &
+holder=$!
+wait_for "$TMP/holder.out" listening 10
+s=$(spec busy 2 "master_port: $port")
+"$LAUNCHER" --spec="$s" >"$TMP/busy.out" 2>"$TMP/busy.err"
+rc=$?
+kill "$holder"
+(( rc == 1 )) || fail "busy port: exit code $rc"
+expect_in "$TMP/busy.err" "the port is already in use"
+expect_in "$TMP/busy.err" "launch.master_port"
+! grep -aq 'rank 0: pid' "$TMP/busy.out" || fail "workers were started on a busy port"
+pass "busy port is a clear error"
+
+finish

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Two launchers on loopback as two nodes; a failure on one node stops the other; workers
+# started by torchrun-, Slurm- and mpirun-style variables run in place.
+source "${TEST_SRCDIR}/${TEST_WORKSPACE}/tests/launcher/lib.sh"
+
+two_node_spec() {  # NAME PORT NODE_RANK
+  spec "$1" 2 "nnodes: 2 node_rank: $3 master_port: $2" 'parallel { ep: 2 }'
+}
+
+# Two nodes × 2 ranks = a world of 4.
+port=$(free_port)
+"$LAUNCHER" --spec="$(two_node_spec n0 "$port" 0)" >"$TMP/n0.out" 2>"$TMP/n0.err" &
+l0=$!
+"$LAUNCHER" --spec="$(two_node_spec n1 "$port" 1)" >"$TMP/n1.out" 2>"$TMP/n1.err" &
+l1=$!
+wait "$l0" || fail "node 0 launcher exited $?"
+wait "$l1" || fail "node 1 launcher exited $?"
+expect_in "$TMP/n0.out" 'job "n0": 4 ranks'
+expect_in "$TMP/n0.out" 'sum of rank+1 = 10, expected 10'
+expect_in "$TMP/n0.out" 'experts etp 1 × ep 2 × edp 2'
+expect_in "$TMP/n1.out" 'starting ranks 2-3 of 4'
+expect_in "$TMP/n1.out" '[launcher] node 1: all 2 workers finished'
+pass "two launchers form a world of 4"
+
+# A worker killed on node 1 stops node 0 too.
+port=$(free_port)
+SWITCHYARD_FAULT=sleep:120 "$LAUNCHER" --spec="$(two_node_spec k0 "$port" 0)" >"$TMP/k0.out" 2>"$TMP/k0.err" &
+l0=$!
+SWITCHYARD_FAULT=sleep:120 "$LAUNCHER" --spec="$(two_node_spec k1 "$port" 1)" >"$TMP/k1.out" 2>"$TMP/k1.err" &
+l1=$!
+wait_for "$TMP/k0.out" 'cluster check passed' 60
+mapfile -t p0 < <(worker_pids "$TMP/k0.out")
+mapfile -t p1 < <(worker_pids "$TMP/k1.out")
+t0=$(now_ms)
+kill -KILL "${p1[1]}"
+wait "$l1"; rc1=$?
+wait "$l0"; rc0=$?
+dt=$(( $(now_ms) - t0 ))
+(( rc1 != 0 && rc0 != 0 )) || fail "exit codes node0=$rc0 node1=$rc1"
+(( dt <= 5000 )) || fail "stopping both nodes took ${dt} ms"
+expect_in "$TMP/k1.err" "rank 3 (pid ${p1[1]}, node 1) was killed by signal 9 (SIGKILL)"
+expect_in "$TMP/k0.err" "another node failed: node 1: rank 3"
+assert_gone "${p0[@]}" "${p1[@]}"
+pass "a death on node 1 stops both nodes in ${dt} ms"
+
+# In place: two processes started the way torchrun, srun and mpirun start them.
+s=$(spec inplace 1 '' 'parallel { ep: 2 }')
+run_pair() {  # LABEL then, for each of 2 ranks, the variable assignments via a function
+  local label=$1 port; port=$(free_port)
+  for r in 0 1; do
+    env $("$2" "$r") MASTER_ADDR=127.0.0.1 MASTER_PORT="$port" "$LAUNCHER" --spec="$s" \
+      >"$TMP/$label$r.out" 2>"$TMP/$label$r.err" &
+    eval "pid$r=\$!"
+  done
+  wait "$pid0" || fail "$label rank 0 exited $?"
+  wait "$pid1" || fail "$label rank 1 exited $?"
+  expect_in "$TMP/${label}0.out" "2 ranks (started by $label)"
+  expect_in "$TMP/${label}0.out" 'sum of rank+1 = 3, expected 3'
+  pass "started by $label"
+}
+torchrun_vars() { echo "RANK=$1 WORLD_SIZE=2 LOCAL_RANK=$1 LOCAL_WORLD_SIZE=2"; }
+slurm_vars() { echo "SLURM_PROCID=$1 SLURM_NTASKS=2 SLURM_LOCALID=$1 SLURM_STEP_ID=0 SLURM_STEP_TASKS_PER_NODE=2"; }
+mpirun_vars() { echo "OMPI_COMM_WORLD_RANK=$1 OMPI_COMM_WORLD_SIZE=2 OMPI_COMM_WORLD_LOCAL_RANK=$1 OMPI_COMM_WORLD_LOCAL_SIZE=2"; }
+run_pair torchrun torchrun_vars
+run_pair slurm slurm_vars
+run_pair mpirun mpirun_vars
+
+# The world an outer launcher gives must fit the spec's layout.
+RANK=0 WORLD_SIZE=3 MASTER_PORT=1 "$LAUNCHER" --spec="$s" >/dev/null 2>"$TMP/mismatch.err"
+[[ $? == 2 ]] || fail "world mismatch: wrong exit code"
+expect_in "$TMP/mismatch.err" 'parallel.ep: etp × ep = 1 × 2 = 2 does not divide tp × cp × dp = 1 × 1 × 3 = 3'
+pass "outer world size checked against the layout"
+
+finish

@@ -283,12 +283,16 @@ absl::Status ValidateLaunch(const Launch& l) {
   SY_RETURN_IF_ERROR(AtLeast("launch.collective_timeout_s", l.collective_timeout_s(), 1));
   SY_RETURN_IF_ERROR(AtLeast("launch.max_restarts", l.max_restarts(), 0));
   SY_RETURN_IF_ERROR(AtLeast("launch.threads_per_rank", l.threads_per_rank(), 0));
-#ifndef SWITCHYARD_WITH_CUDA
   if (l.backend() == Launch::NCCL) {
+#ifdef SWITCHYARD_WITH_CUDA
+    // dist/groups creates Gloo groups only so far; running NCCL jobs on Gloo would be a
+    // silent wrong answer.
+    return Invalid("launch.backend: NCCL process groups are not implemented yet; use GLOO");
+#else
     return Invalid("launch.backend: NCCL needs CUDA, and this launcher was built without it "
                    "(build with --config=cuda, or use GLOO)");
-  }
 #endif
+  }
   return absl::OkStatus();
 }
 

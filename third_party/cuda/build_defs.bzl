@@ -16,7 +16,8 @@ def if_cuda(if_true, if_false = []):
         "//conditions:default": if_false,
     })
 
-# target_compatible_with value for targets that only make sense with CUDA.
+# target_compatible_with value for targets that only make sense with CUDA. Tag such targets
+# "cuda" too: .ci/run builds everything tagged so with --config=cuda.
 CUDA_ONLY = select({
     "@switchyard//third_party/cuda:enabled": [],
     "//conditions:default": ["@switchyard//third_party/cuda:cuda_only"],
@@ -47,14 +48,16 @@ def sy_cuda_library(name, srcs, hdrs = [], deps = [], arch = DEFAULT_CUDA_ARCH, 
             cmd = ("%s -c -O2 -std=c++17 -Xcompiler -fPIC -arch=%s " +
                    "-I%s -I$(GENDIR)/%s -o $@ $(location %s)") % (NVCC, arch, root, root, src),
             target_compatible_with = CUDA_ONLY,
-            tags = kwargs.get("tags", []),
+            tags = kwargs.get("tags", []) + ["cuda"],
         )
         objs.append(obj)
+    lib_kwargs = dict(kwargs)
+    lib_kwargs["tags"] = kwargs.get("tags", []) + ["cuda"]
     native.cc_library(
         name = name,
         srcs = objs,
         hdrs = hdrs,
         deps = deps + ["@local_cuda//:cudart"],
         target_compatible_with = CUDA_ONLY,
-        **kwargs
+        **lib_kwargs
     )

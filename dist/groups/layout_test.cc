@@ -1,12 +1,18 @@
 #include "dist/groups/layout.h"
 
+#include <fstream>
+#include <map>
+#include <optional>
 #include <set>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "gmock/gmock.h"
-#include "gtest/gtest.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "gtest/gtest.h"
 
 namespace switchyard::groups {
 namespace {
@@ -233,6 +239,58 @@ TEST(Layout, EveryFactorisationUpTo64) {
     }
   }
   EXPECT_GT(checked, 10000);
+}
+
+// Group lists made by Megatron-Core's own RankGenerator (tests/oracles/make_layout_fixtures.py).
+TEST(Layout, MatchesMegatronCoreFixtures) {
+  std::ifstream in("dist/groups/testdata/megatron_layouts.txt");
+  ASSERT_TRUE(in) << "fixture file missing";
+  std::map<std::string, GroupKind> kinds;
+  for (GroupKind k : kAllGroupKinds) kinds[std::string(GroupKindName(k))] = k;
+  std::string line;
+  std::optional<Layout> layout;
+  std::string config;
+  int configs = 0, compared = 0;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    std::vector<std::string> words = absl::StrSplit(line, ' ');
+    if (words[0] == "config") {
+      std::map<std::string, std::string> kv;
+      for (size_t i = 1; i < words.size(); ++i) {
+        std::vector<std::string> p = absl::StrSplit(words[i], absl::MaxSplits('=', 1));
+        kv[p[0]] = p[1];
+      }
+      auto num = [&](const char* k) {
+        int v = -1;
+        EXPECT_TRUE(absl::SimpleAtoi(kv[k], &v)) << line;
+        return v;
+      };
+      LayoutSpec spec{.world_size = num("world"), .tp = num("tp"), .cp = num("cp"),
+                      .pp = num("pp"), .ep = num("ep"), .etp = num("etp"), .order = kv["order"]};
+      absl::StatusOr<Layout> l = Layout::Create(spec);
+      ASSERT_TRUE(l.ok()) << line << ": " << l.status();
+      layout = *std::move(l);
+      config = line;
+      ++configs;
+      continue;
+    }
+    ASSERT_TRUE(layout.has_value()) << "group line before any config: " << line;
+    ASSERT_TRUE(kinds.count(words[0])) << "unknown kind " << words[0];
+    Groups want;
+    for (size_t i = 1; i < words.size(); ++i) {
+      std::vector<int> g;
+      for (absl::string_view r : absl::StrSplit(words[i], ',')) {
+        int v;
+        ASSERT_TRUE(absl::SimpleAtoi(r, &v)) << line;
+        g.push_back(v);
+      }
+      want.push_back(g);
+    }
+    EXPECT_EQ(layout->Groups(kinds[words[0]]), want) << config << " kind " << words[0];
+    ++compared;
+  }
+  EXPECT_GE(configs, 12);
+  EXPECT_EQ(compared, configs * 13);  // every kind but slice (which is tp)
 }
 
 }  // namespace

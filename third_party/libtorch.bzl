@@ -8,6 +8,10 @@ Works with LibTorch 1.13 (Debian) and 2.x: code that must tell them apart includ
 
 _DEBIAN_INCLUDE_DIRS = ["ATen", "c10", "caffe2", "torch"]
 
+# Folders of a LibTorch's include/ that Switchyard takes from the system instead: pip wheels
+# bundle an old protobuf whose headers would shadow the one our generated code needs.
+_SHADOWING_INCLUDE_DIRS = ["google"]
+
 _BUILD = '''package(default_visibility = ["//visibility:public"])
 
 # Everything that includes c10d's ProcessGroupGloo.hpp needs USE_C10D_GLOO, and the C++ ABI
@@ -17,7 +21,12 @@ cc_library(
     hdrs = glob(["include/**"], allow_empty = True),
     includes = ["include", "include/torch/csrc/api/include"],
     defines = {defines},
-    linkopts = {linkopts},
+    # LibTorch's CUDA libraries (and what they load: cuDNN, NVSHMEM, ...) only with
+    # --config=cuda, so CPU builds against a CUDA LibTorch also run on CPU-only machines.
+    linkopts = {linkopts} + select({{
+        "@switchyard//third_party/cuda:enabled": {cuda_linkopts},
+        "//conditions:default": [],
+    }}),
 )
 
 # Facts about this LibTorch, for `bazel query` and for humans.
@@ -42,13 +51,17 @@ def _libtorch_repository_impl(ctx):
         root = ctx.path(home)
         if not root.get_child("include").exists or not root.get_child("lib").exists:
             fail("LIBTORCH_HOME=%s has no include/ and lib/ folders: point it at a LibTorch zip's root or a wheel's torch/ folder" % home)
-        ctx.symlink(root.get_child("include"), "include")
+        for child in root.get_child("include").readdir():
+            if child.basename not in _SHADOWING_INCLUDE_DIRS:
+                ctx.symlink(child, "include/" + child.basename)
         lib = str(root.get_child("lib"))
-        libs = ["torch", "torch_cpu", "c10"]
-        for extra in ["torch_cuda", "c10_cuda"]:
-            if root.get_child("lib").get_child("lib%s.so" % extra).exists:
-                libs.append(extra)
-        linkopts = ["-L" + lib, "-Wl,-rpath," + lib, "-Wl,--no-as-needed"] + ["-l" + l for l in libs] + ["-Wl,--as-needed"]
+        # A CUDA wheel's libtorch.so needs libtorch_cuda.so; everything Switchyard calls on the
+        # CPU is in libtorch_cpu and libc10.
+        linkopts = ["-L" + lib, "-Wl,-rpath," + lib, "-ltorch_cpu", "-lc10"]
+        cuda_libs = [l for l in ["torch", "torch_cuda", "c10_cuda"] if root.get_child("lib").get_child("lib%s.so" % l).exists]
+        # --no-as-needed: nothing references libtorch_cuda directly, but loading it registers
+        # the CUDA kernels.
+        cuda_linkopts = ["-Wl,--no-as-needed"] + ["-l" + l for l in cuda_libs] + ["-Wl,--as-needed"] if cuda_libs else []
         abi = _cxx11_abi(ctx, root)
         source = home
     else:
@@ -58,13 +71,18 @@ def _libtorch_repository_impl(ctx):
                 fail("LibTorch not found: /usr/include/%s is missing. Install Debian's libtorch-dev (tools/bazel does) or set LIBTORCH_HOME." % d)
             ctx.symlink(p, "include/" + d)
         linkopts = ["-ltorch", "-ltorch_cpu", "-lc10"]
+        cuda_linkopts = []  # Debian's LibTorch is CPU-only
         abi = _cxx11_abi(ctx, ctx.path("/usr"))
         source = "/usr (Debian libtorch-dev)"
     if abi != None:
         defines.append("_GLIBCXX_USE_CXX11_ABI=" + abi)
     ctx.file("INFO", "source: %s\ncxx11_abi: %s\n" % (source, abi))
     ctx.file("WORKSPACE", 'workspace(name = "%s")\n' % ctx.name)
-    ctx.file("BUILD", _BUILD.format(defines = repr(defines), linkopts = repr(linkopts)))
+    ctx.file("BUILD", _BUILD.format(
+        defines = repr(defines),
+        linkopts = repr(linkopts),
+        cuda_linkopts = repr(cuda_linkopts),
+    ))
 
 libtorch_repository = repository_rule(
     implementation = _libtorch_repository_impl,

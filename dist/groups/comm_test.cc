@@ -54,103 +54,117 @@ absl::Status CheckEveryGroupKind(Communicator& comm) {
   return absl::OkStatus();
 }
 
-TEST(Comm, AllReduceOnEveryGroupKind4Ranks) {
-  absl::Status s = RunRanks({.layout = {.world_size = 4, .tp = 2, .ep = 2}}, CheckEveryGroupKind);
-  EXPECT_TRUE(s.ok()) << s;
+// Every collective on one group, with expectations computed from the member list alone.
+// Values encode (global rank, position) so a misplaced row is caught, not just a wrong sum.
+absl::Status CheckAllCollectives(Group& g, const std::vector<int>& members, int me) {
+  const int n = static_cast<int>(members.size());
+  const int pos = g.rank();
+  auto at_pos = [&](int i) { return static_cast<float>(members[i]); };
+  SY_RETURN_IF_ERROR(Expect(members[pos] == me, g.name() + ": rank() is not my place"));
+  // all_gather: 2 rows each, row value = 100·global rank + row.
+  at::Tensor in = at::empty({2, 3});
+  for (int row = 0; row < 2; ++row) in[row].fill_(100.0f * me + row);
+  at::Tensor out = at::full({2 * n, 3}, -1.0f);
+  SY_RETURN_IF_ERROR(g.AllGather(in, out).Wait());
+  for (int i = 0; i < n; ++i)
+    for (int row = 0; row < 2; ++row)
+      SY_RETURN_IF_ERROR(Expect(out[2 * i + row][2].item<float>() == 100.0f * members[i] + row,
+                                g.name() + ": all_gather"));
+  // all_gather_v: member i gives (members[i] % 3) rows (some give none).
+  std::vector<int64_t> counts(n);
+  int64_t total = 0;
+  for (int i = 0; i < n; ++i) total += counts[i] = members[i] % 3;
+  at::Tensor vin = at::full({counts[pos], 2}, at_pos(pos));
+  at::Tensor vout = at::full({total, 2}, -1.0f);
+  SY_RETURN_IF_ERROR(g.AllGatherV(vin, vout, counts).Wait());
+  int64_t row = 0;
+  for (int i = 0; i < n; ++i)
+    for (int64_t k = 0; k < counts[i]; ++k, ++row)
+      SY_RETURN_IF_ERROR(Expect(vout[row][1].item<float>() == at_pos(i), g.name() + ": all_gather_v"));
+  // reduce_scatter: block b of member i holds (global rank + 1) × (b + 1); sum and max.
+  at::Tensor rs_in = at::empty({3 * n, 2});
+  for (int b = 0; b < n; ++b) rs_in.narrow(0, 3 * b, 3).fill_((me + 1.0f) * (b + 1));
+  at::Tensor rs_out = at::empty({3, 2});
+  SY_RETURN_IF_ERROR(g.ReduceScatter(rs_in, rs_out, ReduceOp::kSum).Wait());
+  float sum = 0, max = 0;
+  for (int r : members) {
+    sum += (r + 1.0f) * (pos + 1);
+    max = std::max(max, (r + 1.0f) * (pos + 1));
+  }
+  SY_RETURN_IF_ERROR(Expect(rs_out[2][1].item<float>() == sum, g.name() + ": reduce_scatter sum"));
+  SY_RETURN_IF_ERROR(g.ReduceScatter(rs_in, rs_out, ReduceOp::kMax).Wait());
+  SY_RETURN_IF_ERROR(Expect(rs_out[0][0].item<float>() == max, g.name() + ": reduce_scatter max"));
+  // all_to_all_v: member i sends (i + j) % 3 rows to member j (zero-length splits included);
+  // each row says where it came from, where it goes and its index.
+  auto count = [](int src, int dst) { return static_cast<int64_t>((src + dst) % 3); };
+  std::vector<int64_t> send(n), recv(n);
+  int64_t send_total = 0, recv_total = 0;
+  for (int j = 0; j < n; ++j) {
+    send_total += send[j] = count(pos, j);
+    recv_total += recv[j] = count(j, pos);
+  }
+  at::Tensor a_in = at::empty({send_total, 3});
+  row = 0;
+  for (int j = 0; j < n; ++j)
+    for (int64_t k = 0; k < send[j]; ++k, ++row) {
+      a_in[row][0] = me; a_in[row][1] = members[j]; a_in[row][2] = k;
+    }
+  at::Tensor a_out = at::full({recv_total, 3}, -1.0f);
+  SY_RETURN_IF_ERROR(g.AllToAllV(a_in, a_out, send, recv).Wait());
+  row = 0;
+  for (int j = 0; j < n; ++j)
+    for (int64_t k = 0; k < recv[j]; ++k, ++row)
+      SY_RETURN_IF_ERROR(Expect(a_out[row][0].item<float>() == members[j] &&
+                                    a_out[row][1].item<float>() == me && a_out[row][2].item<float>() == k,
+                                g.name() + ": all_to_all_v"));
+  // broadcast from the last member.
+  at::Tensor b = at::full({4}, static_cast<float>(me));
+  SY_RETURN_IF_ERROR(g.Broadcast(b, n - 1).Wait());
+  SY_RETURN_IF_ERROR(Expect(b[3].item<float>() == at_pos(n - 1), g.name() + ": broadcast"));
+  // send/recv around the ring of members.
+  if (n > 1) {
+    at::Tensor msg = at::full({5}, 7.0f * me), got = at::empty({5});
+    Work sw = g.Send(msg, (pos + 1) % n, 3);
+    Work rw = g.Recv(got, (pos + n - 1) % n, 3);
+    SY_RETURN_IF_ERROR(sw.Wait());
+    SY_RETURN_IF_ERROR(rw.Wait());
+    SY_RETURN_IF_ERROR(Expect(got[4].item<float>() == 7.0f * at_pos((pos + n - 1) % n), g.name() + ": send/recv"));
+  }
+  return g.Barrier().Wait();
 }
 
-TEST(Comm, AllReduceOnEveryGroupKind8Ranks) {
-  absl::Status s = RunRanks({.layout = {.world_size = 8, .tp = 2, .pp = 2, .ep = 2, .etp = 1}},
-                            CheckEveryGroupKind);
-  EXPECT_TRUE(s.ok()) << s;
-  s = RunRanks({.layout = {.world_size = 8, .ep = 4}}, CheckEveryGroupKind);
-  EXPECT_TRUE(s.ok()) << s;
+absl::Status CheckAllCollectivesOnEveryKind(Communicator& comm) {
+  SY_RETURN_IF_ERROR(CheckEveryGroupKind(comm));  // all-reduce sum, max, avg
+  std::vector<int> everyone(comm.world_size());
+  for (int r = 0; r < comm.world_size(); ++r) everyone[r] = r;
+  SY_RETURN_IF_ERROR(CheckAllCollectives(comm.World(), everyone, comm.rank()));
+  for (GroupKind kind : kAllGroupKinds) {
+    if (!comm.Has(kind)) continue;
+    SY_RETURN_IF_ERROR(CheckAllCollectives(comm.Get(kind), comm.layout().GroupOf(kind, comm.rank()), comm.rank()));
+  }
+  return absl::OkStatus();
 }
 
-// Rank r sends (r + j) % 3 rows to member j (zero-length splits included); every row says
-// where it came from, where it goes and its index, so the receiver can check each one.
-TEST(Comm, AllToAllVUnevenAndEmptySplits) {
-  for (int world : {4, 8}) {
-    absl::Status s = RunRanks({.layout = {.world_size = world}}, [world](Communicator& comm) -> absl::Status {
-      Group& g = comm.World();
-      const int me = g.rank();
-      auto count = [](int src, int dst) { return static_cast<int64_t>((src + dst) % 3); };
-      std::vector<int64_t> send(world), recv(world);
-      int64_t send_total = 0, recv_total = 0;
-      for (int j = 0; j < world; ++j) {
-        send[j] = count(me, j);
-        recv[j] = count(j, me);
-        send_total += send[j];
-        recv_total += recv[j];
-      }
-      at::Tensor in = at::empty({send_total, 3}, at::kFloat);
-      int64_t row = 0;
-      for (int j = 0; j < world; ++j)
-        for (int64_t i = 0; i < send[j]; ++i, ++row) {
-          in[row][0] = me; in[row][1] = j; in[row][2] = i;
-        }
-      at::Tensor out = at::full({recv_total, 3}, -1.0f);
-      SY_RETURN_IF_ERROR(g.AllToAllV(in, out, send, recv).Wait());
-      row = 0;
-      for (int j = 0; j < world; ++j)
-        for (int64_t i = 0; i < recv[j]; ++i, ++row) {
-          SY_RETURN_IF_ERROR(Expect(out[row][0].item<float>() == j && out[row][1].item<float>() == me &&
-                                        out[row][2].item<float>() == i,
-                                    absl::StrFormat("row %d from %d", row, j)));
-        }
-      return absl::OkStatus();
-    });
-    EXPECT_TRUE(s.ok()) << s;
+TEST(Comm, EveryCollectiveOnEveryGroupKind) {
+  for (LayoutSpec spec : {LayoutSpec{.world_size = 4, .tp = 2, .ep = 2},
+                          LayoutSpec{.world_size = 8, .tp = 2, .pp = 2, .ep = 2, .etp = 1},
+                          LayoutSpec{.world_size = 8, .ep = 4}, LayoutSpec{.world_size = 8, .tp = 2, .ep = 2}}) {
+    absl::Status s = RunRanks({.layout = spec}, CheckAllCollectivesOnEveryKind);
+    EXPECT_TRUE(s.ok()) << "world " << spec.world_size << ": " << s;
   }
 }
 
-TEST(Comm, GatherScatterBroadcastSendRecv) {
-  absl::Status s = RunRanks({.layout = {.world_size = 4, .ep = 2}}, [](Communicator& comm) -> absl::Status {
+TEST(Comm, BadArgumentsAreErrorsNamingTheGroup) {
+  absl::Status s = RunRanks({.layout = {.world_size = 2}}, [](Communicator& comm) -> absl::Status {
     Group& g = comm.World();
-    const int me = g.rank(), n = g.size();
-    // all_gather: 2 rows each.
-    at::Tensor in = at::full({2, 2}, static_cast<float>(me));
-    at::Tensor out = at::empty({2 * n, 2});
-    SY_RETURN_IF_ERROR(g.AllGather(in, out).Wait());
-    for (int r = 0; r < n; ++r)
-      SY_RETURN_IF_ERROR(Expect(out[2 * r + 1][1].item<float>() == r, "all_gather"));
-    // all_gather_v: member i gives i rows (member 0 gives none).
-    std::vector<int64_t> counts;
-    int64_t total = 0;
-    for (int r = 0; r < n; ++r) { counts.push_back(r); total += r; }
-    at::Tensor vin = at::full({me, 2}, static_cast<float>(me));
-    at::Tensor vout = at::full({total, 2}, -1.0f);
-    SY_RETURN_IF_ERROR(g.AllGatherV(vin, vout, counts).Wait());
-    int64_t row = 0;
-    for (int r = 0; r < n; ++r)
-      for (int i = 0; i < r; ++i, ++row)
-        SY_RETURN_IF_ERROR(Expect(vout[row][0].item<float>() == r, "all_gather_v"));
-    // reduce_scatter: input row block b holds (me + 1) × (b + 1).
-    at::Tensor rs_in = at::empty({n, 3});
-    for (int b = 0; b < n; ++b) rs_in[b].fill_((me + 1.0) * (b + 1));
-    at::Tensor rs_out = at::empty({1, 3});
-    SY_RETURN_IF_ERROR(g.ReduceScatter(rs_in, rs_out).Wait());
-    const double expect = (me + 1.0) * n * (n + 1) / 2;
-    SY_RETURN_IF_ERROR(Expect(rs_out[0][2].item<float>() == expect, "reduce_scatter"));
-    // broadcast from member 2 of the EP group.
-    Group& ep = comm.Get(GroupKind::kEp);
-    at::Tensor b = at::full({4}, static_cast<float>(me));
-    SY_RETURN_IF_ERROR(ep.Broadcast(b, 1).Wait());
-    SY_RETURN_IF_ERROR(Expect(b[3].item<float>() == ep.ranks()[1], "broadcast"));
-    // send/recv in a ring over the world.
-    at::Tensor msg = at::full({5}, static_cast<float>(me * 7));
-    at::Tensor got = at::empty({5});
-    Work sw = g.Send(msg, (me + 1) % n, 3);
-    Work rw = g.Recv(got, (me + n - 1) % n, 3);
-    SY_RETURN_IF_ERROR(sw.Wait());
-    SY_RETURN_IF_ERROR(rw.Wait());
-    SY_RETURN_IF_ERROR(Expect(got[4].item<float>() == ((me + n - 1) % n) * 7, "send/recv"));
-    SY_RETURN_IF_ERROR(g.Barrier().Wait());
-    // Bad arguments are errors naming the group, not crashes.
-    at::Tensor wrong = at::empty({3, 2});
-    absl::Status bad = g.AllGather(in, wrong).Wait();
-    SY_RETURN_IF_ERROR(Expect(!bad.ok() && bad.message().find("group world") != std::string::npos,
-                              "bad all_gather accepted"));
+    at::Tensor in = at::empty({2, 2}), wrong = at::empty({3, 2});
+    for (absl::Status bad : {g.AllGather(in, wrong).Wait(), g.ReduceScatter(in, wrong).Wait(),
+                             g.AllToAllV(in, wrong, {1, 1}, {1, 1}).Wait(),
+                             g.AllGatherV(in, wrong, {2}).Wait(), g.Broadcast(in, 5).Wait(),
+                             g.Send(in, g.rank()).Wait()}) {
+      SY_RETURN_IF_ERROR(Expect(!bad.ok() && bad.message().find("group world, member") != std::string::npos,
+                                "bad arguments accepted: " + bad.ToString()));
+    }
     return absl::OkStatus();
   });
   EXPECT_TRUE(s.ok()) << s;

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
+#include "dist/groups/testing/multi_process.h"
 #include "dist/groups/testing/multi_rank.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -15,6 +16,7 @@ namespace switchyard::groups {
 namespace {
 
 using testing::RunOptions;
+using testing::RunRanksInProcesses;
 using testing::RunRanks;
 using ::testing::HasSubstr;
 
@@ -182,6 +184,30 @@ TEST(Comm, RankThatNeverJoinsTimesOutWithClearError) {
   EXPECT_THAT(m, HasSubstr("rank 1: "));
   EXPECT_THAT(m, HasSubstr("group world"));
   EXPECT_THAT(m, ::testing::Not(HasSubstr("rank 2: ")));
+}
+
+// The same checks with every rank its own process (over TCP, as the launcher runs them).
+TEST(Comm, EveryCollectiveAsProcesses) {
+  for (LayoutSpec spec : {LayoutSpec{.world_size = 4, .tp = 2, .ep = 2},
+                          LayoutSpec{.world_size = 4, .pp = 2, .ep = 2}}) {
+    absl::Status s = RunRanksInProcesses({.layout = spec}, CheckAllCollectivesOnEveryKind);
+    EXPECT_TRUE(s.ok()) << s;
+  }
+}
+
+// A rank that dies is named with its signal; the others fail with a timeout, not a hang.
+TEST(Comm, CrashedProcessIsNamed) {
+  absl::Status s = RunRanksInProcesses(
+      {.layout = {.world_size = 3}, .collective_timeout = std::chrono::seconds(3)},
+      [](Communicator& comm) -> absl::Status {
+        if (comm.rank() == 1) std::abort();
+        return comm.World().Barrier().Wait();
+      });
+  ASSERT_FALSE(s.ok());
+  const std::string m(s.message());
+  EXPECT_THAT(m, HasSubstr("rank 1: killed by signal 6 (SIGABRT)"));
+  EXPECT_THAT(m, HasSubstr("rank 0: exited with code 1"));
+  EXPECT_THAT(m, HasSubstr("group world"));
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <optional>
 #include <cstdio>
 #include <string>
 #include <thread>
@@ -23,8 +24,9 @@ namespace {
 volatile sig_atomic_t g_signal = 0;
 void OnSignal(int sig) { g_signal = sig; }
 
-constexpr char kAbortKey[] = "sy/launcher/abort";
-constexpr char kNodesDoneKey[] = "sy/launcher/nodes_done";
+// Per-restart keys of the launchers' own store: a failure anywhere, and nodes done.
+std::string AbortKey(int restart) { return absl::StrFormat("sy/launcher/restart%d/abort", restart); }
+std::string DoneKey(int restart) { return absl::StrFormat("sy/launcher/restart%d/nodes_done", restart); }
 // How long workers get between SIGTERM and SIGKILL.
 constexpr auto kTermGrace = std::chrono::seconds(2);
 
@@ -49,11 +51,12 @@ bool Succeeded(int status) { return WIFEXITED(status) && WEXITSTATUS(status) == 
 
 // The worker's environment: ours, with the torchrun-style variables replaced.
 std::vector<std::string> WorkerEnvironment(const ResolvedJob& job, int rank, int local_rank,
-                                           int port, int threads) {
+                                           int port, int threads, int restart) {
   const Launch& l = job.job.launch();
   const char* ours[] = {"RANK=", "WORLD_SIZE=", "LOCAL_RANK=", "LOCAL_WORLD_SIZE=",
                         "GROUP_RANK=", "MASTER_ADDR=", "MASTER_PORT=",
-                        "SWITCHYARD_LAUNCHER_PID=", "TORCHELASTIC_USE_AGENT_STORE="};
+                        "SWITCHYARD_LAUNCHER_PID=", "TORCHELASTIC_USE_AGENT_STORE=",
+                        "SWITCHYARD_RESTART=", "TORCHELASTIC_RESTART_COUNT="};
   std::vector<std::string> env;
   bool has_omp = false;
   for (char** e = environ; *e != nullptr; ++e) {
@@ -71,6 +74,7 @@ std::vector<std::string> WorkerEnvironment(const ResolvedJob& job, int rank, int
   env.push_back("MASTER_ADDR=" + l.master_addr());
   env.push_back(absl::StrFormat("MASTER_PORT=%d", port));
   env.push_back(absl::StrFormat("SWITCHYARD_LAUNCHER_PID=%d", getpid()));
+  env.push_back(absl::StrFormat("SWITCHYARD_RESTART=%d", restart));
   // OpenMP pools must not oversubscribe the cores shared by the local ranks.
   if (!has_omp) env.push_back(absl::StrFormat("OMP_NUM_THREADS=%d", threads));
   return env;
@@ -132,6 +136,102 @@ void StopAll(std::vector<Child>& children) {
   ReapAll(children, std::chrono::steady_clock::now() + std::chrono::seconds(10));
 }
 
+enum class Outcome {
+  kSuccess,        // every node's workers finished
+  kFailed,         // a worker failed here or on another node: restart or give up
+  kInterrupted,    // SIGINT/SIGTERM/SIGHUP
+};
+
+struct Attempt {
+  Outcome outcome = Outcome::kSuccess;
+  std::string why;
+};
+
+// Starts this node's workers for one attempt and supervises them until all succeed, one
+// fails (here or on another node), or the launcher is interrupted. Leaves no worker behind.
+Attempt RunAttempt(const ResolvedJob& job, groups::Store& store, int port, int threads,
+                   int restart, const std::string& exe, const std::string& spec_path) {
+  const Launch& l = job.job.launch();
+  const int node = l.node_rank(), nproc = l.nproc_per_node(), nnodes = l.nnodes();
+  std::vector<Child> children(nproc);
+  for (int i = 0; i < nproc; ++i) {
+    Child& c = children[i];
+    c.rank = node * nproc + i;
+    c.pid = Spawn(exe, {exe, "--spec=" + spec_path},
+                  WorkerEnvironment(job, c.rank, i, port, threads, restart));
+    if (c.pid < 0) {
+      StopAll(children);
+      return {Outcome::kFailed, absl::StrFormat("fork failed for rank %d: %s", c.rank, strerror(errno))};
+    }
+    c.running = true;
+    std::printf("[launcher] rank %d: pid %d\n", c.rank, c.pid);
+  }
+  std::fflush(stdout);
+
+  // A failure here is told to the other nodes; one there ends this node's attempt.
+  auto remote_failure = [&]() -> std::optional<std::string> {
+    absl::StatusOr<bool> aborted = store.Check(AbortKey(restart));
+    if (!aborted.ok()) return std::nullopt;  // store trouble: judged by the caller's context
+    if (!*aborted) return std::nullopt;
+    absl::StatusOr<std::string> why = store.Get(AbortKey(restart));
+    return "another node failed: " + (why.ok() ? *why : std::string("(no reason given)"));
+  };
+  auto fail = [&](std::string why, bool tell_others) -> Attempt {
+    StopAll(children);
+    if (nnodes > 1 && tell_others) (void)store.Set(AbortKey(restart), absl::StrFormat("node %d: %s", node, why));
+    return {Outcome::kFailed, why};
+  };
+
+  auto last_check = std::chrono::steady_clock::now();
+  for (;;) {
+    int running = 0;
+    for (Child& c : children) {
+      if (!c.running) continue;
+      if (waitpid(c.pid, &c.status, WNOHANG) == c.pid) {
+        c.running = false;
+        if (!Succeeded(c.status)) {
+          return fail(absl::StrFormat("rank %d (pid %d, node %d) %s", c.rank, c.pid, node,
+                                      Describe(c.status)), true);
+        }
+      } else {
+        ++running;
+      }
+    }
+    if (running == 0) break;
+    if (g_signal != 0) {
+      StopAll(children);
+      return {Outcome::kInterrupted, absl::StrFormat("interrupted by SIG%s", sigabbrev_np(g_signal))};
+    }
+    if (nnodes > 1 && std::chrono::steady_clock::now() - last_check > std::chrono::milliseconds(250)) {
+      last_check = std::chrono::steady_clock::now();
+      absl::StatusOr<bool> alive = store.Check(AbortKey(restart));
+      if (!alive.ok()) {
+        return fail("lost the rendezvous store (node 0's launcher is gone?): " +
+                        std::string(alive.status().message()), false);
+      }
+      if (std::optional<std::string> why = remote_failure()) return fail(*why, false);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  if (nnodes == 1) return {Outcome::kSuccess, ""};
+
+  // This node is done; the attempt is done when every node is, or fails if one does.
+  // Node 0 hosts the store and must outlive the others' last look at it.
+  if (!store.Add(DoneKey(restart), 1).ok()) return {Outcome::kSuccess, ""};
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(l.rendezvous_timeout_s());
+  while (std::chrono::steady_clock::now() < until) {
+    if (g_signal != 0) return {Outcome::kInterrupted, absl::StrFormat("interrupted by SIG%s", sigabbrev_np(g_signal))};
+    absl::StatusOr<int64_t> done = store.Add(DoneKey(restart), 0);
+    // Once this node's workers all succeeded, a vanished store means node 0 saw everyone done.
+    if (!done.ok() || *done >= nnodes) return {Outcome::kSuccess, ""};
+    if (std::optional<std::string> why = remote_failure()) return {Outcome::kFailed, *why};
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return {Outcome::kFailed, absl::StrFormat("this node finished, but not all %d nodes did within "
+                                            "launch.rendezvous_timeout_s = %d s", nnodes,
+                                            l.rendezvous_timeout_s())};
+}
+
 }  // namespace
 
 int RunLauncher(const ResolvedJob& job, const std::string& exe, const std::string& spec_path) {
@@ -161,94 +261,26 @@ int RunLauncher(const ResolvedJob& job, const std::string& exe, const std::strin
               "intra-op thread%s per rank)\n",
               node, nnodes, node * nproc, node * nproc + nproc - 1, job.world_size,
               l.master_addr().c_str(), port, threads, threads == 1 ? "" : "s");
-  std::vector<Child> children(nproc);
-  for (int i = 0; i < nproc; ++i) {
-    Child& c = children[i];
-    c.rank = node * nproc + i;
-    c.pid = Spawn(exe, {exe, "--spec=" + spec_path},
-                  WorkerEnvironment(job, c.rank, i, port, threads));
-    if (c.pid < 0) {
-      std::fprintf(stderr, "[launcher] error: fork failed for rank %d: %s\n", c.rank, strerror(errno));
-      StopAll(children);
+  for (int restart = 0;; ++restart) {
+    Attempt a = RunAttempt(job, **store, port, threads, restart, exe, spec_path);
+    if (a.outcome == Outcome::kSuccess) {
+      std::printf("[launcher] node %d: all %d workers finished\n", node, nproc);
+      return 0;
+    }
+    if (a.outcome == Outcome::kInterrupted) {
+      std::fprintf(stderr, "[launcher] error: %s; stopped all workers\n", a.why.c_str());
+      return 130;
+    }
+    if (restart >= l.max_restarts()) {
+      std::fprintf(stderr, "[launcher] error: %s; stopped all workers%s\n", a.why.c_str(),
+                   l.max_restarts() > 0 ? absl::StrFormat(" (gave up after %d restart%s, launch.max_restarts)",
+                                                          restart, restart == 1 ? "" : "s").c_str()
+                                        : "");
       return 1;
     }
-    c.running = true;
-    std::printf("[launcher] rank %d: pid %d\n", c.rank, c.pid);
+    std::fprintf(stderr, "[launcher] %s; stopped all workers; restarting them (restart %d of %d)\n",
+                 a.why.c_str(), restart + 1, l.max_restarts());
   }
-  std::fflush(stdout);
-
-  std::string failure;  // empty while all is well
-  int exit_code = 0;
-  auto last_check = std::chrono::steady_clock::now();
-  for (;;) {
-    int running = 0;
-    for (Child& c : children) {
-      if (!c.running) continue;
-      int status = 0;
-      if (waitpid(c.pid, &status, WNOHANG) == c.pid) {
-        c.running = false;
-        c.status = status;
-        if (!Succeeded(status) && failure.empty()) {
-          failure = absl::StrFormat("rank %d (pid %d, node %d) %s", c.rank, c.pid, node, Describe(status));
-        }
-      } else {
-        ++running;
-      }
-    }
-    if (!failure.empty()) break;
-    if (running == 0) break;
-    if (g_signal != 0) {
-      failure = absl::StrFormat("interrupted by SIG%s", sigabbrev_np(g_signal));
-      exit_code = 130;
-      break;
-    }
-    if (nnodes > 1 && std::chrono::steady_clock::now() - last_check > std::chrono::milliseconds(250)) {
-      last_check = std::chrono::steady_clock::now();
-      absl::StatusOr<bool> aborted = (*store)->Check(kAbortKey);
-      if (!aborted.ok()) {
-        failure = "lost the rendezvous store (node 0's launcher is gone?): " +
-                  std::string(aborted.status().message());
-        break;
-      }
-      if (*aborted) {
-        absl::StatusOr<std::string> why = (*store)->Get(kAbortKey);
-        failure = "another node failed: " + (why.ok() ? *why : std::string("(no reason given)"));
-        break;
-      }
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-
-  if (!failure.empty()) {
-    StopAll(children);
-    // Tell the other nodes (best effort: the store may be what failed).
-    if (nnodes > 1 && failure.rfind("another node", 0) != 0) {
-      (void)(*store)->Set(kAbortKey, absl::StrFormat("node %d: %s", node, failure));
-    }
-    std::fprintf(stderr, "[launcher] error: %s; stopped all workers\n", failure.c_str());
-    return exit_code != 0 ? exit_code : 1;
-  }
-  if (nnodes > 1) {
-    // Node 0 hosts the store: it stays until every node is done, or one fails.
-    absl::StatusOr<int64_t> done = (*store)->Add(kNodesDoneKey, 1);
-    if (node == 0 && done.ok()) {
-      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(l.rendezvous_timeout_s());
-      while (std::chrono::steady_clock::now() < until && g_signal == 0) {
-        absl::StatusOr<int64_t> n = (*store)->Add(kNodesDoneKey, 0);
-        if (!n.ok() || *n >= nnodes) break;
-        absl::StatusOr<bool> aborted = (*store)->Check(kAbortKey);
-        if (aborted.ok() && *aborted) {
-          absl::StatusOr<std::string> why = (*store)->Get(kAbortKey);
-          std::fprintf(stderr, "[launcher] error: another node failed: %s\n",
-                       why.ok() ? why->c_str() : "(no reason given)");
-          return 1;
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      }
-    }
-  }
-  std::printf("[launcher] node %d: all %d workers finished\n", node, nproc);
-  return 0;
 }
 
 }  // namespace switchyard::launcher

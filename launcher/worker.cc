@@ -24,6 +24,7 @@ struct Fault {
   std::string kind;  // "", "exit", "hang", "sleep"
   int rank = -1;
   int value = 0;
+  int restart = -1;  // -1: every restart
 };
 
 Fault ParseFault() {
@@ -31,8 +32,9 @@ Fault ParseFault() {
   const char* v = std::getenv("SWITCHYARD_FAULT");
   if (v == nullptr) return f;
   std::vector<std::string> parts = absl::StrSplit(v, ':');
-  if (parts[0] == "exit" && parts.size() == 3 && absl::SimpleAtoi(parts[1], &f.rank) &&
-      absl::SimpleAtoi(parts[2], &f.value)) {
+  if (parts[0] == "exit" && (parts.size() == 3 || parts.size() == 4) &&
+      absl::SimpleAtoi(parts[1], &f.rank) && absl::SimpleAtoi(parts[2], &f.value) &&
+      (parts.size() == 3 || absl::SimpleAtoi(parts[3], &f.restart))) {
     f.kind = "exit";
   } else if (parts[0] == "hang" && parts.size() == 2 && absl::SimpleAtoi(parts[1], &f.rank)) {
     f.kind = "hang";
@@ -62,6 +64,8 @@ absl::Status CheckCluster(const ResolvedJob& job, const WorkerEnv& env, const Fa
                       groups::Store::ConnectTcp({.host = addr, .port = port,
                                                  .is_server = !env.agent_store && env.rank == 0,
                                                  .timeout = rendezvous_timeout}));
+  // Each restart rendezvouses under its own prefix: never the keys of a dead generation.
+  store = store->WithPrefix(absl::StrFormat("restart%d/", env.restart));
   groups::CommOptions co;
   co.timeout = collective_timeout;
   if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
@@ -105,14 +109,16 @@ absl::Status CheckCluster(const ResolvedJob& job, const WorkerEnv& env, const Fa
     absl::PrintF(
         "[rank 0] job \"%s\": %d ranks (%s), tp %d × cp %d × dp %d × pp %d; experts etp %d × "
         "ep %d × edp %d\n"
-        "[rank 0] cluster check passed: rendezvous at %s:%d and %d groups in %.0f ms; world "
+        "[rank 0] cluster check passed%s: rendezvous at %s:%d and %d groups in %.0f ms; world "
         "barrier and all-reduce (sum of rank+1 = %g, expected %g) and an all-reduce on each "
         "of %d group kinds in %.1f ms\n"
         "[rank 0] training is not implemented yet: this job only checked the cluster\n",
         job.job.name(), env.world_size,
         env.source == "switchyard" ? std::string("started by the Switchyard launcher")
                                    : "started by " + env.source,
-        l.tp(), l.cp(), l.dp(), l.pp(), l.etp(), l.ep(), l.edp(), addr, store->port(), kinds,
+        l.tp(), l.cp(), l.dp(), l.pp(), l.etp(), l.ep(), l.edp(),
+        env.restart > 0 ? absl::StrFormat(" (after %d restart%s)", env.restart, env.restart > 1 ? "s" : "") : "",
+        addr, store->port(), kinds,
         std::chrono::duration<double, std::milli>(t_groups - t0).count(), x.item<double>(),
         expected, kinds, std::chrono::duration<double, std::milli>(t1 - t_groups).count());
     std::fflush(stdout);
@@ -147,7 +153,8 @@ int RunWorker(const std::string& spec_path, const WorkerEnv& env) {
     return 1;
   }
   if (fault.kind == "sleep") std::this_thread::sleep_for(std::chrono::seconds(fault.value));
-  if (fault.kind == "exit" && fault.rank == env.rank) {
+  if (fault.kind == "exit" && fault.rank == env.rank &&
+      (fault.restart < 0 || fault.restart == env.restart)) {
     std::fprintf(stderr, "[rank %d] SWITCHYARD_FAULT: exiting with code %d\n", env.rank, fault.value);
     return fault.value;
   }

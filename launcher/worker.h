@@ -13,9 +13,9 @@ namespace switchyard::launcher {
 // Runs this process as rank env.rank. Returns the process exit code: 0 on success, 2 for a
 // bad spec, 1 for any other failure (with a message on stderr naming the rank).
 //
-// Tests inject faults with SWITCHYARD_FAULT: "exit:RANK:CODE" (that rank exits with CODE
-// after the check), "hang:RANK" (that rank stops before the first collective),
-// "sleep:SECONDS" (every rank waits that long after the check).
+// Tests inject faults with SWITCHYARD_FAULT: "exit:RANK:CODE[:RESTART]" (that rank exits
+// with CODE after the check; only in that restart when given), "hang:RANK" (that rank stops
+// before the first collective), "sleep:SECONDS" (every rank waits that long after the check).
 int RunWorker(const std::string& spec_path, const WorkerEnv& env);
 
 }  // namespace switchyard::launcher

@@ -84,6 +84,11 @@ absl::StatusOr<std::optional<WorkerEnv>> DetectWorkerEnv(const GetEnv& getenv) {
   } else {
     return std::optional<WorkerEnv>();
   }
+  if (has("SWITCHYARD_RESTART")) {
+    SY_ASSIGN_OR_RETURN(e.restart, IntVar(getenv, "SWITCHYARD_RESTART"));
+  } else if (has("TORCHELASTIC_RESTART_COUNT")) {
+    SY_ASSIGN_OR_RETURN(e.restart, IntVar(getenv, "TORCHELASTIC_RESTART_COUNT"));
+  }
   if (has("MASTER_ADDR")) e.master_addr = getenv("MASTER_ADDR");
   if (has("MASTER_PORT")) {
     SY_ASSIGN_OR_RETURN(e.master_port, IntVar(getenv, "MASTER_PORT"));

@@ -22,6 +22,9 @@ struct WorkerEnv {
   // Whether an agent (our launcher, torchrun) already hosts the rendezvous store; otherwise
   // rank 0 hosts it.
   bool agent_store = false;
+  // How many times the job was restarted before this start (SWITCHYARD_RESTART, or
+  // torchrun's TORCHELASTIC_RESTART_COUNT); each restart rendezvouses under its own prefix.
+  int restart = 0;
 };
 
 using GetEnv = std::function<const char*(const char*)>;

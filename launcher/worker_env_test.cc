@@ -38,6 +38,16 @@ TEST(WorkerEnv, Torchrun) {
   EXPECT_EQ(w.master_addr, "10.0.0.1");
   EXPECT_EQ(w.master_port, 29400);
   EXPECT_TRUE(w.agent_store);
+  EXPECT_EQ(w.restart, 0);
+}
+
+TEST(WorkerEnv, RestartCount) {
+  auto e = Detect({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"TORCHELASTIC_RESTART_COUNT", "2"}});
+  ASSERT_TRUE(e.ok() && e->has_value());
+  EXPECT_EQ((*e)->restart, 2);
+  e = Detect({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"SWITCHYARD_RESTART", "1"},
+              {"TORCHELASTIC_RESTART_COUNT", "5"}});
+  EXPECT_EQ((*e)->restart, 1);
 }
 
 TEST(WorkerEnv, OurLauncherHostsTheStore) {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "absl/status/status.h"
@@ -67,6 +68,12 @@ std::shared_ptr<Store> Store::InMemory(std::chrono::milliseconds timeout) {
   impl->store = c10::make_intrusive<c10d::HashStore>();
   impl->store->setTimeout(timeout);
   return std::shared_ptr<Store>(new Store(std::move(impl), 0, "in-memory store"));
+}
+
+std::shared_ptr<Store> Store::WithPrefix(const std::string& prefix) const {
+  auto impl = std::make_unique<Impl>();
+  impl->store = c10::make_intrusive<c10d::PrefixStore>(prefix, impl_->store);
+  return std::shared_ptr<Store>(new Store(std::move(impl), port_, where_ + " [" + prefix + "]"));
 }
 
 absl::Status Store::Set(const std::string& key, const std::string& value) {

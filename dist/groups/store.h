@@ -30,6 +30,10 @@ class Store {
   // A store shared by everything holding the same pointer (threads of one process).
   static std::shared_ptr<Store> InMemory(std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
+  // A view of this store whose keys all start with `prefix` (e.g. one per restart, so a new
+  // generation of workers never reads the keys of the one before).
+  std::shared_ptr<Store> WithPrefix(const std::string& prefix) const;
+
   ~Store();
   Store(const Store&) = delete;
   Store& operator=(const Store&) = delete;

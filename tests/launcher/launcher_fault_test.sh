@@ -75,4 +75,24 @@ expect_in "$TMP/busy.err" "launch.master_port"
 ! grep -aq 'rank 0: pid' "$TMP/busy.out" || fail "workers were started on a busy port"
 pass "busy port is a clear error"
 
+# launch.max_restarts: a failure in the first attempt only is recovered by one restart.
+s=$(spec restart 2 'max_restarts: 1')
+SWITCHYARD_FAULT=exit:1:3:0 "$LAUNCHER" --spec="$s" >"$TMP/restart.out" 2>"$TMP/restart.err"
+rc=$?
+(( rc == 0 )) || fail "restart: exit code $rc, expected 0"
+expect_in "$TMP/restart.err" 'exited with code 3; stopped all workers; restarting them (restart 1 of 1)'
+expect_in "$TMP/restart.out" 'cluster check passed (after 1 restart)'
+(( $(worker_pids "$TMP/restart.out" | wc -l) == 4 )) || fail "expected 2 × 2 worker starts"
+pass "one restart recovers a failure of the first attempt"
+
+# A failure in every attempt: gives up after max_restarts, exit 1.
+s=$(spec giveup 2 'max_restarts: 2')
+SWITCHYARD_FAULT=exit:0:4 "$LAUNCHER" --spec="$s" >"$TMP/giveup.out" 2>"$TMP/giveup.err"
+rc=$?
+(( rc == 1 )) || fail "give up: exit code $rc, expected 1"
+expect_in "$TMP/giveup.err" 'restarting them (restart 2 of 2)'
+expect_in "$TMP/giveup.err" 'exited with code 4; stopped all workers (gave up after 2 restarts, launch.max_restarts)'
+(( $(worker_pids "$TMP/giveup.out" | wc -l) == 6 )) || fail "expected 3 × 2 worker starts"
+pass "gives up after launch.max_restarts"
+
 finish

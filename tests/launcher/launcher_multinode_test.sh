@@ -43,6 +43,22 @@ expect_in "$TMP/k0.err" "another node failed: node 1: rank 3"
 assert_gone "${p0[@]}" "${p1[@]}"
 pass "a death on node 1 stops both nodes in ${dt} ms"
 
+# A failure on node 1 in the first attempt: both nodes restart together and succeed.
+port=$(free_port)
+restart_spec() { spec "$1" 2 "nnodes: 2 node_rank: $3 master_port: $2 max_restarts: 1" 'parallel { ep: 2 }'; }
+SWITCHYARD_FAULT=exit:3:5:0 "$LAUNCHER" --spec="$(restart_spec r0 "$port" 0)" >"$TMP/r0.out" 2>"$TMP/r0.err" &
+l0=$!
+SWITCHYARD_FAULT=exit:3:5:0 "$LAUNCHER" --spec="$(restart_spec r1 "$port" 1)" >"$TMP/r1.out" 2>"$TMP/r1.err" &
+l1=$!
+wait "$l0" || fail "restart: node 0 exited $?"
+wait "$l1" || fail "restart: node 1 exited $?"
+expect_in "$TMP/r1.err" 'rank 3 (pid'
+expect_in "$TMP/r1.err" 'exited with code 5; stopped all workers; restarting them (restart 1 of 1)'
+expect_in "$TMP/r0.err" 'another node failed: node 1: rank 3'
+expect_in "$TMP/r0.err" 'restarting them (restart 1 of 1)'
+expect_in "$TMP/r0.out" 'cluster check passed (after 1 restart)'
+pass "both nodes restart together after a failure on node 1"
+
 # In place: two processes started the way torchrun, srun and mpirun start them.
 s=$(spec inplace 1 '' 'parallel { ep: 2 }')
 run_pair() {  # LABEL then, for each of 2 ranks, the variable assignments via a function

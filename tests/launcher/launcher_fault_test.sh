@@ -3,21 +3,17 @@
 source "${TEST_SRCDIR}/${TEST_WORKSPACE}/tests/launcher/lib.sh"
 
 # SIGKILL one worker: the launcher exits non-zero within 5 s, names the rank, leaves nothing.
-s=$(spec kill 3)
-SWITCHYARD_FAULT=sleep:120 "$LAUNCHER" --spec="$s" >"$TMP/kill.out" 2>"$TMP/kill.err" &
-lpid=$!
-wait_for "$TMP/kill.out" 'cluster check passed' 60
-mapfile -t pids < <(worker_pids "$TMP/kill.out")
-(( ${#pids[@]} == 3 )) || fail "expected 3 worker pids, got ${#pids[@]}"
+start_sleeping kill "$(spec kill 3)"
+(( ${#PIDS[@]} == 3 )) || fail "expected 3 worker pids, got ${#PIDS[@]}"
 t0=$(now_ms)
-kill -KILL "${pids[1]}"
-wait "$lpid"
+kill -KILL "${PIDS[1]}"
+wait "$LPID"
 rc=$?
 dt=$(( $(now_ms) - t0 ))
 (( rc != 0 )) || fail "launcher exited 0 after a worker was killed"
 (( dt <= 5000 )) || fail "launcher took ${dt} ms to stop (limit 5000)"
-expect_in "$TMP/kill.err" "rank 1 (pid ${pids[1]}, node 0) was killed by signal 9 (SIGKILL)"
-assert_gone "${pids[@]}"
+expect_in "$TMP/kill.err" "rank 1 (pid ${PIDS[1]}, node 0) was killed by signal 9 (SIGKILL)"
+assert_gone "${PIDS[@]}"
 pass "SIGKILL of rank 1: launcher exit $rc after ${dt} ms, no worker left"
 
 # A worker that exits non-zero.
@@ -44,20 +40,16 @@ assert_gone "${pids[@]}"
 pass "hung collective times out after ${dt} ms"
 
 # Ctrl-C (SIGINT to the launcher): every worker stops, exit code 130.
-s=$(spec int 2)
-SWITCHYARD_FAULT=sleep:120 "$LAUNCHER" --spec="$s" >"$TMP/int.out" 2>"$TMP/int.err" &
-lpid=$!
-wait_for "$TMP/int.out" 'cluster check passed' 60
-mapfile -t pids < <(worker_pids "$TMP/int.out")
+start_sleeping int "$(spec int 2)"
 t0=$(now_ms)
-kill -INT "$lpid"
-wait "$lpid"
+kill -INT "$LPID"
+wait "$LPID"
 rc=$?
 dt=$(( $(now_ms) - t0 ))
 (( rc == 130 )) || fail "SIGINT: exit code $rc, expected 130"
 (( dt <= 5000 )) || fail "SIGINT: took ${dt} ms"
 expect_in "$TMP/int.err" 'interrupted by SIGINT'
-assert_gone "${pids[@]}"
+assert_gone "${PIDS[@]}"
 pass "Ctrl-C stops all workers in ${dt} ms"
 
 # A busy port.

@@ -7,7 +7,7 @@ Default builds never call nvcc: CUDA targets are incompatible (skipped by //...)
 --config=cuda is given.
 """
 
-load("@local_cuda//:defs.bzl", "NVCC")
+load("@local_cuda//:defs.bzl", "CUDA_HOME", "NVCC")
 
 def if_cuda(if_true, if_false = []):
     """`if_true` under --config=cuda, else `if_false`."""
@@ -41,12 +41,17 @@ def sy_cuda_library(name, srcs, hdrs = [], deps = [], arch = DEFAULT_CUDA_ARCH, 
     objs = []
     for src in srcs:
         obj = "_%s_%s.o" % (name, src.replace("/", "_").replace(".cu", ""))
+        if NVCC:
+            cmd = ("%s -c -O2 -std=c++17 -Xcompiler -fPIC -arch=%s " +
+                   "-I%s -I$(GENDIR)/%s -o $@ $(location %s)") % (NVCC, arch, root, root, src)
+        else:
+            cmd = ("echo 'no CUDA toolkit at %s (set CUDA_HOME): --config=cuda needs nvcc to " +
+                   "compile %s' >&2; exit 1") % (CUDA_HOME, src)
         native.genrule(
             name = obj.replace(".", "_"),
             srcs = [src] + hdrs + cu_hdrs,
             outs = [obj],
-            cmd = ("%s -c -O2 -std=c++17 -Xcompiler -fPIC -arch=%s " +
-                   "-I%s -I$(GENDIR)/%s -o $@ $(location %s)") % (NVCC, arch, root, root, src),
+            cmd = cmd,
             target_compatible_with = CUDA_ONLY,
             tags = kwargs.get("tags", []) + ["cuda"],
         )

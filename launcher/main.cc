@@ -34,19 +34,21 @@ int Usage(const std::string& error) {
   return 2;
 }
 
-// `bazel run` starts binaries in their runfiles folder; relative paths are the user's.
 std::string Absolute(const std::string& path) {
   std::filesystem::path p(path);
-  if (p.is_absolute()) return path;
-  const char* cwd = std::getenv("BUILD_WORKING_DIRECTORY");
-  std::filesystem::path base = cwd && *cwd ? std::filesystem::path(cwd) : std::filesystem::current_path();
-  return (base / p).lexically_normal().string();
+  return p.is_absolute() ? path : (std::filesystem::current_path() / p).lexically_normal().string();
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   using namespace switchyard::launcher;
+  // `bazel run` starts binaries in their runfiles folder: go back to where the user was, so
+  // relative paths (the spec, data files, checkpoints) mean what they meant there.
+  if (const char* cwd = std::getenv("BUILD_WORKING_DIRECTORY"); cwd && *cwd && chdir(cwd) != 0) {
+    std::fprintf(stderr, "error: cannot enter BUILD_WORKING_DIRECTORY \"%s\"\n", cwd);
+    return 2;
+  }
   std::string spec;
   bool dry_run = false;
   for (int i = 1; i < argc; ++i) {

@@ -269,9 +269,19 @@ absl::Status ValidateCheckpoint(const Checkpoint& c) {
   return absl::OkStatus();
 }
 
+// Far above any real job, low enough that sizes and rank products stay in int range.
+constexpr int kMaxNodes = 65536;
+constexpr int kMaxProcsPerNode = 1024;
+constexpr int64_t kMaxWorld = 1 << 20;
+
 absl::Status ValidateLaunch(const Launch& l) {
-  SY_RETURN_IF_ERROR(AtLeast("launch.nnodes", l.nnodes(), 1));
-  SY_RETURN_IF_ERROR(AtLeast("launch.nproc_per_node", l.nproc_per_node(), 1));
+  SY_RETURN_IF_ERROR(InRange("launch.nnodes", l.nnodes(), 1, kMaxNodes));
+  SY_RETURN_IF_ERROR(InRange("launch.nproc_per_node", l.nproc_per_node(), 1, kMaxProcsPerNode));
+  if (int64_t{l.nnodes()} * l.nproc_per_node() > kMaxWorld) {
+    return Invalid(absl::StrFormat(
+        "launch: nnodes × nproc_per_node = %d × %d is more than %d ranks", l.nnodes(),
+        l.nproc_per_node(), kMaxWorld));
+  }
   SY_RETURN_IF_ERROR(InRange("launch.node_rank", l.node_rank(), 0, l.nnodes() - 1));
   SY_RETURN_IF_ERROR(InRange("launch.master_port", l.master_port(), 0, 65535));
   if (l.master_port() == 0 && l.nnodes() > 1) {
@@ -282,7 +292,7 @@ absl::Status ValidateLaunch(const Launch& l) {
   SY_RETURN_IF_ERROR(AtLeast("launch.rendezvous_timeout_s", l.rendezvous_timeout_s(), 1));
   SY_RETURN_IF_ERROR(AtLeast("launch.collective_timeout_s", l.collective_timeout_s(), 1));
   SY_RETURN_IF_ERROR(AtLeast("launch.max_restarts", l.max_restarts(), 0));
-  SY_RETURN_IF_ERROR(AtLeast("launch.threads_per_rank", l.threads_per_rank(), 0));
+  SY_RETURN_IF_ERROR(InRange("launch.threads_per_rank", l.threads_per_rank(), 0, 1024));
   if (l.backend() == Launch::NCCL) {
 #ifdef SWITCHYARD_WITH_CUDA
     // dist/groups creates Gloo groups only so far; running NCCL jobs on Gloo would be a
@@ -314,6 +324,9 @@ absl::StatusOr<ResolvedJob> ValidateJob(const Job& job, int world_size) {
   SY_RETURN_IF_ERROR(ValidateLaunch(job.launch()));
   SY_RETURN_IF_ERROR(ValidateModel(job.model()));
   if (world_size <= 0) world_size = job.launch().nnodes() * job.launch().nproc_per_node();
+  if (world_size > kMaxWorld) {
+    return Invalid(absl::StrFormat("world size %d is more than %d ranks", world_size, kMaxWorld));
+  }
   const Parallel& p = job.parallel();
   groups::LayoutSpec spec{.world_size = world_size, .tp = p.tp(), .cp = p.cp(), .pp = p.pp(),
                           .dp = p.dp(), .ep = p.ep(), .etp = p.etp(), .order = p.order()};

@@ -6,13 +6,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
-#include <optional>
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "dist/groups/store.h"
 
@@ -24,15 +26,19 @@ namespace {
 volatile sig_atomic_t g_signal = 0;
 void OnSignal(int sig) { g_signal = sig; }
 
-// Per-restart keys of the launchers' own store: a failure anywhere, and nodes done.
+// Keys of the launchers' own store. Per restart: the first failure anywhere (claimed with a
+// counter so the root cause is never overwritten by the failures it causes) and the nodes
+// done. Once for the job: a node was interrupted, so no node restarts.
 std::string AbortKey(int restart) { return absl::StrFormat("sy/launcher/restart%d/abort", restart); }
+std::string AbortClaimKey(int restart) { return absl::StrFormat("sy/launcher/restart%d/abort_claims", restart); }
 std::string DoneKey(int restart) { return absl::StrFormat("sy/launcher/restart%d/nodes_done", restart); }
+constexpr char kStopKey[] = "sy/launcher/stop";
 // How long workers get between SIGTERM and SIGKILL.
 constexpr auto kTermGrace = std::chrono::seconds(2);
 
 struct Child {
   int rank = 0;
-  pid_t pid = -1;
+  pid_t pid = -1;  // also its process group
   bool running = false;
   int status = 0;
 };
@@ -80,8 +86,8 @@ std::vector<std::string> WorkerEnvironment(const ResolvedJob& job, int rank, int
   return env;
 }
 
-pid_t Spawn(const std::string& exe, const std::vector<std::string>& args,
-            const std::vector<std::string>& env) {
+// Starts `args` (args[0] is only what ps shows) by executing this very binary.
+pid_t Spawn(const std::vector<std::string>& args, const std::vector<std::string>& env) {
   // Everything the child needs is built before fork(): the store's threads may hold locks.
   std::vector<char*> argv, envp;
   for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
@@ -98,48 +104,64 @@ pid_t Spawn(const std::string& exe, const std::vector<std::string>& args,
     if (getppid() != parent) _exit(1);
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
-    execve(exe.c_str(), argv.data(), envp.data());
+    signal(SIGHUP, SIG_DFL);
+    // /proc/self/exe: still this binary even if a rebuild has replaced the file since.
+    execve("/proc/self/exe", argv.data(), envp.data());
     const char msg[] = "[launcher] exec of the worker binary failed\n";
     (void)!write(2, msg, sizeof(msg) - 1);
     _exit(127);
   }
+  // Also here: a signal to the group right after fork must not miss the child.
+  if (pid > 0) setpgid(pid, pid);
   return pid;
 }
 
-// Returns true when every child is reaped.
-bool ReapAll(std::vector<Child>& children, std::chrono::steady_clock::time_point until) {
-  for (;;) {
-    bool any = false;
-    for (Child& c : children) {
-      if (!c.running) continue;
-      int status = 0;
-      pid_t r = waitpid(c.pid, &status, WNOHANG);
-      if (r == c.pid) {
-        c.running = false;
-        c.status = status;
-      } else {
-        any = true;
-      }
+// Reaps what has exited; true when nothing is left running. A pid waitpid no longer knows
+// (it cannot happen unless someone else reaped it) counts as failed.
+bool Reap(std::vector<Child>& children) {
+  bool any = false;
+  for (Child& c : children) {
+    if (!c.running) continue;
+    const pid_t r = waitpid(c.pid, &c.status, WNOHANG);
+    if (r == c.pid || (r < 0 && errno == ECHILD)) {
+      c.running = false;
+      if (r < 0) c.status = W_EXITCODE(255, 0);
+    } else {
+      any = true;
     }
-    if (!any) return true;
+  }
+  return !any;
+}
+
+bool ReapUntil(std::vector<Child>& children, std::chrono::steady_clock::time_point until) {
+  while (!Reap(children)) {
     if (std::chrono::steady_clock::now() >= until) return false;
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
+  return true;
 }
 
+// Stops every worker and everything a worker started (its whole process group, even when
+// the worker itself has already exited): SIGTERM, then SIGKILL after a grace period.
 void StopAll(std::vector<Child>& children) {
   for (const Child& c : children)
-    if (c.running) kill(-c.pid, SIGTERM);
-  if (ReapAll(children, std::chrono::steady_clock::now() + kTermGrace)) return;
+    if (c.pid > 0) kill(-c.pid, SIGTERM);
+  ReapUntil(children, std::chrono::steady_clock::now() + kTermGrace);
   for (const Child& c : children)
-    if (c.running) kill(-c.pid, SIGKILL);
-  ReapAll(children, std::chrono::steady_clock::now() + std::chrono::seconds(10));
+    if (c.pid > 0) kill(-c.pid, SIGKILL);
+  ReapUntil(children, std::chrono::steady_clock::now() + std::chrono::seconds(10));
+}
+
+std::string SignalName(int sig) {
+  const char* abbrev = sigabbrev_np(sig);
+  return absl::StrCat("SIG", abbrev ? abbrev : "?");
 }
 
 enum class Outcome {
-  kSuccess,        // every node's workers finished
-  kFailed,         // a worker failed here or on another node: restart or give up
-  kInterrupted,    // SIGINT/SIGTERM/SIGHUP
+  kSuccess,      // every node's workers finished
+  kFailed,       // a worker failed here or on another node: restart, or give up
+  kFatal,        // restarting cannot help: the store is gone, or another node was interrupted
+  kInterrupted,  // this launcher got SIGINT, SIGTERM or SIGHUP
 };
 
 struct Attempt {
@@ -148,88 +170,98 @@ struct Attempt {
 };
 
 // Starts this node's workers for one attempt and supervises them until all succeed, one
-// fails (here or on another node), or the launcher is interrupted. Leaves no worker behind.
+// fails (here or on another node), or the launcher is interrupted. Leaves no process behind.
 Attempt RunAttempt(const ResolvedJob& job, groups::Store& store, int port, int threads,
                    int restart, const std::string& exe, const std::string& spec_path) {
   const Launch& l = job.job.launch();
   const int node = l.node_rank(), nproc = l.nproc_per_node(), nnodes = l.nnodes();
   std::vector<Child> children(nproc);
+
+  // Tells the other nodes, before the slow stop; only the first failure of an attempt is
+  // recorded, the ones it causes elsewhere are not.
+  auto publish = [&](const std::string& why) {
+    if (nnodes == 1) return;
+    absl::StatusOr<int64_t> claim = store.Add(AbortClaimKey(restart), 1);
+    if (claim.ok() && *claim == 1) (void)store.Set(AbortKey(restart), absl::StrFormat("node %d: %s", node, why));
+  };
+  auto end = [&](Outcome o, std::string why) -> Attempt {
+    StopAll(children);
+    return {o, std::move(why)};
+  };
+  auto interrupted = [&]() -> Attempt {
+    const std::string why = absl::StrFormat("interrupted by %s", SignalName(g_signal));
+    if (nnodes > 1) (void)store.Set(kStopKey, absl::StrFormat("node %d was %s", node, why));
+    publish(why);
+    return end(Outcome::kInterrupted, why);
+  };
+  // Another node's failure, if one was recorded for this attempt.
+  auto remote = [&]() -> std::optional<Attempt> {
+    absl::StatusOr<bool> aborted = store.Check(AbortKey(restart));
+    if (!aborted.ok()) {
+      return Attempt{Outcome::kFatal, "lost the rendezvous store (node 0's launcher is gone?): " +
+                                          std::string(aborted.status().message())};
+    }
+    if (!*aborted) return std::nullopt;
+    absl::StatusOr<std::string> why = store.Get(AbortKey(restart));
+    absl::StatusOr<bool> stop = store.Check(kStopKey);
+    return Attempt{stop.ok() && *stop ? Outcome::kFatal : Outcome::kFailed,
+                   "another node failed: " + (why.ok() ? *why : std::string("(no reason given)"))};
+  };
+
   for (int i = 0; i < nproc; ++i) {
     Child& c = children[i];
     c.rank = node * nproc + i;
-    c.pid = Spawn(exe, {exe, "--spec=" + spec_path},
-                  WorkerEnvironment(job, c.rank, i, port, threads, restart));
+    c.pid = Spawn({exe, "--spec=" + spec_path}, WorkerEnvironment(job, c.rank, i, port, threads, restart));
     if (c.pid < 0) {
-      StopAll(children);
-      return {Outcome::kFailed, absl::StrFormat("fork failed for rank %d: %s", c.rank, strerror(errno))};
+      const int err = errno;
+      const std::string why = absl::StrFormat("fork failed for rank %d: %s", c.rank, strerror(err));
+      publish(why);
+      return end(Outcome::kFailed, why);
     }
     c.running = true;
     std::printf("[launcher] rank %d: pid %d\n", c.rank, c.pid);
   }
   std::fflush(stdout);
 
-  // A failure here is told to the other nodes; one there ends this node's attempt.
-  auto remote_failure = [&]() -> std::optional<std::string> {
-    absl::StatusOr<bool> aborted = store.Check(AbortKey(restart));
-    if (!aborted.ok()) return std::nullopt;  // store trouble: judged by the caller's context
-    if (!*aborted) return std::nullopt;
-    absl::StatusOr<std::string> why = store.Get(AbortKey(restart));
-    return "another node failed: " + (why.ok() ? *why : std::string("(no reason given)"));
-  };
-  auto fail = [&](std::string why, bool tell_others) -> Attempt {
-    StopAll(children);
-    if (nnodes > 1 && tell_others) (void)store.Set(AbortKey(restart), absl::StrFormat("node %d: %s", node, why));
-    return {Outcome::kFailed, why};
-  };
-
   auto last_check = std::chrono::steady_clock::now();
   for (;;) {
-    int running = 0;
-    for (Child& c : children) {
-      if (!c.running) continue;
-      if (waitpid(c.pid, &c.status, WNOHANG) == c.pid) {
-        c.running = false;
-        if (!Succeeded(c.status)) {
-          return fail(absl::StrFormat("rank %d (pid %d, node %d) %s", c.rank, c.pid, node,
-                                      Describe(c.status)), true);
-        }
-      } else {
-        ++running;
+    // A signal first: under scancel or systemd the workers get it too, and their deaths
+    // are not failures to restart from.
+    if (g_signal != 0) return interrupted();
+    const bool all_done = Reap(children);
+    for (const Child& c : children) {
+      if (!c.running && !Succeeded(c.status)) {
+        if (g_signal != 0) return interrupted();
+        const std::string why = absl::StrFormat("rank %d (pid %d, node %d) %s", c.rank, c.pid,
+                                                node, Describe(c.status));
+        publish(why);
+        return end(Outcome::kFailed, why);
       }
     }
-    if (running == 0) break;
-    if (g_signal != 0) {
-      StopAll(children);
-      return {Outcome::kInterrupted, absl::StrFormat("interrupted by SIG%s", sigabbrev_np(g_signal))};
-    }
+    if (all_done) break;
     if (nnodes > 1 && std::chrono::steady_clock::now() - last_check > std::chrono::milliseconds(250)) {
       last_check = std::chrono::steady_clock::now();
-      absl::StatusOr<bool> alive = store.Check(AbortKey(restart));
-      if (!alive.ok()) {
-        return fail("lost the rendezvous store (node 0's launcher is gone?): " +
-                        std::string(alive.status().message()), false);
-      }
-      if (std::optional<std::string> why = remote_failure()) return fail(*why, false);
+      if (std::optional<Attempt> r = remote()) return end(r->outcome, r->why);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
+  // Whatever the workers left running (their process groups) goes too.
+  for (const Child& c : children) kill(-c.pid, SIGKILL);
   if (nnodes == 1) return {Outcome::kSuccess, ""};
 
   // This node is done; the attempt is done when every node is, or fails if one does.
   // Node 0 hosts the store and must outlive the others' last look at it.
   if (!store.Add(DoneKey(restart), 1).ok()) return {Outcome::kSuccess, ""};
-  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(l.rendezvous_timeout_s());
-  while (std::chrono::steady_clock::now() < until) {
-    if (g_signal != 0) return {Outcome::kInterrupted, absl::StrFormat("interrupted by SIG%s", sigabbrev_np(g_signal))};
+  for (;;) {
+    if (g_signal != 0) return interrupted();
     absl::StatusOr<int64_t> done = store.Add(DoneKey(restart), 0);
-    // Once this node's workers all succeeded, a vanished store means node 0 saw everyone done.
+    // This node's workers all succeeded: a vanished store means node 0 saw everyone done.
     if (!done.ok() || *done >= nnodes) return {Outcome::kSuccess, ""};
-    if (std::optional<std::string> why = remote_failure()) return {Outcome::kFailed, *why};
+    if (std::optional<Attempt> r = remote()) {
+      return r->outcome == Outcome::kFatal && r->why.rfind("lost", 0) == 0 ? Attempt{Outcome::kSuccess, ""} : *r;
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-  return {Outcome::kFailed, absl::StrFormat("this node finished, but not all %d nodes did within "
-                                            "launch.rendezvous_timeout_s = %d s", nnodes,
-                                            l.rendezvous_timeout_s())};
 }
 
 }  // namespace
@@ -253,6 +285,8 @@ int RunLauncher(const ResolvedJob& job, const std::string& exe, const std::strin
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGHUP, &sa, nullptr);
+  // Inherited SIG_IGN for SIGCHLD would make the kernel reap workers before waitpid sees them.
+  signal(SIGCHLD, SIG_DFL);
 
   const int threads = l.threads_per_rank() > 0
                           ? l.threads_per_rank()
@@ -267,15 +301,17 @@ int RunLauncher(const ResolvedJob& job, const std::string& exe, const std::strin
       std::printf("[launcher] node %d: all %d workers finished\n", node, nproc);
       return 0;
     }
-    if (a.outcome == Outcome::kInterrupted) {
+    if (a.outcome == Outcome::kInterrupted || g_signal != 0) {
       std::fprintf(stderr, "[launcher] error: %s; stopped all workers\n", a.why.c_str());
-      return 130;
+      return 128 + (g_signal != 0 ? g_signal : SIGINT);
     }
-    if (restart >= l.max_restarts()) {
-      std::fprintf(stderr, "[launcher] error: %s; stopped all workers%s\n", a.why.c_str(),
-                   l.max_restarts() > 0 ? absl::StrFormat(" (gave up after %d restart%s, launch.max_restarts)",
-                                                          restart, restart == 1 ? "" : "s").c_str()
-                                        : "");
+    if (a.outcome == Outcome::kFatal || restart >= l.max_restarts()) {
+      std::string gave_up;
+      if (a.outcome == Outcome::kFailed && l.max_restarts() > 0) {
+        gave_up = absl::StrFormat(" (gave up after %d restart%s, launch.max_restarts)", restart,
+                                  restart == 1 ? "" : "s");
+      }
+      std::fprintf(stderr, "[launcher] error: %s; stopped all workers%s\n", a.why.c_str(), gave_up.c_str());
       return 1;
     }
     std::fprintf(stderr, "[launcher] %s; stopped all workers; restarting them (restart %d of %d)\n",

@@ -1,8 +1,11 @@
 #include "launcher/worker.h"
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -36,6 +39,8 @@ Fault ParseFault() {
       absl::SimpleAtoi(parts[1], &f.rank) && absl::SimpleAtoi(parts[2], &f.value) &&
       (parts.size() == 3 || absl::SimpleAtoi(parts[3], &f.restart))) {
     f.kind = "exit";
+  } else if (parts[0] == "orphan" && parts.size() == 2 && absl::SimpleAtoi(parts[1], &f.rank)) {
+    f.kind = "orphan";
   } else if (parts[0] == "hang" && parts.size() == 2 && absl::SimpleAtoi(parts[1], &f.rank)) {
     f.kind = "hang";
   } else if (parts[0] == "sleep" && parts.size() == 2 && absl::SimpleAtoi(parts[1], &f.value)) {
@@ -52,13 +57,22 @@ bool IsLoopback(const std::string& addr) {
 
 // Builds every group, then checks: a world barrier, a world all-reduce of rank + 1, and an
 // all-reduce of 1 on this rank's group of every kind (each must come back as the group size).
-absl::Status CheckCluster(const ResolvedJob& job, const WorkerEnv& env, const Fault& fault) {
+// `comm` is the caller's, so that a failing worker can exit without destroying it.
+absl::Status CheckCluster(const ResolvedJob& job, const WorkerEnv& env, const Fault& fault,
+                          std::unique_ptr<groups::Communicator>& comm) {
   const Launch& launch = job.job.launch();
   const std::string addr = env.master_addr.empty() ? launch.master_addr() : env.master_addr;
   const int port = env.master_port >= 0 ? env.master_port : launch.master_port();
   const auto rendezvous_timeout = std::chrono::seconds(launch.rendezvous_timeout_s());
   const auto collective_timeout = std::chrono::seconds(launch.collective_timeout_s());
   const auto t0 = std::chrono::steady_clock::now();
+  // Port 0 means "any free port", which only works when the process that picks it can tell
+  // the others: our launcher can, an outer one (srun, mpirun, by-hand torchrun) cannot.
+  if (port == 0 && !env.agent_store && env.world_size > 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "launch.master_port (or MASTER_PORT) is 0, but ranks started by %s cannot learn a "
+        "port picked at random: set MASTER_PORT or launch.master_port", env.source));
+  }
 
   SY_ASSIGN_OR_RETURN(std::shared_ptr<groups::Store> store,
                       groups::Store::ConnectTcp({.host = addr, .port = port,
@@ -68,13 +82,13 @@ absl::Status CheckCluster(const ResolvedJob& job, const WorkerEnv& env, const Fa
   store = store->WithPrefix(absl::StrFormat("restart%d/", env.restart));
   groups::CommOptions co;
   co.timeout = collective_timeout;
+  co.setup_timeout = rendezvous_timeout;  // ranks may still be starting
   if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
     co.interface = ifname;
   } else {
     co.hostname = IsLoopback(addr) ? "127.0.0.1" : "";
   }
-  SY_ASSIGN_OR_RETURN(std::unique_ptr<groups::Communicator> comm,
-                      groups::Communicator::Create(store, env.rank, job.layout, co));
+  SY_ASSIGN_OR_RETURN(comm, groups::Communicator::Create(store, env.rank, job.layout, co));
   const auto t_groups = std::chrono::steady_clock::now();
 
   if (fault.kind == "hang" && fault.rank == env.rank) {
@@ -147,12 +161,29 @@ int RunWorker(const std::string& spec_path, const WorkerEnv& env) {
   at::set_num_threads(threads);
 
   const Fault fault = ParseFault();
-  absl::Status s = CheckCluster(*job, env, fault);
+  std::unique_ptr<groups::Communicator> comm;
+  absl::Status s = CheckCluster(*job, env, fault, comm);
   if (!s.ok()) {
     std::fprintf(stderr, "[rank %d] error: %s\n", env.rank, std::string(s.message()).c_str());
-    return 1;
+    std::fflush(stderr);
+    std::fflush(stdout);
+    // Not through destructors: a process group whose collective hung would join its stuck
+    // thread for up to the whole setup timeout before this rank could exit.
+    std::_Exit(1);
   }
   if (fault.kind == "sleep") std::this_thread::sleep_for(std::chrono::seconds(fault.value));
+  if (fault.kind == "orphan" && fault.rank == env.rank) {
+    // A helper process (as a data loader would be) left running by a worker that then fails.
+    const pid_t helper = fork();
+    if (helper == 0) {
+      execl("/bin/sleep", "sleep", "300", static_cast<char*>(nullptr));
+      std::_Exit(127);
+    }
+    std::fprintf(stderr, "[rank %d] SWITCHYARD_FAULT: started helper pid %d, exiting with code 7\n",
+                 env.rank, helper);
+    std::fflush(stderr);
+    std::_Exit(7);
+  }
   if (fault.kind == "exit" && fault.rank == env.rank &&
       (fault.restart < 0 || fault.restart == env.restart)) {
     std::fprintf(stderr, "[rank %d] SWITCHYARD_FAULT: exiting with code %d\n", env.rank, fault.value);

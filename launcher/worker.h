@@ -15,7 +15,8 @@ namespace switchyard::launcher {
 //
 // Tests inject faults with SWITCHYARD_FAULT: "exit:RANK:CODE[:RESTART]" (that rank exits
 // with CODE after the check; only in that restart when given), "hang:RANK" (that rank stops
-// before the first collective), "sleep:SECONDS" (every rank waits that long after the check).
+// before the first collective), "sleep:SECONDS" (every rank waits that long after the check),
+// "orphan:RANK" (that rank starts a helper process, then exits with code 7).
 int RunWorker(const std::string& spec_path, const WorkerEnv& env);
 
 }  // namespace switchyard::launcher

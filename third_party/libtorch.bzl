@@ -74,6 +74,12 @@ def _libtorch_repository_impl(ctx):
         cuda_linkopts = []  # Debian's LibTorch is CPU-only
         abi = _cxx11_abi(ctx, ctx.path("/usr"))
         source = "/usr (Debian libtorch-dev)"
+    if abi == "0":
+        # Debian's Abseil and Protobuf, which Switchyard links beside LibTorch, use the C++11
+        # ABI; a pre-C++11-ABI LibTorch would fail at link time with puzzling missing symbols.
+        fail(("LIBTORCH_HOME=%s was built with the pre-C++11 ABI (_GLIBCXX_USE_CXX11_ABI=0); " +
+              "Switchyard needs a cxx11-ABI LibTorch (pytorch.org's 'cxx11 ABI' zip, or a pip " +
+              "wheel of torch >= 2.7)") % home)
     if abi != None:
         defines.append("_GLIBCXX_USE_CXX11_ABI=" + abi)
     ctx.file("INFO", "source: %s\ncxx11_abi: %s\n" % (source, abi))

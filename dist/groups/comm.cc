@@ -130,6 +130,7 @@ Work Group::AllReduce(at::Tensor& tensor, ReduceOp op) {
     std::vector<at::Tensor> ts{tensor};
     c10d::AllreduceOptions o;
     o.reduceOp = ToC10d(op);
+    o.timeout = impl_->timeout;
     return impl_->pg->allreduce(ts, o);
   }, std::move(finish));
 }
@@ -143,6 +144,7 @@ Work Group::Broadcast(at::Tensor& tensor, int root) {
     std::vector<at::Tensor> ts{tensor};
     c10d::BroadcastOptions o;
     o.rootRank = root;
+    o.timeout = impl_->timeout;
     return impl_->pg->broadcast(ts, o);
   });
 }
@@ -163,7 +165,9 @@ Work Group::AllGather(const at::Tensor& in, at::Tensor& out) {
   for (int i = 0; i < size(); ++i) (*outs)[0].push_back(out.narrow(0, i * n, n));
   return impl_->Run("all_gather", [&] {
     std::vector<at::Tensor> ins{in};
-    return impl_->pg->allgather(*outs, ins);
+    c10d::AllgatherOptions o;
+    o.timeout = impl_->timeout;
+    return impl_->pg->allgather(*outs, ins, o);
   }, [outs] {});
 }
 
@@ -243,12 +247,18 @@ Work Group::AllToAllV(const at::Tensor& in, at::Tensor& out,
   return impl_->Run("all_to_all_v", [&] {
     at::Tensor o = out, i = in;
     std::vector<int64_t> rc = recv_counts, sc = send_counts;
-    return impl_->pg->alltoall_base(o, i, rc, sc);
+    c10d::AllToAllOptions opts;
+    opts.timeout = impl_->timeout;
+    return impl_->pg->alltoall_base(o, i, rc, sc, opts);
   });
 }
 
 Work Group::Barrier() {
-  return impl_->Run("barrier", [&] { return impl_->pg->barrier(); });
+  return impl_->Run("barrier", [&] {
+    c10d::BarrierOptions o;
+    o.timeout = impl_->timeout;
+    return impl_->pg->barrier(o);
+  });
 }
 
 Work Group::Send(const at::Tensor& tensor, int dst, int tag) {
@@ -306,7 +316,8 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::shared_p
     impl->timeout = options.timeout;
     if (ranks.size() > 1) {
       try {
-        auto opts = c10d::ProcessGroupGloo::Options::create(options.timeout);
+        auto opts = c10d::ProcessGroupGloo::Options::create(
+            options.setup_timeout.count() > 0 ? options.setup_timeout : options.timeout);
         opts->devices.push_back(device);
         auto prefixed = c10::make_intrusive<c10d::PrefixStore>("sy/" + name, store->impl().store);
         impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(

@@ -47,8 +47,11 @@ class Work {
 };
 
 struct CommOptions {
-  // Limit for creating each group and for every collective.
+  // Limit for every collective.
   std::chrono::milliseconds timeout = std::chrono::seconds(300);
+  // Limit for creating each group (all its members must arrive); 0: the same as timeout.
+  // Send and Recv, which take no per-call limit in c10d, also use this one.
+  std::chrono::milliseconds setup_timeout = std::chrono::milliseconds(0);
   // Address Gloo binds to: a hostname or IP; "" = resolve this machine's hostname.
   std::string hostname = "127.0.0.1";
   // A network interface (e.g. "eth0"); wins over hostname when set.

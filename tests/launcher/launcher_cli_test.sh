@@ -46,4 +46,11 @@ expect_in "$TMP/flag.err" 'unknown argument "--frobnicate"'
 expect_in "$TMP/noflag.err" '--spec is required'
 pass "missing file and bad flags exit 2"
 
+# Under `bazel run` relative paths are the user's: BUILD_WORKING_DIRECTORY is honoured.
+mkdir -p "$TMP/userdir"
+cp "$(spec rel 4 '' 'parallel { ep: 2 }')" "$TMP/userdir/rel.pbtxt"
+(cd / && BUILD_WORKING_DIRECTORY="$TMP/userdir" "$LAUNCHER" --spec=rel.pbtxt --dry_run >"$TMP/rel.out" 2>"$TMP/rel.err") || fail "relative spec under bazel run: $(cat "$TMP/rel.err")"
+expect_in "$TMP/rel.out" 'job "rel": 4 ranks'
+pass "relative --spec resolved against BUILD_WORKING_DIRECTORY"
+
 finish

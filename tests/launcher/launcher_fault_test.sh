@@ -67,6 +67,29 @@ expect_in "$TMP/busy.err" "launch.master_port"
 ! grep -aq 'rank 0: pid' "$TMP/busy.out" || fail "workers were started on a busy port"
 pass "busy port is a clear error"
 
+# A worker that dies leaves a helper process behind: the launcher stops that too.
+s=$(spec orphan 2)
+SWITCHYARD_FAULT=orphan:1 "$LAUNCHER" --spec="$s" >"$TMP/orphan.out" 2>"$TMP/orphan.err"
+rc=$?
+(( rc == 1 )) || fail "orphan: exit code $rc"
+helper=$(sed -n 's/.*started helper pid \([0-9]*\).*/\1/p' "$TMP/orphan.err")
+[[ -n "$helper" ]] || fail "no helper pid reported"
+expect_in "$TMP/orphan.err" 'exited with code 7'
+assert_gone "$helper"
+pass "a failed worker's helper process is stopped too"
+
+# SIGTERM to the launcher and its workers at once (as scancel or systemd send it): an
+# interruption, not a failure to restart from; exit code 128 + 15.
+start_sleeping term "$(spec term 2 'max_restarts: 3')"
+kill -TERM "$LPID" "${PIDS[@]}"
+wait "$LPID"
+rc=$?
+(( rc == 143 )) || fail "SIGTERM: exit code $rc, expected 143"
+expect_in "$TMP/term.err" 'interrupted by SIGTERM'
+! grep -aq restarting "$TMP/term.err" || fail "restarted after SIGTERM"
+assert_gone "${PIDS[@]}"
+pass "SIGTERM to the whole job is an interruption (exit 143, no restart)"
+
 # launch.max_restarts: a failure in the first attempt only is recovered by one restart.
 s=$(spec restart 2 'max_restarts: 1')
 SWITCHYARD_FAULT=exit:1:3:0 "$LAUNCHER" --spec="$s" >"$TMP/restart.out" 2>"$TMP/restart.err"

@@ -59,6 +59,33 @@ expect_in "$TMP/r0.err" 'restarting them (restart 1 of 1)'
 expect_in "$TMP/r0.out" 'cluster check passed (after 1 restart)'
 pass "both nodes restart together after a failure on node 1"
 
+# Ctrl-C on node 1: node 0 stops too, and neither restarts.
+port=$(free_port)
+SWITCHYARD_FAULT=sleep:120 "$LAUNCHER" --spec="$(restart_spec i0 "$port" 0)" >"$TMP/i0.out" 2>"$TMP/i0.err" &
+l0=$!
+SWITCHYARD_FAULT=sleep:120 "$LAUNCHER" --spec="$(restart_spec i1 "$port" 1)" >"$TMP/i1.out" 2>"$TMP/i1.err" &
+l1=$!
+wait_for "$TMP/i0.out" 'cluster check passed' 60
+mapfile -t p0 < <(worker_pids "$TMP/i0.out")
+t0=$(now_ms)
+kill -INT "$l1"
+wait "$l1"; rc1=$?
+wait "$l0"; rc0=$?
+dt=$(( $(now_ms) - t0 ))
+(( rc1 == 130 )) || fail "interrupted node 1: exit code $rc1"
+(( rc0 == 1 )) || fail "node 0 after node 1's Ctrl-C: exit code $rc0"
+(( dt <= 5000 )) || fail "stopping took ${dt} ms"
+expect_in "$TMP/i0.err" 'another node failed: node 1: interrupted by SIGINT'
+! grep -aq restarting "$TMP/i0.err" "$TMP/i1.err" || fail "restarted after Ctrl-C"
+assert_gone "${p0[@]}"
+pass "Ctrl-C on node 1 stops node 0 in ${dt} ms, no restart"
+
+# Port 0 cannot work when an outer launcher started the ranks.
+RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=0 "$LAUNCHER" --spec="$(spec p0 1 '' 'parallel { ep: 2 }')" >/dev/null 2>"$TMP/p0.err"
+[[ $? == 1 ]] || fail "port 0 in place: wrong exit code"
+expect_in "$TMP/p0.err" 'is 0, but ranks started by torchrun cannot learn a port picked at random'
+pass "port 0 under an outer launcher is a clear error"
+
 # In place: two processes started the way torchrun, srun and mpirun start them.
 s=$(spec inplace 1 '' 'parallel { ep: 2 }')
 run_pair() {  # LABEL then, for each of 2 ranks, the variable assignments via a function

@@ -50,38 +50,63 @@ std::string Tail(const std::string& path, int lines) {
 // Child side: run this rank and exit, never returning to the test.
 [[noreturn]] void RunChild(const RunOptions& options, const Layout& layout, int rank,
                            const std::function<absl::Status(Communicator&)>& fn) {
-  absl::Status s;
+  // Exits with the communicator alive: destroying a group whose collective hung would wait
+  // for its stuck thread.
+  auto exit_with = [](const absl::Status& s) {
+    if (!s.ok()) std::fprintf(stderr, "%s\n", s.ToString().c_str());
+    std::fflush(stderr);
+    std::_Exit(s.ok() ? 0 : 1);
+  };
   absl::StatusOr<std::shared_ptr<Store>> store = Store::ConnectTcp(
       {.host = "127.0.0.1", .port = EnvInt(kPortVar), .is_server = false,
        .timeout = options.collective_timeout});
-  if (!store.ok()) {
-    s = store.status();
-  } else {
-    CommOptions co;
-    co.timeout = options.collective_timeout;
-    absl::StatusOr<std::unique_ptr<Communicator>> comm = Communicator::Create(*store, rank, layout, co);
-    s = comm.ok() ? fn(**comm) : comm.status();
-  }
-  if (!s.ok()) std::fprintf(stderr, "%s\n", s.ToString().c_str());
-  std::fflush(stderr);
-  std::_Exit(s.ok() ? 0 : 1);
+  if (!store.ok()) exit_with(store.status());
+  CommOptions co;
+  co.timeout = options.collective_timeout;
+  absl::StatusOr<std::unique_ptr<Communicator>> comm = Communicator::Create(*store, rank, layout, co);
+  if (!comm.ok()) exit_with(comm.status());
+  exit_with(fn(**comm));
 }
+
+// Counts the calls within one run of one test (a new test, or a --gtest_repeat round,
+// starts again at 0). In a child, also fails the run if the call it was started for never
+// came, which would otherwise pass silently.
+class CallCounter : public ::testing::EmptyTestEventListener {
+ public:
+  static CallCounter& Get() {
+    static CallCounter* counter = [] {
+      auto* c = new CallCounter;
+      ::testing::UnitTest::GetInstance()->listeners().Append(c);  // gtest owns it
+      return c;
+    }();
+    return *counter;
+  }
+  int Next() { return calls_++; }
+  void OnTestStart(const ::testing::TestInfo&) override { calls_ = 0; }
+  void OnTestEnd(const ::testing::TestInfo&) override {
+    if (EnvInt(kRankVar) >= 0) {
+      std::fprintf(stderr, "multi-process child: call %d of this test never came (%d calls)\n",
+                   EnvInt(kCallVar), calls_);
+      std::_Exit(3);
+    }
+  }
+
+ private:
+  int calls_ = 0;
+};
+
+// Registered before any test starts, so OnTestStart/OnTestEnd see every test.
+[[maybe_unused]] const bool kCounterRegistered = (CallCounter::Get(), true);
 
 }  // namespace
 
 absl::Status RunRanksInProcesses(const RunOptions& options,
                                  std::function<absl::Status(Communicator&)> fn) {
   // Which call of this test this is: a child runs only the call it was started for.
-  static std::string current_test;
-  static int call = 0;
   const ::testing::TestInfo* info = ::testing::UnitTest::GetInstance()->current_test_info();
   if (info == nullptr) return absl::FailedPreconditionError("RunRanksInProcesses needs a running test");
   const std::string test = std::string(info->test_suite_name()) + "." + info->name();
-  if (test != current_test) {
-    current_test = test;
-    call = 0;
-  }
-  const int this_call = call++;
+  const int this_call = CallCounter::Get().Next();
 
   absl::StatusOr<Layout> layout = Layout::Create(options.layout);
   if (!layout.ok()) return layout.status();
@@ -139,8 +164,11 @@ absl::Status RunRanksInProcesses(const RunOptions& options,
     const int err = posix_spawn(&kids[r].pid, exe, &fa, nullptr, argv.data(), envp.data());
     posix_spawn_file_actions_destroy(&fa);
     if (err != 0) {
-      for (Child& k : kids)
-        if (k.running) kill(k.pid, SIGKILL);
+      for (Child& k : kids) {
+        if (!k.running) continue;
+        kill(k.pid, SIGKILL);
+        waitpid(k.pid, nullptr, 0);
+      }
       return absl::InternalError(absl::StrFormat("cannot start rank %d: %s", r, strerror(err)));
     }
     kids[r].running = true;

@@ -1,0 +1,187 @@
+#include "moe/gate/router.h"
+
+#include <cmath>
+#include <string>
+#include <tuple>
+
+#include <ATen/ATen.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+
+namespace switchyard::gate {
+namespace {
+
+absl::Status Invalid(const std::string& m) { return absl::InvalidArgumentError(m); }
+
+absl::Status CheckLogits(const at::Tensor& logits) {
+  if (!logits.defined() || logits.dim() != 2) {
+    return Invalid("router: logits must be a 2-D [tokens, experts] tensor");
+  }
+  if (!at::isFloatingType(logits.scalar_type())) {
+    return Invalid("router: logits must be floating point");
+  }
+  if (logits.size(1) < 1) return Invalid("router: logits have no experts (second dimension 0)");
+  if (logits.numel() > 0 && !at::isfinite(logits).all().item<bool>()) {
+    return Invalid("router: logits contain NaN or inf; refusing to route (check the model for "
+                   "overflow upstream)");
+  }
+  return absl::OkStatus();
+}
+
+// Indices of the k largest entries along `dim`, largest first; among equal values the lower
+// index wins. (at::topk leaves tie order to its partial selection, which on the CPU is not
+// index order; a stable descending sort is.)
+at::Tensor TopKIndices(const at::Tensor& scores, int64_t k, int64_t dim) {
+  return std::get<1>(at::sort(scores, /*stable=*/true, dim, /*descending=*/true)).narrow(dim, 0, k);
+}
+
+// Top-k of `scores` (within the best groups when group-limited); returns the indices.
+at::Tensor ChooseTopK(const at::Tensor& scores, const TopKOptions& o) {
+  if (o.group_topk <= 0) return TopKIndices(scores, o.top_k, /*dim=*/1);
+  const int64_t T = scores.size(0), E = scores.size(1);
+  const at::Tensor grouped = scores.view({T, o.num_groups, E / o.num_groups});
+  const at::Tensor group_scores =
+      std::get<0>(at::topk(grouped, o.top_k / o.group_topk, /*dim=*/-1)).sum(-1);
+  const at::Tensor group_idx = TopKIndices(group_scores, o.group_topk, /*dim=*/1);
+  const at::Tensor group_mask = at::zeros_like(group_scores).scatter_(1, group_idx, 1.0);
+  const at::Tensor score_mask =
+      group_mask.unsqueeze(-1).expand({T, o.num_groups, E / o.num_groups}).reshape({T, E});
+  const at::Tensor masked = scores.masked_fill(score_mask.logical_not(), -INFINITY);
+  return TopKIndices(masked, o.top_k, /*dim=*/1);
+}
+
+// [T, E] bool: for each expert, the `capacity` slots it keeps.
+at::Tensor CapacityMask(const at::Tensor& probs, const at::Tensor& routing_map, int64_t capacity,
+                        DropPolicy policy) {
+  const int64_t T = probs.size(0);
+  if (capacity >= T) return at::ones_like(routing_map);
+  // Rank the tokens of each expert column: routed before unrouted, then by the policy's key,
+  // ties by token index (a stable descending sort keeps index order among equal keys).
+  at::Tensor key;
+  if (policy == DropPolicy::kByScore) {
+    // Weights are ≥ 0 and unrouted slots hold 0, so they sort after every routed slot
+    // except routed slots of weight exactly 0, which then tie by index: as Megatron-Core.
+    key = probs.detach();
+  } else {
+    // Earliest first: routed tokens get 2 - t/T (in (1, 2]), unrouted ones 1 - t/T.
+    const at::Tensor pos = at::arange(T, probs.options()).unsqueeze(1) / static_cast<double>(T);
+    key = routing_map.to(probs.scalar_type()) + 1.0 - pos;
+  }
+  const at::Tensor order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/true));
+  const at::Tensor keep = order.narrow(0, 0, capacity);
+  return at::zeros_like(routing_map).scatter_(0, keep, true);
+}
+
+}  // namespace
+
+int64_t ExpertCapacity(int64_t tokens, int top_k, int num_experts, double capacity_factor) {
+  return static_cast<int64_t>(
+      std::ceil(static_cast<double>(tokens) * top_k / num_experts * capacity_factor));
+}
+
+absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o,
+                                  const at::Tensor& expert_bias) {
+  if (absl::Status s = CheckLogits(logits); !s.ok()) return s;
+  const int64_t T = logits.size(0), E = logits.size(1);
+  if (o.top_k < 1 || o.top_k > E) {
+    return Invalid(absl::StrFormat("router: top_k = %d must be between 1 and the number of "
+                                   "experts %d", o.top_k, E));
+  }
+  if (o.group_topk > 0 || o.num_groups > 0) {
+    if (o.num_groups < 1 || E % o.num_groups != 0) {
+      return Invalid(absl::StrFormat("router: num_groups = %d must divide the %d experts",
+                                     o.num_groups, E));
+    }
+    if (o.group_topk < 1 || o.group_topk > o.num_groups) {
+      return Invalid(absl::StrFormat("router: group_topk = %d must be between 1 and num_groups = %d",
+                                     o.group_topk, o.num_groups));
+    }
+    if (o.top_k < o.group_topk || o.top_k > o.group_topk * (E / o.num_groups)) {
+      return Invalid(absl::StrFormat(
+          "router: top_k = %d must be between group_topk = %d and the %d experts of the chosen "
+          "groups", o.top_k, o.group_topk, o.group_topk * (E / o.num_groups)));
+    }
+  }
+  if (!(o.capacity_factor >= 0) || !std::isfinite(o.capacity_factor)) {
+    return Invalid(absl::StrFormat("router: capacity_factor = %g must be >= 0 (0: dropless)",
+                                   o.capacity_factor));
+  }
+  if (o.pad_to_capacity && o.capacity_factor == 0) {
+    return Invalid("router: pad_to_capacity needs capacity_factor > 0");
+  }
+  if (!(o.scaling_factor > 0) || !std::isfinite(o.scaling_factor)) {
+    return Invalid(absl::StrFormat("router: scaling_factor = %g must be > 0", o.scaling_factor));
+  }
+  if (expert_bias.defined() && (expert_bias.dim() != 1 || expert_bias.size(0) != E)) {
+    return Invalid(absl::StrFormat("router: expert_bias must have shape [%d]", E));
+  }
+
+  const at::Tensor x = logits.to(at::kFloat);  // router math in fp32
+  const at::Tensor bias = expert_bias.defined() ? expert_bias.detach().to(at::kFloat) : at::Tensor();
+  auto choose = [&](const at::Tensor& s) { return ChooseTopK(bias.defined() ? s.detach() + bias : s.detach(), o); };
+  at::Tensor idx, weights;
+  if (o.score == ScoreFunction::kSoftmax && o.pre_softmax) {
+    const at::Tensor s = at::softmax(x, -1);
+    idx = choose(s);
+    weights = s.gather(1, idx);
+  } else if (o.score == ScoreFunction::kSoftmax) {
+    idx = choose(x);
+    weights = at::softmax(x.gather(1, idx), -1);
+  } else {
+    const at::Tensor s = at::sigmoid(x);
+    idx = choose(s);
+    weights = s.gather(1, idx);
+    if (o.top_k > 1) weights = weights / (weights.sum(-1, /*keepdim=*/true) + 1e-20);
+  }
+  if (o.scaling_factor != 1.0f) weights = weights * o.scaling_factor;
+
+  Routing r;
+  r.probs = at::zeros_like(x).scatter(1, idx, weights);
+  r.routing_map = at::zeros({T, E}, x.options().dtype(at::kBool)).scatter_(1, idx, true);
+  r.tokens_per_expert = r.routing_map.sum(0);
+  if (o.capacity_factor > 0) {
+    r.capacity = ExpertCapacity(T, o.top_k, static_cast<int>(E), o.capacity_factor);
+    const at::Tensor keep = CapacityMask(r.probs, r.routing_map, r.capacity, o.drop_policy);
+    const at::Tensor final_map = o.pad_to_capacity ? keep : r.routing_map.logical_and(keep);
+    r.dropped = r.routing_map.logical_and(keep.logical_not());
+    r.probs = r.probs * final_map;
+    r.routing_map = final_map;
+  } else {
+    r.dropped = at::zeros_like(r.routing_map);
+  }
+  return r;
+}
+
+absl::StatusOr<AuxLossInputs> AuxLossScores(const at::Tensor& logits, int top_k, ScoreFunction score) {
+  if (absl::Status s = CheckLogits(logits); !s.ok()) return s;
+  if (top_k < 1 || top_k > logits.size(1)) {
+    return Invalid(absl::StrFormat("router: top_k = %d must be between 1 and the number of "
+                                   "experts %d", top_k, logits.size(1)));
+  }
+  const at::Tensor x = logits.to(at::kFloat);
+  AuxLossInputs out;
+  if (score == ScoreFunction::kSoftmax) {
+    out.scores = at::softmax(x, -1);
+  } else {
+    const at::Tensor s = at::sigmoid(x);
+    out.scores = s / (s.sum(-1, /*keepdim=*/true) + 1e-20);
+  }
+  const at::Tensor idx = TopKIndices(out.scores.detach(), top_k, 1);
+  out.tokens_per_expert = at::zeros_like(x, at::kLong).scatter_(1, idx, 1).sum(0);
+  return out;
+}
+
+at::Tensor LoadBalancingLoss(const at::Tensor& scores, const at::Tensor& tokens_per_expert,
+                             int64_t total_tokens, int top_k, double coeff) {
+  const double E = static_cast<double>(scores.size(1));
+  const double T = static_cast<double>(total_tokens);
+  return (scores.sum(0) * tokens_per_expert.to(scores.scalar_type())).sum() *
+         (E * coeff / (top_k * T * T));
+}
+
+at::Tensor ZLoss(const at::Tensor& logits, double coeff) {
+  return at::logsumexp(logits.to(at::kFloat), {-1}).square().mean() * coeff;
+}
+
+}  // namespace switchyard::gate

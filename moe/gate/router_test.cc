@@ -1,0 +1,248 @@
+#include "moe/gate/router.h"
+
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace switchyard::gate {
+namespace {
+
+using ::testing::HasSubstr;
+
+// One block of moe/gate/testdata/megatron_router.txt (made by Megatron-Core's own code,
+// tests/oracles/make_router_fixtures.py).
+struct Case {
+  std::string name;
+  std::map<std::string, std::string> options;
+  std::map<std::string, at::Tensor> tensors;
+};
+
+std::vector<Case> LoadCases() {
+  std::ifstream in("moe/gate/testdata/megatron_router.txt");
+  EXPECT_TRUE(in) << "fixture file missing";
+  std::vector<Case> cases;
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty() || line[0] == '#') continue;
+    std::vector<std::string> w = absl::StrSplit(line, ' ');
+    if (w[0] == "case") {
+      cases.push_back({w[1], {}, {}});
+    } else if (w[0] == "option") {
+      cases.back().options[w[1]] = w[2];
+    } else if (w[0] == "tensor") {
+      std::vector<int64_t> shape;
+      if (w[2] != "scalar") {
+        for (absl::string_view d : absl::StrSplit(w[2], ',')) {
+          int64_t v;
+          EXPECT_TRUE(absl::SimpleAtoi(d, &v));
+          shape.push_back(v);
+        }
+      }
+      std::vector<double> values;
+      for (size_t i = 4; i < w.size(); ++i) {
+        double v;
+        EXPECT_TRUE(absl::SimpleAtod(w[i], &v)) << w[i];
+        values.push_back(v);
+      }
+      cases.back().tensors[w[1]] =
+          at::tensor(values, at::kDouble).reshape(shape).to(at::kFloat);
+    }
+  }
+  return cases;
+}
+
+const Case& Find(const std::vector<Case>& cases, const std::string& name) {
+  for (const Case& c : cases)
+    if (c.name == name) return c;
+  ADD_FAILURE() << "no case " << name;
+  return cases.front();
+}
+
+int Int(const Case& c, const char* k, int fallback) {
+  auto it = c.options.find(k);
+  int v = fallback;
+  if (it != c.options.end()) EXPECT_TRUE(absl::SimpleAtoi(it->second, &v));
+  return v;
+}
+double Double(const Case& c, const char* k, double fallback) {
+  auto it = c.options.find(k);
+  double v = fallback;
+  if (it != c.options.end()) EXPECT_TRUE(absl::SimpleAtod(it->second, &v));
+  return v;
+}
+bool Bool(const Case& c, const char* k) {
+  auto it = c.options.find(k);
+  return it != c.options.end() && it->second == "True";
+}
+
+TopKOptions RoutingOptions(const Case& c) {
+  TopKOptions o;
+  o.top_k = Int(c, "topk", 1);
+  o.pre_softmax = Bool(c, "use_pre_softmax");
+  o.score = c.options.count("score_function") && c.options.at("score_function") == "sigmoid"
+                ? ScoreFunction::kSigmoid : ScoreFunction::kSoftmax;
+  o.num_groups = Int(c, "num_groups", 0);
+  o.group_topk = Int(c, "group_topk", 0);
+  o.scaling_factor = static_cast<float>(Double(c, "scaling_factor", 1.0));
+  return o;
+}
+
+// max |a - b| / max(|b|, 1e-6) over the elements: relative where b is large, absolute-ish
+// near zero.
+double MaxRelErr(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor d = (a.to(at::kDouble) - b.to(at::kDouble)).abs();
+  const at::Tensor scale = b.to(at::kDouble).abs().clamp_min(1e-6);
+  return d.numel() == 0 ? 0.0 : (d / scale).max().item<double>();
+}
+
+TEST(Router, MatchesMegatronCoreRouting) {
+  std::vector<Case> cases = LoadCases();
+  int checked = 0;
+  for (const Case& c : cases) {
+    if (c.options.at("kind") != "routing") continue;
+    SCOPED_TRACE(c.name);
+    at::Tensor logits = c.tensors.at("logits").clone().requires_grad_(true);
+    at::Tensor bias = c.tensors.count("expert_bias") ? c.tensors.at("expert_bias") : at::Tensor();
+    absl::StatusOr<Routing> r = TopKRoute(logits, RoutingOptions(c), bias);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(r->routing_map.equal(c.tensors.at("routing_map").to(at::kBool)));
+    EXPECT_LE(MaxRelErr(r->probs, c.tensors.at("probs")), 1e-6);
+    (r->probs * c.tensors.at("grad_weights")).sum().backward();
+    // Gradients go through softmax/sigmoid and a normalisation: a few ulps more.
+    EXPECT_LE(MaxRelErr(logits.grad(), c.tensors.at("grad_logits")), 1e-5);
+    EXPECT_TRUE(r->tokens_per_expert.equal(c.tensors.at("routing_map").sum(0).to(at::kLong)));
+    ++checked;
+  }
+  EXPECT_GE(checked, 10);
+}
+
+TEST(Router, MatchesMegatronCoreTokenDropping) {
+  std::vector<Case> cases = LoadCases();
+  int checked = 0;
+  for (const Case& c : cases) {
+    if (c.options.at("kind") != "dropping") continue;
+    SCOPED_TRACE(c.name);
+    const Case& src = Find(cases, c.options.at("from"));
+    TopKOptions o = RoutingOptions(src);
+    o.capacity_factor = Double(c, "capacity_factor", 0);
+    o.drop_policy = c.options.at("drop_policy") == "position" ? DropPolicy::kByPosition : DropPolicy::kByScore;
+    o.pad_to_capacity = Bool(c, "pad_to_capacity");
+    absl::StatusOr<Routing> r = TopKRoute(src.tensors.at("logits"), o);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->capacity, Int(c, "capacity", -2));
+    at::Tensor want_map = c.tensors.at("routing_map").to(at::kBool);
+    at::Tensor want_probs = c.tensors.at("probs");
+    const at::Tensor routed = src.tensors.at("routing_map").to(at::kBool);
+    if (o.drop_policy == DropPolicy::kByPosition) {
+      // Megatron-Core picks the kept tokens with torch.topk over a 0/1 map, so on the CPU it
+      // keeps an arbitrary subset of equal entries, not the earliest tokens. Here the
+      // reference is the definition itself, from the same routing: the first `capacity`
+      // routed tokens of each expert. Megatron-Core must keep as many per expert.
+      const int64_t cap = Int(c, "capacity", 0);
+      EXPECT_TRUE(want_map.sum(0).equal(routed.cumsum(0).le(cap).logical_and(routed).sum(0)));
+      want_map = routed.logical_and(routed.cumsum(0).le(cap));
+      want_probs = src.tensors.at("probs") * want_map;
+    }
+    EXPECT_LE(MaxRelErr(r->probs, want_probs), 1e-6);
+    // Routed slots kept must agree exactly; padding slots (weight 0, not routed) are chosen
+    // by torch.topk's tie order in Megatron-Core and by token index here, so only their
+    // number per expert is compared.
+    EXPECT_TRUE(r->routing_map.logical_and(routed).equal(want_map.logical_and(routed)));
+    EXPECT_TRUE(r->routing_map.sum(0).equal(want_map.sum(0)));
+    EXPECT_TRUE(r->dropped.equal(routed.logical_and(want_map.logical_not())));
+    ++checked;
+  }
+  EXPECT_GE(checked, 4);
+}
+
+TEST(Router, MatchesMegatronCoreLosses) {
+  std::vector<Case> cases = LoadCases();
+  int checked = 0;
+  for (const Case& c : cases) {
+    if (c.options.at("kind") != "losses") continue;
+    SCOPED_TRACE(c.name);
+    const int k = Int(c, "topk", 1);
+    const ScoreFunction score = c.options.at("score_function") == "sigmoid" ? ScoreFunction::kSigmoid
+                                                                            : ScoreFunction::kSoftmax;
+    at::Tensor logits = c.tensors.at("logits").clone().requires_grad_(true);
+    absl::StatusOr<AuxLossInputs> in = AuxLossScores(logits, k, score);
+    ASSERT_TRUE(in.ok()) << in.status();
+    EXPECT_TRUE(in->tokens_per_expert.equal(c.tensors.at("tokens_per_expert").to(at::kLong)));
+    at::Tensor aux = LoadBalancingLoss(in->scores, in->tokens_per_expert, logits.size(0), k,
+                                       Double(c, "aux_loss_coeff", 0));
+    EXPECT_LE(MaxRelErr(aux, c.tensors.at("aux_loss")), 1e-6);
+    aux.backward();
+    EXPECT_LE(MaxRelErr(logits.grad(), c.tensors.at("aux_grad_logits")), 1e-5);
+    at::Tensor zin = c.tensors.at("logits").clone().requires_grad_(true);
+    at::Tensor z = ZLoss(zin, Double(c, "z_loss_coeff", 0));
+    EXPECT_LE(MaxRelErr(z, c.tensors.at("z_loss")), 1e-6);
+    z.backward();
+    EXPECT_LE(MaxRelErr(zin.grad(), c.tensors.at("z_grad_logits")), 1e-5);
+    ++checked;
+  }
+  EXPECT_EQ(checked, 2);
+}
+
+TEST(Router, EdgeCases) {
+  // Zero tokens.
+  absl::StatusOr<Routing> r = TopKRoute(at::zeros({0, 4}), {.top_k = 2});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->probs.size(0), 0);
+  EXPECT_EQ(r->tokens_per_expert.sum().item<int64_t>(), 0);
+  // Exact ties: the lower expert index wins (torch.topk on the CPU keeps index order for
+  // equal values), every time.
+  at::Tensor tied = at::zeros({3, 4});
+  for (int i = 0; i < 3; ++i) {
+    r = TopKRoute(tied, {.top_k = 2, .pre_softmax = true});
+    ASSERT_TRUE(r.ok());
+    EXPECT_TRUE(r->routing_map.equal(at::tensor({1, 1, 0, 0}).to(at::kBool).repeat({3, 1})));
+    EXPECT_TRUE(r->probs.select(1, 0).equal(at::full({3}, 0.25f)));
+  }
+  // Capacity ties by score and by position keep the earliest tokens.
+  r = TopKRoute(at::zeros({6, 2}), {.top_k = 1, .pre_softmax = true, .capacity_factor = 1.0});
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->capacity, 3);
+  EXPECT_TRUE(r->routing_map.select(1, 0).equal(at::tensor({1, 1, 1, 0, 0, 0}).to(at::kBool)));
+  EXPECT_EQ(r->dropped.sum().item<int64_t>(), 3);
+  // Bad input is an error naming the problem, never silent routing.
+  auto err = [](absl::StatusOr<Routing> s) { return s.ok() ? std::string("accepted") : std::string(s.status().message()); };
+  at::Tensor nan = at::zeros({2, 4});
+  nan[1][2] = NAN;
+  EXPECT_THAT(err(TopKRoute(nan, {.top_k = 1})), HasSubstr("NaN or inf"));
+  at::Tensor inf = at::zeros({2, 4});
+  inf[0][0] = INFINITY;
+  EXPECT_THAT(err(TopKRoute(inf, {.top_k = 1})), HasSubstr("NaN or inf"));
+  EXPECT_THAT(err(TopKRoute(at::zeros({2, 4}), {.top_k = 5})), HasSubstr("top_k = 5 must be between 1 and the number of experts 4"));
+  EXPECT_THAT(err(TopKRoute(at::zeros({2, 4}), {.top_k = 0})), HasSubstr("top_k = 0"));
+  EXPECT_THAT(err(TopKRoute(at::zeros({2, 4}), {.top_k = 1, .capacity_factor = -1})), HasSubstr("capacity_factor = -1 must be >= 0"));
+  EXPECT_THAT(err(TopKRoute(at::zeros({2, 6}), {.top_k = 2, .num_groups = 4, .group_topk = 2})), HasSubstr("num_groups = 4 must divide the 6 experts"));
+  EXPECT_THAT(err(TopKRoute(at::zeros({2, 8}), {.top_k = 1, .num_groups = 4, .group_topk = 2})), HasSubstr("top_k = 1 must be between group_topk = 2"));
+  EXPECT_THAT(err(TopKRoute(at::zeros({2, 4}), {.top_k = 1, .pad_to_capacity = true})), HasSubstr("pad_to_capacity needs capacity_factor > 0"));
+  EXPECT_THAT(err(TopKRoute(at::zeros({2, 4}), {.top_k = 1}, at::zeros({3}))), HasSubstr("expert_bias must have shape [4]"));
+}
+
+// The bias moves the choice, never the weights; bf16 logits are routed in fp32.
+TEST(Router, ExpertBiasAndPrecision) {
+  at::Tensor logits = at::tensor({2.0f, 1.0f, 0.0f, -1.0f}).repeat({2, 1});
+  absl::StatusOr<Routing> plain = TopKRoute(logits, {.top_k = 1, .pre_softmax = true});
+  absl::StatusOr<Routing> biased = TopKRoute(logits, {.top_k = 1, .pre_softmax = true},
+                                             at::tensor({0.0f, 0.0f, 0.0f, 1.0f}));
+  ASSERT_TRUE(plain.ok() && biased.ok());
+  EXPECT_EQ(plain->routing_map[0][0].item<bool>(), true);
+  EXPECT_EQ(biased->routing_map[0][3].item<bool>(), true);  // 0.032 + 1 beats 0.64
+  const double softmax_3 = std::exp(-1.0) / (std::exp(2.0) + std::exp(1.0) + 1 + std::exp(-1.0));
+  EXPECT_NEAR(biased->probs[0][3].item<float>(), softmax_3, 1e-7);
+  absl::StatusOr<Routing> bf16 = TopKRoute(logits.to(at::kBFloat16), {.top_k = 2});
+  ASSERT_TRUE(bf16.ok());
+  EXPECT_EQ(bf16->probs.scalar_type(), at::kFloat);
+}
+
+}  // namespace
+}  // namespace switchyard::gate

@@ -168,8 +168,32 @@ absl::StatusOr<AuxLossInputs> AuxLossScores(const at::Tensor& logits, int top_k,
     out.scores = s / (s.sum(-1, /*keepdim=*/true) + 1e-20);
   }
   const at::Tensor idx = TopKIndices(out.scores.detach(), top_k, 1);
-  out.tokens_per_expert = at::zeros_like(x, at::kLong).scatter_(1, idx, 1).sum(0);
+  out.routing_map = at::zeros({x.size(0), x.size(1)}, x.options().dtype(at::kBool)).scatter_(1, idx, true);
+  out.tokens_per_expert = out.routing_map.sum(0);
   return out;
+}
+
+absl::StatusOr<at::Tensor> SequenceLoadBalancingLoss(const at::Tensor& scores,
+                                                     const at::Tensor& routing_map,
+                                                     int64_t num_sequences, int top_k,
+                                                     double coeff) {
+  const int64_t T = scores.size(0), E = scores.size(1);
+  if (num_sequences < 1 || T % num_sequences != 0) {
+    return Invalid(absl::StrFormat("router: %d tokens do not split into %d sequences", T,
+                                   num_sequences));
+  }
+  const int64_t S = T / num_sequences;
+  const at::Tensor per_seq_scores = scores.view({num_sequences, S, E}).sum(1);
+  const at::Tensor per_seq_counts = routing_map.view({num_sequences, S, E}).to(scores.scalar_type()).sum(1);
+  return (per_seq_scores * per_seq_counts).sum() *
+         (static_cast<double>(E) * coeff /
+          (static_cast<double>(top_k) * S * S * static_cast<double>(num_sequences)));
+}
+
+at::Tensor UpdateExpertBias(const at::Tensor& expert_bias, const at::Tensor& tokens_per_expert,
+                            double rate) {
+  const at::Tensor n = tokens_per_expert.detach().to(at::kFloat);
+  return expert_bias.detach() + at::sign(n.mean() - n).to(expert_bias.scalar_type()) * rate;
 }
 
 at::Tensor LoadBalancingLoss(const at::Tensor& scores, const at::Tensor& tokens_per_expert,

@@ -69,6 +69,7 @@ int64_t ExpertCapacity(int64_t tokens, int top_k, int num_experts, double capaci
 // the top-k token counts per expert, as Megatron-Core's compute_routing_scores_for_aux_loss.
 struct AuxLossInputs {
   at::Tensor scores;             // [T, E] fp32, with autograd
+  at::Tensor routing_map;        // [T, E] bool: each token's top-k experts by these scores
   at::Tensor tokens_per_expert;  // [E]
 };
 absl::StatusOr<AuxLossInputs> AuxLossScores(const at::Tensor& logits, int top_k, ScoreFunction score);
@@ -77,6 +78,20 @@ absl::StatusOr<AuxLossInputs> AuxLossScores(const at::Tensor& logits, int top_k,
 // tokens of scores[:, i]. For the global variant pass counts and T summed over the DP group.
 at::Tensor LoadBalancingLoss(const at::Tensor& scores, const at::Tensor& tokens_per_expert,
                              int64_t total_tokens, int top_k, double coeff);
+
+// The same loss per sequence, averaged over the sequences: tokens are `num_sequences`
+// sequences laid out one after another ([batch, seq] order), and fᵢ, Pᵢ are counted within
+// each. Equals Megatron-Core's seq_aux_loss (which takes tokens in [seq, batch] order).
+absl::StatusOr<at::Tensor> SequenceLoadBalancingLoss(const at::Tensor& scores,
+                                                     const at::Tensor& routing_map,
+                                                     int64_t num_sequences, int top_k,
+                                                     double coeff);
+
+// Aux-loss-free balancing: bias + rate·sign(mean(n) − n), where n are the token counts of
+// the last step summed over every rank that shares the router (the caller all-reduces).
+// Under-loaded experts move up, over-loaded ones down, exactly average ones stay.
+at::Tensor UpdateExpertBias(const at::Tensor& expert_bias, const at::Tensor& tokens_per_expert,
+                            double rate);
 
 // Router z-loss β·mean over tokens of logsumexp(logits)².
 at::Tensor ZLoss(const at::Tensor& logits, double coeff);

@@ -190,6 +190,53 @@ TEST(Router, MatchesMegatronCoreLosses) {
   EXPECT_EQ(checked, 2);
 }
 
+TEST(Router, MatchesMegatronCoreSequenceLossAndBiasUpdate) {
+  std::vector<Case> cases = LoadCases();
+  int seq = 0, bias = 0;
+  for (const Case& c : cases) {
+    const std::string& kind = c.options.at("kind");
+    SCOPED_TRACE(c.name);
+    if (kind == "seq_losses") {
+      const int64_t S = Int(c, "seq_length", 0), B = Int(c, "batch", 0);
+      const int k = Int(c, "topk", 1);
+      const ScoreFunction score = c.options.at("score_function") == "sigmoid"
+                                      ? ScoreFunction::kSigmoid : ScoreFunction::kSoftmax;
+      // The fixture's tokens are in [seq, batch] order; ours are [batch, seq].
+      const at::Tensor seq_major = c.tensors.at("logits");
+      const int64_t E = seq_major.size(1);
+      at::Tensor logits = seq_major.view({S, B, E}).transpose(0, 1).reshape({B * S, E}).clone().requires_grad_(true);
+      absl::StatusOr<AuxLossInputs> in = AuxLossScores(logits, k, score);
+      ASSERT_TRUE(in.ok()) << in.status();
+      absl::StatusOr<at::Tensor> loss = SequenceLoadBalancingLoss(in->scores, in->routing_map, B, k,
+                                                                  Double(c, "aux_loss_coeff", 0));
+      ASSERT_TRUE(loss.ok()) << loss.status();
+      EXPECT_LE(MaxRelErr(*loss, c.tensors.at("seq_aux_loss")), 1e-6);
+      loss->backward();
+      const at::Tensor grad = logits.grad().view({B, S, E}).transpose(0, 1).reshape({S * B, E});
+      EXPECT_LE(MaxRelErr(grad, c.tensors.at("seq_aux_grad_logits")), 1e-5);
+      ++seq;
+    } else if (kind == "bias_update") {
+      const at::Tensor updated = UpdateExpertBias(c.tensors.at("expert_bias"), c.tensors.at("tokens_per_expert"),
+                                                  Double(c, "rate", 0));
+      EXPECT_LE(MaxRelErr(updated, c.tensors.at("updated_bias")), 1e-6);
+      ++bias;
+    }
+  }
+  EXPECT_EQ(seq, 2);
+  EXPECT_EQ(bias, 2);
+  // Counts 2, 4, 6 (mean 4): the under-loaded expert moves up, the average one stays.
+  const at::Tensor b = UpdateExpertBias(at::zeros({3}), at::tensor({2, 4, 6}), 0.5);
+  EXPECT_TRUE(b.equal(at::tensor({0.5f, 0.0f, -0.5f})));
+  // One sequence: the sequence loss is the batch loss.
+  at::Tensor logits = at::randn({12, 4}, at::TensorOptions().dtype(at::kFloat));
+  absl::StatusOr<AuxLossInputs> in = AuxLossScores(logits, 2, ScoreFunction::kSoftmax);
+  ASSERT_TRUE(in.ok());
+  absl::StatusOr<at::Tensor> one = SequenceLoadBalancingLoss(in->scores, in->routing_map, 1, 2, 0.1);
+  ASSERT_TRUE(one.ok());
+  EXPECT_NEAR(one->item<float>(), LoadBalancingLoss(in->scores, in->tokens_per_expert, 12, 2, 0.1).item<float>(), 1e-7);
+  EXPECT_FALSE(SequenceLoadBalancingLoss(in->scores, in->routing_map, 5, 2, 0.1).ok());
+}
+
 TEST(Router, EdgeCases) {
   // Zero tokens.
   absl::StatusOr<Routing> r = TopKRoute(at::zeros({0, 4}), {.top_k = 2});

@@ -7,9 +7,12 @@ Needs tests/oracles/.venv with torch and megatron-core (see PEERS.md for the ins
     tests/oracles/.venv/bin/python tests/oracles/make_router_fixtures.py
 """
 import os
+import socket
 import sys
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.transformer.moe import moe_utils as mu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -108,6 +111,41 @@ def main():
                   tensor_line("tokens_per_expert", tokens_per_expert.float()),
                   tensor_line("aux_loss", aux.detach()), tensor_line("aux_grad_logits", x.grad),
                   tensor_line("z_loss", z.detach()), tensor_line("z_grad_logits", z_in.grad), "end"]
+    # Sequence-level loss and the expert-bias update go through Megatron-Core's own
+    # group-reducing helpers, which want torch.distributed: a one-rank Gloo group.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    group = parallel_state.get_tensor_model_parallel_group()
+    for i, (name, S, B, E, topk, score) in enumerate([("seq_aux_softmax_k2", 16, 4, 8, 2, "softmax"),
+                                                        ("seq_aux_sigmoid_k3", 8, 3, 16, 3, "sigmoid")]):
+        g = torch.Generator().manual_seed(3000 + i)
+        logits = torch.randn(S * B, E, generator=g, dtype=torch.float32)  # [seq, batch] order
+        x = logits.clone().requires_grad_(True)
+        routing_map, scores = mu.compute_routing_scores_for_aux_loss(x, topk, score)
+        # As TopKRouter._apply_seq_aux_loss: batch folded into the expert dimension.
+        tpe, _, total = mu.get_tokens_per_expert_and_token_count(
+            routing_map=routing_map.reshape(S, -1), reduce_group=group, topk=topk * B)
+        loss = mu.switch_load_balancing_loss_func(scores.reshape(S, -1), tpe, total, topk, E, 0.01) / B
+        loss.backward()
+        lines += [f"case {name}", "option kind seq_losses", f"option topk {topk}",
+                  f"option score_function {score}", f"option seq_length {S}", f"option batch {B}",
+                  "option aux_loss_coeff 0.01", "option layout seq_major",
+                  tensor_line("logits", logits), tensor_line("seq_aux_loss", loss.detach()),
+                  tensor_line("seq_aux_grad_logits", x.grad), "end"]
+    for i, E in enumerate([8, 16]):
+        g = torch.Generator().manual_seed(4000 + i)
+        tokens = torch.randint(0, 50, (E,), generator=g).float()
+        tokens[0] = tokens.mean()  # exactly average: sign 0, no move
+        bias = torch.randn(E, generator=g) * 0.01
+        new_bias = mu.get_updated_expert_bias(tokens.clone(), bias.clone(), 1e-3)
+        lines += [f"case bias_update_{E}", "option kind bias_update", "option rate 0.001",
+                  tensor_line("tokens_per_expert", tokens), tensor_line("expert_bias", bias),
+                  tensor_line("updated_bias", new_bias), "end"]
+    dist.destroy_process_group()
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:
         f.write("\n".join(lines) + "\n")

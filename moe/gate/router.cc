@@ -1,5 +1,6 @@
 #include "moe/gate/router.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -137,6 +138,8 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
   if (o.scaling_factor != 1.0f) weights = weights * o.scaling_factor;
 
   Routing r;
+  r.topk_indices = idx;
+  r.topk_weights = weights;
   r.probs = at::zeros_like(x).scatter(1, idx, weights);
   r.routing_map = at::zeros({T, E}, x.options().dtype(at::kBool)).scatter_(1, idx, true);
   r.tokens_per_expert = r.routing_map.sum(0);
@@ -150,6 +153,24 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
   } else {
     r.dropped = at::zeros_like(r.routing_map);
   }
+  return r;
+}
+
+absl::StatusOr<Routing> ExpertChoiceRoute(const at::Tensor& logits, double capacity_factor) {
+  if (absl::Status s = CheckLogits(logits); !s.ok()) return s;
+  if (!(capacity_factor > 0) || !std::isfinite(capacity_factor)) {
+    return Invalid(absl::StrFormat("router: expert-choice routing needs capacity_factor > 0 "
+                                   "(each expert takes that many tokens); got %g", capacity_factor));
+  }
+  const int64_t T = logits.size(0), E = logits.size(1);
+  const at::Tensor s = at::softmax(logits.to(at::kFloat), -1);
+  Routing r;
+  r.capacity = std::min<int64_t>(T, ExpertCapacity(T, 1, static_cast<int>(E), capacity_factor));
+  const at::Tensor chosen = TopKIndices(s.detach(), r.capacity, /*dim=*/0);  // [C, E] token ids
+  r.routing_map = at::zeros({T, E}, s.options().dtype(at::kBool)).scatter_(0, chosen, true);
+  r.probs = s * r.routing_map;
+  r.tokens_per_expert = r.routing_map.sum(0);
+  r.dropped = at::zeros_like(r.routing_map);
   return r;
 }
 

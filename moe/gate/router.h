@@ -48,6 +48,10 @@ struct TopKOptions {
 };
 
 struct Routing {
+  // Each token's chosen experts, best first, and their weights, before any dropping
+  // (token choice only; empty for expert choice).
+  at::Tensor topk_indices;       // [T, k] int64
+  at::Tensor topk_weights;       // [T, k] fp32, with autograd
   at::Tensor probs;              // [T, E] fp32 weights; 0 where not routed, dropped or padding
   at::Tensor routing_map;        // [T, E] bool: slots that go to the expert (with padding)
   at::Tensor tokens_per_expert;  // [E] int64: routed slots before any dropping
@@ -61,6 +65,13 @@ struct Routing {
 // function. Errors name the option: k out of range, bad groups, NaN/inf logits.
 absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& options,
                                   const at::Tensor& expert_bias = at::Tensor());
+
+// Expert-choice routing (Zhou et al., 2022): scores are a softmax over experts per token;
+// every expert takes the `capacity` tokens with its highest scores (ties: lower token
+// index), capacity = ceil(tokens × capacity_factor / experts), at most the token count. A
+// token may get several experts or none (then it passes through the layer's residual).
+// tokens_per_expert is the capacity for every expert; nothing counts as dropped.
+absl::StatusOr<Routing> ExpertChoiceRoute(const at::Tensor& logits, double capacity_factor);
 
 // ceil(tokens × top_k / num_experts × capacity_factor).
 int64_t ExpertCapacity(int64_t tokens, int top_k, int num_experts, double capacity_factor);

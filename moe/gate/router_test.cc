@@ -1,6 +1,9 @@
 #include "moe/gate/router.h"
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
+#include <tuple>
 #include <map>
 #include <string>
 #include <vector>
@@ -235,6 +238,40 @@ TEST(Router, MatchesMegatronCoreSequenceLossAndBiasUpdate) {
   ASSERT_TRUE(one.ok());
   EXPECT_NEAR(one->item<float>(), LoadBalancingLoss(in->scores, in->tokens_per_expert, 12, 2, 0.1).item<float>(), 1e-7);
   EXPECT_FALSE(SequenceLoadBalancingLoss(in->scores, in->routing_map, 5, 2, 0.1).ok());
+}
+
+// Expert choice against a plain loop: for each expert, sort its column by score (ties by
+// token index) and take the first `capacity` tokens.
+TEST(Router, ExpertChoiceMatchesPlainLoop) {
+  at::manual_seed(7);
+  for (auto [T, E, cf] : {std::tuple<int64_t, int64_t, double>{16, 4, 1.0}, {10, 8, 2.0}, {5, 4, 8.0}}) {
+    at::Tensor logits = at::randn({T, E}).requires_grad_(true);
+    absl::StatusOr<Routing> r = ExpertChoiceRoute(logits, cf);
+    ASSERT_TRUE(r.ok()) << r.status();
+    const int64_t cap = std::min<int64_t>(T, static_cast<int64_t>(std::ceil(T * cf / E)));
+    EXPECT_EQ(r->capacity, cap);
+    const at::Tensor s = at::softmax(logits.detach(), -1);
+    at::Tensor want_map = at::zeros({T, E}, at::kBool);
+    for (int64_t e = 0; e < E; ++e) {
+      std::vector<int64_t> order(T);
+      for (int64_t t = 0; t < T; ++t) order[t] = t;
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+        return s[a][e].item<float>() > s[b][e].item<float>();
+      });
+      for (int64_t c = 0; c < cap; ++c) want_map[order[c]][e] = true;
+    }
+    EXPECT_TRUE(r->routing_map.equal(want_map));
+    EXPECT_TRUE(r->probs.detach().equal(s * want_map));
+    EXPECT_TRUE(r->tokens_per_expert.equal(at::full({E}, cap, at::kLong)));
+    // Gradients reach the logits through the chosen scores.
+    r->probs.sum().backward();
+    at::Tensor ref_logits = logits.detach().clone().requires_grad_(true);
+    (at::softmax(ref_logits, -1) * want_map).sum().backward();
+    EXPECT_TRUE(at::allclose(logits.grad(), ref_logits.grad(), 1e-6, 1e-7));
+  }
+  EXPECT_FALSE(ExpertChoiceRoute(at::zeros({4, 2}), 0).ok());
+  EXPECT_THAT(std::string(ExpertChoiceRoute(at::zeros({4, 2}), -1).status().message()),
+              HasSubstr("expert-choice routing needs capacity_factor > 0"));
 }
 
 TEST(Router, EdgeCases) {

@@ -1,0 +1,97 @@
+#include "moe/gate/router_module.h"
+
+#include <string>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+
+namespace switchyard::gate {
+
+at::Tensor ApplyJitter(const at::Tensor& hidden, float eps, at::Generator& gen) {
+  const at::Tensor u = at::empty(hidden.sizes(), hidden.options()).uniform_(1.0 - eps, 1.0 + eps, gen);
+  return hidden * u;
+}
+
+absl::StatusOr<Router> Router::Create(const RouterConfig& c, uint64_t seed) {
+  if (c.hidden_size < 1 || c.num_experts < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "router: hidden_size = %d and num_experts = %d must both be at least 1", c.hidden_size,
+        c.num_experts));
+  }
+  if (!(c.jitter_eps >= 0 && c.jitter_eps < 1)) {
+    return absl::InvalidArgumentError(absl::StrFormat("router: jitter_eps = %g must be in [0, 1)", c.jitter_eps));
+  }
+  if (c.aux_loss_coeff < 0 || c.z_loss_coeff < 0 || c.bias_update_rate < 0) {
+    return absl::InvalidArgumentError("router: loss coefficients and bias_update_rate must be >= 0");
+  }
+  Router r;
+  r.config_ = c;
+  r.generator_ = at::make_generator<at::CPUGeneratorImpl>(seed);
+  auto init = [&](int64_t rows) {
+    return (at::empty({rows, c.hidden_size}, at::kFloat).normal_(0.0, c.init_std, r.generator_))
+        .requires_grad_(true);
+  };
+  r.weight_ = init(c.num_experts);
+  if (c.noisy_gating) r.noise_weight_ = init(c.num_experts);
+  if (c.expert_bias) r.expert_bias_ = at::zeros({c.num_experts}, at::kFloat);
+  return r;
+}
+
+absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const ForwardArgs& args) {
+  if (!hidden.defined() || hidden.dim() != 2 || hidden.size(1) != config_.hidden_size) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "router: hidden states must be [tokens, %d]", config_.hidden_size));
+  }
+  at::Tensor x = hidden.to(at::kFloat);  // router math in fp32 whatever the model's dtype
+  if (args.training && config_.jitter_eps > 0) x = ApplyJitter(x, config_.jitter_eps, generator_);
+  RouterOutput out;
+  out.logits = at::matmul(x, weight_.t());
+  at::Tensor logits = out.logits;
+  if (args.training && config_.noisy_gating) {
+    const at::Tensor scale = at::softplus(at::matmul(x, noise_weight_.t()));
+    logits = logits + at::empty(logits.sizes(), logits.options()).normal_(0.0, 1.0, generator_) * scale;
+  }
+  absl::StatusOr<Routing> routing = config_.type == RoutingType::kExpertChoice
+                                        ? ExpertChoiceRoute(logits, config_.topk.capacity_factor)
+                                        : TopKRoute(logits, config_.topk, expert_bias_);
+  if (!routing.ok()) return routing.status();
+  out.routing = *std::move(routing);
+
+  out.aux_loss = at::zeros({}, at::kFloat);
+  if (config_.aux_loss != AuxLoss::kNone && config_.aux_loss_coeff > 0 &&
+      config_.type == RoutingType::kTokenChoice) {
+    absl::StatusOr<AuxLossInputs> in = AuxLossScores(logits, config_.topk.top_k, config_.topk.score);
+    if (!in.ok()) return in.status();
+    const int64_t T = logits.size(0);
+    if (config_.aux_loss == AuxLoss::kSequence) {
+      absl::StatusOr<at::Tensor> l = SequenceLoadBalancingLoss(
+          in->scores, in->routing_map, args.num_sequences, config_.topk.top_k, config_.aux_loss_coeff);
+      if (!l.ok()) return l.status();
+      out.aux_loss = *l;
+    } else if (config_.aux_loss == AuxLoss::kGlobal) {
+      if (!args.sum_over_dp) {
+        return absl::InvalidArgumentError("router: the global aux loss needs ForwardArgs.sum_over_dp");
+      }
+      const at::Tensor counts = args.sum_over_dp(in->tokens_per_expert.to(at::kFloat));
+      const int64_t total = args.sum_over_dp(at::full({1}, static_cast<float>(T))).item<float>();
+      out.aux_loss = LoadBalancingLoss(in->scores, counts, total, config_.topk.top_k, config_.aux_loss_coeff);
+    } else {
+      out.aux_loss = LoadBalancingLoss(in->scores, in->tokens_per_expert, T, config_.topk.top_k,
+                                       config_.aux_loss_coeff);
+    }
+  }
+  out.z_loss = config_.z_loss_coeff > 0 ? ZLoss(logits, config_.z_loss_coeff) : at::zeros({}, at::kFloat);
+  out.aux_loss_value = out.aux_loss.item<double>();
+  out.z_loss_value = out.z_loss.item<double>();
+  return out;
+}
+
+void Router::UpdateBias(const at::Tensor& tokens_per_expert) {
+  if (!expert_bias_.defined()) return;
+  expert_bias_ = UpdateExpertBias(expert_bias_, tokens_per_expert, config_.bias_update_rate);
+}
+
+}  // namespace switchyard::gate

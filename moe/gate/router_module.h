@@ -1,0 +1,87 @@
+// The router as a layer: a gate weight [experts, hidden], optional input jitter and noisy
+// gating (training only, reproducible from a seed), token- or expert-choice routing, the
+// load-balancing loss (per batch, per sequence, or global over the data-parallel group), the
+// z-loss, and aux-loss-free balancing with a per-expert bias.
+//
+//   absl::StatusOr<Router> router = Router::Create({.hidden_size = 512, .num_experts = 8}, seed);
+//   absl::StatusOr<RouterOutput> out = router->Forward(hidden, {.training = true});
+//   loss = loss + out->aux_loss + out->z_loss;       // both carry autograd to the gate weight
+//   log("aux", out->aux_loss_value);
+#ifndef MOE_GATE_ROUTER_MODULE_H_
+#define MOE_GATE_ROUTER_MODULE_H_
+
+#include <cstdint>
+#include <functional>
+
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+
+#include "absl/status/statusor.h"
+#include "moe/gate/router.h"
+
+namespace switchyard::gate {
+
+enum class RoutingType { kTokenChoice, kExpertChoice };
+enum class AuxLoss { kNone, kBatch, kSequence, kGlobal };
+
+struct RouterConfig {
+  int64_t hidden_size = 0;
+  int num_experts = 0;
+  RoutingType type = RoutingType::kTokenChoice;
+  TopKOptions topk;  // top-k, scores, groups, capacity (expert choice: capacity_factor only)
+  float jitter_eps = 0.0f;     // hidden × U(1 − eps, 1 + eps) in training
+  bool noisy_gating = false;   // logits + N(0, 1) × softplus(hidden · W_noiseᵀ) in training
+  AuxLoss aux_loss = AuxLoss::kBatch;
+  double aux_loss_coeff = 0.01;
+  double z_loss_coeff = 0.0;
+  bool expert_bias = false;    // aux-loss-free balancing (see UpdateBias)
+  double bias_update_rate = 1e-3;
+  float init_std = 0.02f;      // gate weights ~ N(0, init_std²)
+};
+
+struct ForwardArgs {
+  bool training = false;
+  int64_t num_sequences = 1;  // AuxLoss::kSequence: tokens are this many sequences, in order
+  // AuxLoss::kGlobal: sums a tensor over the data-parallel group (the caller's collective).
+  std::function<at::Tensor(const at::Tensor&)> sum_over_dp;
+};
+
+struct RouterOutput {
+  Routing routing;
+  at::Tensor logits;      // [T, E] fp32, before noise
+  at::Tensor aux_loss;    // scalar with autograd; 0 when off
+  at::Tensor z_loss;      // scalar with autograd; 0 when off
+  double aux_loss_value = 0;  // detached, for logs
+  double z_loss_value = 0;
+};
+
+class Router {
+ public:
+  static absl::StatusOr<Router> Create(const RouterConfig& config, uint64_t seed);
+
+  // hidden: [T, hidden_size]. Jitter and noise draw from this router's own generator, so a
+  // run is reproducible from the seed alone.
+  absl::StatusOr<RouterOutput> Forward(const at::Tensor& hidden, const ForwardArgs& args);
+
+  // Aux-loss-free balancing after an optimizer step: `tokens_per_expert` must already be
+  // summed over every rank that shares this router.
+  void UpdateBias(const at::Tensor& tokens_per_expert);
+
+  const RouterConfig& config() const { return config_; }
+  at::Tensor& weight() { return weight_; }              // [E, H] fp32, requires grad
+  at::Tensor& noise_weight() { return noise_weight_; }  // [E, H] or undefined
+  const at::Tensor& expert_bias() const { return expert_bias_; }  // [E] or undefined
+
+ private:
+  Router() = default;
+  RouterConfig config_;
+  at::Tensor weight_, noise_weight_, expert_bias_;
+  at::Generator generator_;
+};
+
+// hidden × U(1 − eps, 1 + eps), elementwise, drawn from `gen`.
+at::Tensor ApplyJitter(const at::Tensor& hidden, float eps, at::Generator& gen);
+
+}  // namespace switchyard::gate
+
+#endif  // MOE_GATE_ROUTER_MODULE_H_

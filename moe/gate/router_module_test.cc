@@ -1,0 +1,127 @@
+#include "moe/gate/router_module.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace switchyard::gate {
+namespace {
+
+using ::testing::HasSubstr;
+
+at::Tensor Hidden(int64_t T, int64_t H, uint64_t seed) {
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::empty({T, H}).normal_(0, 1, g);
+}
+
+TEST(RouterModule, EvalForwardIsTopKRouteOfTheLogits) {
+  absl::StatusOr<Router> r = Router::Create({.hidden_size = 16, .num_experts = 8,
+                                             .topk = {.top_k = 2}, .jitter_eps = 0.1f,
+                                             .noisy_gating = true, .z_loss_coeff = 1e-3}, 5);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const at::Tensor h = Hidden(32, 16, 1);
+  absl::StatusOr<RouterOutput> out = r->Forward(h, {.training = false});  // no jitter, no noise
+  ASSERT_TRUE(out.ok()) << out.status();
+  const at::Tensor logits = at::matmul(h, r->weight().detach().t());
+  EXPECT_TRUE(at::allclose(out->logits, logits));
+  absl::StatusOr<Routing> direct = TopKRoute(logits, {.top_k = 2});
+  ASSERT_TRUE(direct.ok());
+  EXPECT_TRUE(out->routing.routing_map.equal(direct->routing_map));
+  EXPECT_TRUE(at::allclose(out->routing.probs, direct->probs));
+  absl::StatusOr<AuxLossInputs> in = AuxLossScores(logits, 2, ScoreFunction::kSoftmax);
+  ASSERT_TRUE(in.ok());
+  EXPECT_NEAR(out->aux_loss_value, LoadBalancingLoss(in->scores, in->tokens_per_expert, 32, 2, 0.01).item<double>(), 1e-7);
+  EXPECT_NEAR(out->z_loss_value, ZLoss(logits, 1e-3).item<double>(), 1e-9);
+  // Both losses reach the gate weight.
+  (out->aux_loss + out->z_loss).backward();
+  EXPECT_GT(r->weight().grad().abs().sum().item<float>(), 0);
+}
+
+TEST(RouterModule, JitterAndNoiseAreSeededAndTrainingOnly) {
+  RouterConfig c{.hidden_size = 16, .num_experts = 8, .topk = {.top_k = 2}, .jitter_eps = 0.2f,
+                 .noisy_gating = true};
+  const at::Tensor h = Hidden(64, 16, 2);
+  auto run = [&](uint64_t seed) {
+    absl::StatusOr<Router> r = Router::Create(c, seed);
+    EXPECT_TRUE(r.ok());
+    absl::StatusOr<RouterOutput> out = r->Forward(h, {.training = true});
+    EXPECT_TRUE(out.ok());
+    return out->routing.probs.detach();
+  };
+  EXPECT_TRUE(run(11).equal(run(11)));   // reproducible from the seed
+  EXPECT_FALSE(run(11).equal(run(12)));  // and it does depend on it
+  // Jitter itself: each factor within [1 − eps, 1 + eps], and not all equal to 1.
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(3);
+  const at::Tensor ones = at::ones({1000});
+  const at::Tensor j = ApplyJitter(ones, 0.1f, g);
+  EXPECT_GE(j.min().item<float>(), 0.9f);
+  EXPECT_LE(j.max().item<float>(), 1.1f);
+  EXPECT_GT(j.std().item<float>(), 0.03f);  // uniform on [0.9, 1.1]: std 0.0577
+}
+
+TEST(RouterModule, SequenceAndGlobalAuxLoss) {
+  RouterConfig c{.hidden_size = 8, .num_experts = 4, .topk = {.top_k = 1}, .aux_loss = AuxLoss::kSequence};
+  absl::StatusOr<Router> r = Router::Create(c, 1);
+  ASSERT_TRUE(r.ok());
+  const at::Tensor h = Hidden(24, 8, 3);
+  absl::StatusOr<RouterOutput> seq = r->Forward(h, {.num_sequences = 3});
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  absl::StatusOr<AuxLossInputs> in = AuxLossScores(seq->logits, 1, ScoreFunction::kSoftmax);
+  ASSERT_TRUE(in.ok());
+  EXPECT_NEAR(seq->aux_loss_value, SequenceLoadBalancingLoss(in->scores, in->routing_map, 3, 1, 0.01)->item<double>(), 1e-8);
+  EXPECT_FALSE(r->Forward(h, {.num_sequences = 5}).ok());
+
+  // Global: counts and token totals summed over the DP group (here: two identical ranks).
+  c.aux_loss = AuxLoss::kGlobal;
+  absl::StatusOr<Router> g = Router::Create(c, 1);
+  ASSERT_TRUE(g.ok());
+  EXPECT_THAT(std::string(g->Forward(h, {}).status().message()), HasSubstr("sum_over_dp"));
+  absl::StatusOr<RouterOutput> glob = g->Forward(h, {.sum_over_dp = [](const at::Tensor& t) { return t * 2; }});
+  ASSERT_TRUE(glob.ok()) << glob.status();
+  EXPECT_NEAR(glob->aux_loss_value,
+              LoadBalancingLoss(in->scores, in->tokens_per_expert * 2, 48, 1, 0.01).item<double>(), 1e-8);
+}
+
+TEST(RouterModule, ExpertBiasSteersTheChoiceAfterUpdates) {
+  RouterConfig c{.hidden_size = 8, .num_experts = 4, .topk = {.top_k = 1, .pre_softmax = true},
+                 .expert_bias = true, .bias_update_rate = 0.5};
+  absl::StatusOr<Router> r = Router::Create(c, 4);
+  ASSERT_TRUE(r.ok());
+  const at::Tensor h = Hidden(40, 8, 5);
+  absl::StatusOr<RouterOutput> before = r->Forward(h, {});
+  ASSERT_TRUE(before.ok());
+  const at::Tensor counts = before->routing.tokens_per_expert;
+  r->UpdateBias(counts);
+  const at::Tensor n = counts.to(at::kFloat);
+  EXPECT_TRUE(r->expert_bias().equal(at::sign(n.mean() - n) * 0.5));
+  absl::StatusOr<RouterOutput> after = r->Forward(h, {});
+  ASSERT_TRUE(after.ok());
+  // The most loaded expert gets fewer tokens once its bias went down; weights stay unbiased.
+  const int64_t busiest = counts.argmax().item<int64_t>();
+  EXPECT_LT(after->routing.tokens_per_expert[busiest].item<int64_t>(), counts[busiest].item<int64_t>());
+  const at::Tensor s = at::softmax(after->logits, -1);
+  EXPECT_TRUE(at::allclose(after->routing.probs.detach(), s * after->routing.routing_map));
+}
+
+TEST(RouterModule, ExpertChoiceAndBadInput) {
+  absl::StatusOr<Router> r = Router::Create({.hidden_size = 8, .num_experts = 4,
+                                             .type = RoutingType::kExpertChoice,
+                                             .topk = {.capacity_factor = 1.0}}, 1);
+  ASSERT_TRUE(r.ok());
+  absl::StatusOr<RouterOutput> out = r->Forward(Hidden(16, 8, 6), {});
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_TRUE(out->routing.tokens_per_expert.equal(at::full({4}, 4, at::kLong)));
+  EXPECT_THAT(std::string(r->Forward(Hidden(16, 7, 6), {}).status().message()), HasSubstr("[tokens, 8]"));
+  EXPECT_FALSE(Router::Create({.hidden_size = 0, .num_experts = 4}, 1).ok());
+  EXPECT_FALSE(Router::Create({.hidden_size = 8, .num_experts = 4, .jitter_eps = 1.5f}, 1).ok());
+  // NaN hidden states become NaN logits: refused, not routed.
+  at::Tensor bad = Hidden(4, 8, 7);
+  bad[2][3] = NAN;
+  absl::StatusOr<Router> tc = Router::Create({.hidden_size = 8, .num_experts = 4, .topk = {.top_k = 1}}, 1);
+  EXPECT_THAT(std::string(tc->Forward(bad, {}).status().message()), HasSubstr("NaN or inf"));
+}
+
+}  // namespace
+}  // namespace switchyard::gate

@@ -30,11 +30,32 @@ absl::Status CheckLogits(const at::Tensor& logits) {
   return absl::OkStatus();
 }
 
-// Indices of the k largest entries along `dim`, largest first; among equal values the lower
-// index wins. (at::topk leaves tie order to its partial selection, which on the CPU is not
-// index order; a stable descending sort is.)
+// Indices of the k largest entries of each row, largest first; among equal values the
+// lower index wins. (at::topk alone leaves ties to its partial selection, which on the CPU is
+// not index order.) A full stable sort is paid only for rows where a tie straddles the k-th
+// place; otherwise the chosen set is unique and only those k are put in order.
+at::Tensor TopKRows(const at::Tensor& scores, int64_t k) {
+  const int64_t n = scores.size(1);
+  auto full_sort = [&](const at::Tensor& s) {
+    return std::get<1>(at::sort(s, /*stable=*/true, /*dim=*/1, /*descending=*/true)).narrow(1, 0, k);
+  };
+  if (k >= n) return full_sort(scores);
+  auto [vals, idx] = at::topk(scores, k + 1, /*dim=*/1, /*largest=*/true, /*sorted=*/true);
+  // The k chosen, ordered by value then index: sort by index, then stably by value.
+  auto [by_index, perm] = at::sort(idx.narrow(1, 0, k), /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  const at::Tensor order = std::get<1>(at::sort(vals.narrow(1, 0, k).gather(1, perm), /*stable=*/true,
+                                                /*dim=*/1, /*descending=*/true));
+  at::Tensor out = by_index.gather(1, order);
+  const at::Tensor boundary_tie = vals.select(1, k - 1).eq(vals.select(1, k));
+  if (boundary_tie.any().item<bool>()) {
+    const at::Tensor rows = boundary_tie.nonzero().squeeze(1);
+    out.index_copy_(0, rows, full_sort(scores.index_select(0, rows)));
+  }
+  return out;
+}
+
 at::Tensor TopKIndices(const at::Tensor& scores, int64_t k, int64_t dim) {
-  return std::get<1>(at::sort(scores, /*stable=*/true, dim, /*descending=*/true)).narrow(dim, 0, k);
+  return dim == 1 ? TopKRows(scores, k) : TopKRows(scores.t(), k).t();
 }
 
 // Top-k of `scores` (within the best groups when group-limited); returns the indices.

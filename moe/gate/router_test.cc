@@ -289,6 +289,24 @@ TEST(Router, EdgeCases) {
     EXPECT_TRUE(r->routing_map.equal(at::tensor({1, 1, 0, 0}).to(at::kBool).repeat({3, 1})));
     EXPECT_TRUE(r->probs.select(1, 0).equal(at::full({3}, 0.25f)));
   }
+  // A tie straddling the k-th place, next to rows without one: still the lower index.
+  at::Tensor mixed = at::tensor({3.0f, 1.0f, 1.0f, 1.0f, 0.0f, 2.0f, 1.0f, 3.0f}).view({2, 4});
+  r = TopKRoute(mixed, {.top_k = 2});
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(r->topk_indices.equal(at::tensor({0, 1, 3, 1}, at::kLong).view({2, 2})));
+  // Ties inside the top k: ordered by index.
+  r = TopKRoute(at::tensor({1.0f, 5.0f, 5.0f, 0.0f}).view({1, 4}), {.top_k = 3});
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(r->topk_indices.equal(at::tensor({1, 2, 0}, at::kLong).view({1, 3})));
+  // Many ties (integer scores 0..3): the same choice and order as a full stable sort.
+  at::manual_seed(3);
+  const at::Tensor ints = at::randint(0, 4, {300, 16}).to(at::kFloat);
+  for (int k : {1, 3, 8, 16}) {
+    r = TopKRoute(ints, {.top_k = k});
+    ASSERT_TRUE(r.ok());
+    const at::Tensor want = std::get<1>(at::sort(ints, /*stable=*/true, 1, /*descending=*/true)).narrow(1, 0, k);
+    EXPECT_TRUE(r->topk_indices.equal(want)) << "k = " << k;
+  }
   // Capacity ties by score and by position keep the earliest tokens.
   r = TopKRoute(at::zeros({6, 2}), {.top_k = 1, .pre_softmax = true, .capacity_factor = 1.0});
   ASSERT_TRUE(r.ok());

@@ -33,7 +33,7 @@ struct Fault {
 Fault ParseFault() {
   Fault f;
   const char* v = std::getenv("SWITCHYARD_FAULT");
-  if (v == nullptr) return f;
+  if (v == nullptr || *v == '\0') return f;
   std::vector<std::string> parts = absl::StrSplit(v, ':');
   if (parts[0] == "exit" && (parts.size() == 3 || parts.size() == 4) &&
       absl::SimpleAtoi(parts[1], &f.rank) && absl::SimpleAtoi(parts[2], &f.value) &&

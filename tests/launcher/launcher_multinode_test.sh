@@ -7,14 +7,23 @@ two_node_spec() {  # NAME PORT NODE_RANK
   spec "$1" 2 "nnodes: 2 node_rank: $3 master_port: $2" 'parallel { ep: 2 }'
 }
 
+restart_spec() { spec "$1" 2 "nnodes: 2 node_rank: $3 master_port: $2 max_restarts: 1" 'parallel { ep: 2 }'; }
+
+# start_nodes NAME MAKE_SPEC FAULT: launchers for nodes 0 and 1 in the background on a fresh
+# port; output in $TMP/NAME{0,1}.{out,err}; sets L0 and L1.
+start_nodes() {
+  local name=$1 make=$2 fault=$3 port
+  port=$(free_port)
+  SWITCHYARD_FAULT=$fault "$LAUNCHER" --spec="$($make "${name}0" "$port" 0)" >"$TMP/${name}0.out" 2>"$TMP/${name}0.err" &
+  L0=$!
+  SWITCHYARD_FAULT=$fault "$LAUNCHER" --spec="$($make "${name}1" "$port" 1)" >"$TMP/${name}1.out" 2>"$TMP/${name}1.err" &
+  L1=$!
+}
+
 # Two nodes × 2 ranks = a world of 4.
-port=$(free_port)
-"$LAUNCHER" --spec="$(two_node_spec n0 "$port" 0)" >"$TMP/n0.out" 2>"$TMP/n0.err" &
-l0=$!
-"$LAUNCHER" --spec="$(two_node_spec n1 "$port" 1)" >"$TMP/n1.out" 2>"$TMP/n1.err" &
-l1=$!
-wait "$l0" || fail "node 0 launcher exited $?"
-wait "$l1" || fail "node 1 launcher exited $?"
+start_nodes n two_node_spec ''
+wait "$L0" || fail "node 0 launcher exited $?"
+wait "$L1" || fail "node 1 launcher exited $?"
 expect_in "$TMP/n0.out" 'job "n0": 4 ranks'
 expect_in "$TMP/n0.out" 'sum of rank+1 = 10, expected 10'
 expect_in "$TMP/n0.out" 'experts etp 1 × ep 2 × edp 2'
@@ -23,11 +32,8 @@ expect_in "$TMP/n1.out" '[launcher] node 1: all 2 workers finished'
 pass "two launchers form a world of 4"
 
 # A worker killed on node 1 stops node 0 too.
-port=$(free_port)
-SWITCHYARD_FAULT=sleep:120 "$LAUNCHER" --spec="$(two_node_spec k0 "$port" 0)" >"$TMP/k0.out" 2>"$TMP/k0.err" &
-l0=$!
-SWITCHYARD_FAULT=sleep:120 "$LAUNCHER" --spec="$(two_node_spec k1 "$port" 1)" >"$TMP/k1.out" 2>"$TMP/k1.err" &
-l1=$!
+start_nodes k two_node_spec sleep:120
+l0=$L0 l1=$L1
 wait_for "$TMP/k0.out" 'cluster check passed' 60
 mapfile -t p0 < <(worker_pids "$TMP/k0.out")
 mapfile -t p1 < <(worker_pids "$TMP/k1.out")
@@ -44,14 +50,9 @@ assert_gone "${p0[@]}" "${p1[@]}"
 pass "a death on node 1 stops both nodes in ${dt} ms"
 
 # A failure on node 1 in the first attempt: both nodes restart together and succeed.
-port=$(free_port)
-restart_spec() { spec "$1" 2 "nnodes: 2 node_rank: $3 master_port: $2 max_restarts: 1" 'parallel { ep: 2 }'; }
-SWITCHYARD_FAULT=exit:3:5:0 "$LAUNCHER" --spec="$(restart_spec r0 "$port" 0)" >"$TMP/r0.out" 2>"$TMP/r0.err" &
-l0=$!
-SWITCHYARD_FAULT=exit:3:5:0 "$LAUNCHER" --spec="$(restart_spec r1 "$port" 1)" >"$TMP/r1.out" 2>"$TMP/r1.err" &
-l1=$!
-wait "$l0" || fail "restart: node 0 exited $?"
-wait "$l1" || fail "restart: node 1 exited $?"
+start_nodes r restart_spec exit:3:5:0
+wait "$L0" || fail "restart: node 0 exited $?"
+wait "$L1" || fail "restart: node 1 exited $?"
 expect_in "$TMP/r1.err" 'rank 3 (pid'
 expect_in "$TMP/r1.err" 'exited with code 5; stopped all workers; restarting them (restart 1 of 1)'
 expect_in "$TMP/r0.err" 'another node failed: node 1: rank 3'
@@ -60,11 +61,8 @@ expect_in "$TMP/r0.out" 'cluster check passed (after 1 restart)'
 pass "both nodes restart together after a failure on node 1"
 
 # Ctrl-C on node 1: node 0 stops too, and neither restarts.
-port=$(free_port)
-SWITCHYARD_FAULT=sleep:120 "$LAUNCHER" --spec="$(restart_spec i0 "$port" 0)" >"$TMP/i0.out" 2>"$TMP/i0.err" &
-l0=$!
-SWITCHYARD_FAULT=sleep:120 "$LAUNCHER" --spec="$(restart_spec i1 "$port" 1)" >"$TMP/i1.out" 2>"$TMP/i1.err" &
-l1=$!
+start_nodes i restart_spec sleep:120
+l0=$L0 l1=$L1
 wait_for "$TMP/i0.out" 'cluster check passed' 60
 mapfile -t p0 < <(worker_pids "$TMP/i0.out")
 t0=$(now_ms)

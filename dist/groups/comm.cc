@@ -26,11 +26,6 @@ static_assert(TORCH_VERSION_MAJOR >= 2 || (TORCH_VERSION_MAJOR == 1 && TORCH_VER
 namespace switchyard::groups {
 namespace {
 
-std::string FirstLine(const std::exception& e) {
-  std::string w = e.what();
-  size_t nl = w.find('\n');
-  return nl == std::string::npos ? w : w.substr(0, nl);
-}
 
 c10d::ReduceOp ToC10d(ReduceOp op) {
   switch (op) {

@@ -19,12 +19,6 @@ namespace {
 
 std::vector<uint8_t> Bytes(const std::string& s) { return {s.begin(), s.end()}; }
 
-// c10d's messages carry a C++ stack trace after the first line; keep the first line.
-std::string FirstLine(const std::exception& e) {
-  std::string w = e.what();
-  size_t nl = w.find('\n');
-  return nl == std::string::npos ? w : w.substr(0, nl);
-}
 
 }  // namespace
 

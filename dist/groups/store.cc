@@ -19,7 +19,6 @@ namespace {
 
 std::vector<uint8_t> Bytes(const std::string& s) { return {s.begin(), s.end()}; }
 
-
 }  // namespace
 
 Store::Store(std::unique_ptr<Impl> impl, int port, std::string where)

@@ -43,12 +43,15 @@ struct Child {
   int status = 0;
 };
 
+std::string SignalName(int sig) {
+  const char* abbrev = sigabbrev_np(sig);
+  return absl::StrCat("SIG", abbrev ? abbrev : "?");
+}
+
 std::string Describe(int status) {
   if (WIFEXITED(status)) return absl::StrFormat("exited with code %d", WEXITSTATUS(status));
   if (WIFSIGNALED(status)) {
-    const int sig = WTERMSIG(status);
-    const char* abbrev = sigabbrev_np(sig);
-    return absl::StrFormat("was killed by signal %d (SIG%s)", sig, abbrev ? abbrev : "?");
+    return absl::StrFormat("was killed by signal %d (%s)", WTERMSIG(status), SignalName(WTERMSIG(status)));
   }
   return absl::StrFormat("stopped with status %d", status);
 }
@@ -150,11 +153,6 @@ void StopAll(std::vector<Child>& children) {
   for (const Child& c : children)
     if (c.pid > 0) kill(-c.pid, SIGKILL);
   ReapUntil(children, std::chrono::steady_clock::now() + std::chrono::seconds(10));
-}
-
-std::string SignalName(int sig) {
-  const char* abbrev = sigabbrev_np(sig);
-  return absl::StrCat("SIG", abbrev ? abbrev : "?");
 }
 
 enum class Outcome {

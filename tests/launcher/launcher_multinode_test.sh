@@ -20,6 +20,17 @@ start_nodes() {
   L1=$!
 }
 
+# signal_and_wait SIG PID: sends SIG to PID, then waits for both launchers; sets RC0, RC1
+# and DT (ms from the signal until both had exited).
+signal_and_wait() {
+  local t0
+  t0=$(now_ms)
+  kill "-$1" "$2"
+  wait "$L1"; RC1=$?
+  wait "$L0"; RC0=$?
+  DT=$(( $(now_ms) - t0 ))
+}
+
 # Two nodes × 2 ranks = a world of 4.
 start_nodes n two_node_spec ''
 wait "$L0" || fail "node 0 launcher exited $?"
@@ -33,21 +44,16 @@ pass "two launchers form a world of 4"
 
 # A worker killed on node 1 stops node 0 too.
 start_nodes k two_node_spec sleep:120
-l0=$L0 l1=$L1
 wait_for "$TMP/k0.out" 'cluster check passed' 60
 mapfile -t p0 < <(worker_pids "$TMP/k0.out")
 mapfile -t p1 < <(worker_pids "$TMP/k1.out")
-t0=$(now_ms)
-kill -KILL "${p1[1]}"
-wait "$l1"; rc1=$?
-wait "$l0"; rc0=$?
-dt=$(( $(now_ms) - t0 ))
-(( rc1 != 0 && rc0 != 0 )) || fail "exit codes node0=$rc0 node1=$rc1"
-(( dt <= 5000 )) || fail "stopping both nodes took ${dt} ms"
+signal_and_wait KILL "${p1[1]}"
+(( RC1 != 0 && RC0 != 0 )) || fail "exit codes node0=$RC0 node1=$RC1"
+(( DT <= 5000 )) || fail "stopping both nodes took ${DT} ms"
 expect_in "$TMP/k1.err" "rank 3 (pid ${p1[1]}, node 1) was killed by signal 9 (SIGKILL)"
 expect_in "$TMP/k0.err" "another node failed: node 1: rank 3"
 assert_gone "${p0[@]}" "${p1[@]}"
-pass "a death on node 1 stops both nodes in ${dt} ms"
+pass "a death on node 1 stops both nodes in ${DT} ms"
 
 # A failure on node 1 in the first attempt: both nodes restart together and succeed.
 start_nodes r restart_spec exit:3:5:0
@@ -62,21 +68,16 @@ pass "both nodes restart together after a failure on node 1"
 
 # Ctrl-C on node 1: node 0 stops too, and neither restarts.
 start_nodes i restart_spec sleep:120
-l0=$L0 l1=$L1
 wait_for "$TMP/i0.out" 'cluster check passed' 60
 mapfile -t p0 < <(worker_pids "$TMP/i0.out")
-t0=$(now_ms)
-kill -INT "$l1"
-wait "$l1"; rc1=$?
-wait "$l0"; rc0=$?
-dt=$(( $(now_ms) - t0 ))
-(( rc1 == 130 )) || fail "interrupted node 1: exit code $rc1"
-(( rc0 == 1 )) || fail "node 0 after node 1's Ctrl-C: exit code $rc0"
-(( dt <= 5000 )) || fail "stopping took ${dt} ms"
+signal_and_wait INT "$L1"
+(( RC1 == 130 )) || fail "interrupted node 1: exit code $RC1"
+(( RC0 == 1 )) || fail "node 0 after node 1's Ctrl-C: exit code $RC0"
+(( DT <= 5000 )) || fail "stopping took ${DT} ms"
 expect_in "$TMP/i0.err" 'another node failed: node 1: interrupted by SIGINT'
 ! grep -aq restarting "$TMP/i0.err" "$TMP/i1.err" || fail "restarted after Ctrl-C"
 assert_gone "${p0[@]}"
-pass "Ctrl-C on node 1 stops node 0 in ${dt} ms, no restart"
+pass "Ctrl-C on node 1 stops node 0 in ${DT} ms, no restart"
 
 # Port 0 cannot work when an outer launcher started the ranks.
 RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=0 "$LAUNCHER" --spec="$(spec p0 1 '' 'parallel { ep: 2 }')" >/dev/null 2>"$TMP/p0.err"

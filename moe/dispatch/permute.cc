@@ -1,0 +1,264 @@
+#include "moe/dispatch/permute.h"
+
+#include <cstring>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+
+namespace switchyard::dispatch {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Rows per parallel chunk: enough work per task to hide the thread pool's overhead.
+constexpr int64_t kGrain = 64;
+
+template <typename T>
+using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// out[r] = in[src[r]] (zeros where src[r] < 0).
+at::Tensor GatherRows(const at::Tensor& in, const at::Tensor& src) {
+  const int64_t n = src.numel(), h = in.size(1);
+  at::Tensor out = at::empty({n, h}, in.options());
+  const int64_t* s = src.data_ptr<int64_t>();
+  const int64_t bytes = h * in.element_size();
+  const char* ip = static_cast<const char*>(in.data_ptr());
+  char* op = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      if (s[r] < 0) {
+        std::memset(op + r * bytes, 0, bytes);
+      } else {
+        std::memcpy(op + r * bytes, ip + s[r] * bytes, bytes);
+      }
+    }
+  });
+  return out;
+}
+
+// out[t] = Σ_{r ∈ rows(t)} w[r] · in[r] (w absent: 1), fp32 accumulation.
+at::Tensor SumRows(const at::Tensor& in, const at::Tensor* w, const at::Tensor& offsets,
+                   const at::Tensor& rows) {
+  const int64_t t_count = offsets.numel() - 1, h = in.size(1);
+  at::Tensor out = at::empty({t_count, h}, in.options());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* rr = rows.data_ptr<int64_t>();
+  const float* wp = w ? w->data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "SumRows", [&] {
+    using A = Acc<scalar_t>;
+    const scalar_t* ip = in.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, t_count, kGrain, [&](int64_t b, int64_t e) {
+      std::vector<A> acc(h);
+      for (int64_t t = b; t < e; ++t) {
+        scalar_t* o = op + t * h;
+        const int64_t n = off[t + 1] - off[t];
+        if (n == 1 && !wp) {
+          std::memcpy(o, ip + rr[off[t]] * h, h * sizeof(scalar_t));
+          continue;
+        }
+        std::fill(acc.begin(), acc.end(), A(0));
+        for (int64_t j = off[t]; j < off[t + 1]; ++j) {
+          const scalar_t* x = ip + rr[j] * h;
+          const A wt = wp ? A(wp[rr[j]]) : A(1);
+          for (int64_t c = 0; c < h; ++c) acc[c] += wt * A(x[c]);
+        }
+        for (int64_t c = 0; c < h; ++c) o[c] = scalar_t(acc[c]);
+      }
+    });
+  });
+  return out;
+}
+
+// The backward of the weighted sum: grad_rows[r] = w[r] · g[tok(r)], grad_w[r] = <g[tok(r)], rows[r]>.
+void WeightedSumBackward(const at::Tensor& g, const at::Tensor& rows, const at::Tensor& w,
+                         const at::Tensor& row_token, at::Tensor& grad_rows, at::Tensor& grad_w) {
+  const int64_t n = rows.size(0), h = rows.size(1);
+  grad_rows = at::empty_like(rows);
+  grad_w = at::empty({n}, w.options());
+  const int64_t* tok = row_token.data_ptr<int64_t>();
+  const float* wp = w.data_ptr<float>();
+  float* gw = grad_w.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "WeightedSumBackward", [&] {
+    using A = Acc<scalar_t>;
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* rp = rows.data_ptr<scalar_t>();
+    scalar_t* grp = grad_rows.data_ptr<scalar_t>();
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        scalar_t* out = grp + r * h;
+        if (tok[r] < 0) {
+          std::memset(out, 0, h * sizeof(scalar_t));
+          gw[r] = 0;
+          continue;
+        }
+        const scalar_t* gt = gp + tok[r] * h;
+        const scalar_t* x = rp + r * h;
+        const A wt = wp[r];
+        A dot = 0;
+        for (int64_t c = 0; c < h; ++c) {
+          out[c] = scalar_t(wt * A(gt[c]));
+          dot += A(gt[c]) * A(x[c]);
+        }
+        gw[r] = static_cast<float>(dot);
+      }
+    });
+  });
+}
+
+// Permute and UnpermuteSum are each other's adjoints.
+struct PermuteFn : torch::autograd::Function<PermuteFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& row_token,
+                            const at::Tensor& offsets, const at::Tensor& rows) {
+    ctx->save_for_backward({row_token, offsets, rows});
+    return GatherRows(x, row_token);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    return {SumRows(grads[0].contiguous(), nullptr, s[1], s[2]), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct UnpermuteSumFn : torch::autograd::Function<UnpermuteSumFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& row_token,
+                            const at::Tensor& offsets, const at::Tensor& rows) {
+    ctx->save_for_backward({row_token, offsets, rows});
+    return SumRows(x, nullptr, offsets, rows);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    return {GatherRows(grads[0].contiguous(), s[0]), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct UnpermuteFn : torch::autograd::Function<UnpermuteFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const at::Tensor& row_token, const at::Tensor& offsets,
+                            const at::Tensor& rows) {
+    ctx->save_for_backward({x, w, row_token});
+    return SumRows(x, &w, offsets, rows);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    at::Tensor grad_rows, grad_w;
+    WeightedSumBackward(grads[0].contiguous(), s[0], s[1], s[2], grad_rows, grad_w);
+    return {grad_rows, grad_w, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+void CheckRows(const at::Tensor& x, int64_t rows, const char* what) {
+  TORCH_CHECK(x.defined() && x.dim() == 2 && x.size(0) == rows, what, ": expected [", rows,
+              ", hidden] rows, got ", x.defined() ? x.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), what, ": rows must be floating point");
+}
+
+}  // namespace
+
+absl::StatusOr<PermutePlan> MakePlan(const at::Tensor& routing_map, int64_t capacity) {
+  if (!routing_map.defined() || routing_map.dim() != 2 || routing_map.scalar_type() != at::kBool) {
+    return absl::InvalidArgumentError("permute: routing_map must be a [tokens, experts] bool tensor");
+  }
+  const at::Tensor map = routing_map.contiguous();
+  const int64_t T = map.size(0), E = map.size(1);
+  const bool* m = map.data_ptr<bool>();
+  PermutePlan p;
+  p.num_tokens = T;
+  p.num_experts = E;
+  p.rows_per_expert.assign(E, 0);
+  std::vector<int64_t> per_token(T, 0);
+  int64_t copies = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t e = 0; e < E; ++e) {
+      if (m[t * E + e]) {
+        ++p.rows_per_expert[e];
+        ++per_token[t];
+      }
+    }
+    copies += per_token[t];
+  }
+  if (capacity >= 0) {
+    for (int64_t e = 0; e < E; ++e) {
+      if (p.rows_per_expert[e] > capacity) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "permute: expert %d has %d tokens, more than the capacity %d (drop before permuting)",
+            e, p.rows_per_expert[e], capacity));
+      }
+    }
+  }
+  std::vector<int64_t> start(E + 1, 0), filled(E);
+  for (int64_t e = 0; e < E; ++e) {
+    filled[e] = p.rows_per_expert[e];
+    if (capacity >= 0) p.rows_per_expert[e] = capacity;
+    start[e + 1] = start[e] + p.rows_per_expert[e];
+  }
+  const int64_t N = start[E];
+  p.row_token = at::full({N}, -1, at::kLong);
+  p.row_prob_index = at::zeros({N}, at::kLong);
+  p.token_offsets = at::empty({T + 1}, at::kLong);
+  p.token_rows = at::empty({copies}, at::kLong);
+  int64_t* rt = p.row_token.data_ptr<int64_t>();
+  int64_t* rp = p.row_prob_index.data_ptr<int64_t>();
+  int64_t* off = p.token_offsets.data_ptr<int64_t>();
+  int64_t* tr = p.token_rows.data_ptr<int64_t>();
+  std::vector<int64_t> cursor(start.begin(), start.end() - 1);
+  int64_t k = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    off[t] = k;
+    for (int64_t e = 0; e < E; ++e) {
+      if (!m[t * E + e]) continue;
+      const int64_t r = cursor[e]++;
+      rt[r] = t;
+      rp[r] = t * E + e;
+      tr[k++] = r;
+    }
+  }
+  off[T] = k;
+  return p;
+}
+
+PermutePlan RowPermutation(const std::vector<int64_t>& perm, int64_t num_source_rows) {
+  PermutePlan p;
+  p.num_tokens = num_source_rows;
+  p.num_experts = 1;
+  p.rows_per_expert = {static_cast<int64_t>(perm.size())};
+  p.row_token = at::tensor(perm, at::kLong);
+  p.row_prob_index = at::zeros({static_cast<int64_t>(perm.size())}, at::kLong);
+  std::vector<int64_t> count(num_source_rows + 1, 0);
+  for (int64_t s : perm) {
+    TORCH_CHECK(s >= 0 && s < num_source_rows, "RowPermutation: source row ", s, " out of range");
+    ++count[s + 1];
+  }
+  for (int64_t s = 0; s < num_source_rows; ++s) count[s + 1] += count[s];
+  p.token_offsets = at::tensor(count, at::kLong);
+  std::vector<int64_t> rows(perm.size()), cursor(count.begin(), count.end() - 1);
+  for (size_t i = 0; i < perm.size(); ++i) rows[cursor[perm[i]]++] = static_cast<int64_t>(i);
+  p.token_rows = at::tensor(rows, at::kLong);
+  return p;
+}
+
+at::Tensor Permute(const at::Tensor& tokens, const PermutePlan& plan) {
+  CheckRows(tokens, plan.num_tokens, "Permute");
+  return PermuteFn::apply(tokens.contiguous(), plan.row_token, plan.token_offsets, plan.token_rows);
+}
+
+at::Tensor UnpermuteSum(const at::Tensor& rows, const PermutePlan& plan) {
+  CheckRows(rows, plan.num_rows(), "UnpermuteSum");
+  return UnpermuteSumFn::apply(rows.contiguous(), plan.row_token, plan.token_offsets, plan.token_rows);
+}
+
+at::Tensor Unpermute(const at::Tensor& rows, const at::Tensor& probs, const PermutePlan& plan) {
+  CheckRows(rows, plan.num_rows(), "Unpermute");
+  TORCH_CHECK(probs.defined() && probs.dim() == 2 && probs.size(0) == plan.num_tokens &&
+                  probs.size(1) == plan.num_experts,
+              "Unpermute: probs must be [", plan.num_tokens, ", ", plan.num_experts, "]");
+  const at::Tensor w = probs.to(at::kFloat).reshape({-1}).index_select(0, plan.row_prob_index);
+  return UnpermuteFn::apply(rows.contiguous(), w, plan.row_token, plan.token_offsets, plan.token_rows);
+}
+
+}  // namespace switchyard::dispatch

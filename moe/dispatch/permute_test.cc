@@ -1,0 +1,168 @@
+#include "moe/dispatch/permute.h"
+
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace switchyard::dispatch {
+namespace {
+
+using ::testing::HasSubstr;
+
+double MaxRel(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
+  return ((x - y).abs() / (y.abs() + 1e-6)).max().item<double>();
+}
+
+// A random routing map: each token picks k distinct experts; `empty_expert` gets none and
+// `empty_token` (if >= 0) is dropped everywhere.
+at::Tensor RandomMap(int64_t T, int64_t E, int k, int empty_expert, int64_t empty_token, uint64_t seed) {
+  at::manual_seed(seed);
+  at::Tensor scores = at::rand({T, E});
+  if (empty_expert >= 0) scores.select(1, empty_expert).fill_(-1);
+  at::Tensor idx = std::get<1>(scores.topk(k, 1));
+  at::Tensor map = at::zeros({T, E}, at::kBool).scatter_(1, idx, true);
+  if (empty_token >= 0) map[empty_token].fill_(false);
+  return map;
+}
+
+// The obvious reference with plain ATen ops and their autograd: for each expert in order,
+// the tokens it got, in token order; combine by index_add of weighted rows.
+struct Reference {
+  at::Tensor rows, out;
+};
+Reference Naive(const at::Tensor& x, const at::Tensor& map, const at::Tensor& probs,
+                const std::function<at::Tensor(const at::Tensor&)>& expert_fn) {
+  std::vector<at::Tensor> tok, flat;
+  const int64_t E = map.size(1);
+  for (int64_t e = 0; e < E; ++e) {
+    at::Tensor t = map.select(1, e).nonzero().reshape({-1});
+    tok.push_back(t);
+    flat.push_back(t * E + e);
+  }
+  const at::Tensor tokens = at::cat(tok), flat_idx = at::cat(flat);
+  Reference r;
+  r.rows = x.index_select(0, tokens);
+  const at::Tensor w = probs.reshape({-1}).index_select(0, flat_idx).unsqueeze(1);
+  r.out = at::zeros_like(x).index_add(0, tokens, expert_fn(r.rows) * w);
+  return r;
+}
+
+TEST(PermuteTest, DroplessMatchesNaiveForwardAndBackward) {
+  for (int k : {1, 2, 8}) {
+    const int64_t T = 37, E = 8, H = 5;
+    const at::Tensor map = RandomMap(T, E, k, /*empty_expert=*/k < 8 ? 3 : -1, /*empty_token=*/4, 100 + k);
+    at::manual_seed(7);
+    const at::Tensor x0 = at::randn({T, H}), p0 = at::rand({T, E}) * map, R = at::randn({T, H});
+    const at::Tensor scale = at::randn({H});  // a row-wise "expert" so gradients are not trivial
+    auto expert = [&](const at::Tensor& rows) { return rows * rows * scale; };
+
+    at::Tensor xr = x0.clone().requires_grad_(true), pr = p0.clone().requires_grad_(true);
+    Reference ref = Naive(xr, map, pr, expert);
+    (ref.out * R).sum().backward();
+
+    auto plan = MakePlan(map);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    at::Tensor x = x0.clone().requires_grad_(true), p = p0.clone().requires_grad_(true);
+    at::Tensor rows = Permute(x, *plan);
+    ASSERT_TRUE(at::equal(rows, ref.rows)) << "k=" << k;
+    at::Tensor out = Unpermute(expert(rows), p, *plan);
+    EXPECT_LT(MaxRel(out, ref.out), 1e-6) << "k=" << k;
+    (out * R).sum().backward();
+    EXPECT_LT(MaxRel(x.grad(), xr.grad()), 1e-6) << "k=" << k;
+    EXPECT_LT(MaxRel(p.grad(), pr.grad()), 1e-6) << "k=" << k;
+    // Counts per expert, the empty expert and the dropped token.
+    const at::Tensor counts = map.sum(0);
+    for (int64_t e = 0; e < E; ++e) EXPECT_EQ(plan->rows_per_expert[e], counts[e].item<int64_t>());
+    if (k < 8) {
+      EXPECT_EQ(plan->rows_per_expert[3], 0);
+    }
+    EXPECT_EQ(out[4].abs().sum().item<double>(), 0.0);
+    EXPECT_EQ(x.grad()[4].abs().sum().item<double>(), 0.0);
+  }
+}
+
+TEST(PermuteTest, CapacityLayoutHasZeroSlots) {
+  const int64_t T = 12, E = 4, H = 3, C = 5;
+  const at::Tensor map = RandomMap(T, E, 1, /*empty_expert=*/2, -1, 5);
+  // Drop to capacity: keep each expert's first C tokens.
+  at::Tensor kept = map.clone();
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t seen = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      if (kept[t][e].item<bool>() && ++seen > C) kept[t][e] = false;
+    }
+  }
+  auto plan = MakePlan(kept, C);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->num_rows(), E * C);
+  const at::Tensor x = at::randn({T, H}).requires_grad_(true);
+  const at::Tensor rows = Permute(x, *plan).view({E, C, H});
+  for (int64_t e = 0; e < E; ++e) {
+    const at::Tensor tok = kept.select(1, e).nonzero().reshape({-1});
+    const int64_t n = tok.numel();
+    EXPECT_TRUE(at::equal(rows[e].narrow(0, 0, n), x.index_select(0, tok))) << e;
+    EXPECT_EQ(rows[e].narrow(0, n, C - n).abs().sum().item<double>(), 0.0) << e;
+  }
+  // Combine with weight 1: every kept token comes back, dropped ones are zero.
+  const at::Tensor probs = kept.to(at::kFloat);
+  const at::Tensor out = Unpermute(rows.reshape({E * C, H}), probs, *plan);
+  const at::Tensor any = kept.any(1).unsqueeze(1);
+  EXPECT_TRUE(at::allclose(out, x * any));
+  out.sum().backward();
+  EXPECT_TRUE(at::equal(x.grad(), any.to(at::kFloat).expand({T, H})));
+
+  at::Tensor over = at::zeros({C + 1, E}, at::kBool);
+  over.select(1, 0).fill_(true);
+  auto bad = MakePlan(over, C);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("more than the capacity 5"));
+}
+
+TEST(PermuteTest, ZeroTokensAndZeroExperts) {
+  const at::Tensor map = at::zeros({0, 4}, at::kBool);
+  auto plan = MakePlan(map);
+  ASSERT_TRUE(plan.ok());
+  EXPECT_EQ(plan->num_rows(), 0);
+  const at::Tensor x = at::randn({0, 6}).requires_grad_(true);
+  const at::Tensor out = Unpermute(Permute(x, *plan), at::zeros({0, 4}), *plan);
+  EXPECT_EQ(out.size(0), 0);
+  EXPECT_EQ(out.size(1), 6);
+  out.sum().backward();
+  EXPECT_EQ(x.grad().numel(), 0);
+  EXPECT_FALSE(MakePlan(at::zeros({3, 4}, at::kFloat)).ok());
+  EXPECT_THROW(Permute(at::randn({5, 6}), *plan), c10::Error);
+}
+
+TEST(PermuteTest, Bf16RowsAccumulateInFp32) {
+  const int64_t T = 64, E = 8, H = 16;
+  const at::Tensor map = RandomMap(T, E, 8, -1, -1, 11);
+  auto plan = MakePlan(map);
+  ASSERT_TRUE(plan.ok());
+  const at::Tensor x = at::randn({T, H}).to(at::kBFloat16);
+  const at::Tensor probs = at::softmax(at::randn({T, E}), 1);
+  const at::Tensor out = Unpermute(Permute(x, *plan), probs, *plan);
+  EXPECT_EQ(out.scalar_type(), at::kBFloat16);
+  // Σ_e p[t,e] · x[t] = x[t] · Σ_e p = x[t] up to one bf16 rounding of the result.
+  EXPECT_LT((out.to(at::kFloat) - x.to(at::kFloat)).abs().max().item<float>(),
+            x.to(at::kFloat).abs().max().item<float>() * 8e-3);
+}
+
+TEST(PermuteTest, RowPermutationAndItsAdjoint) {
+  const std::vector<int64_t> perm = {3, 0, 4, 1, 2};
+  const PermutePlan plan = RowPermutation(perm, 5);
+  const at::Tensor x = at::randn({5, 3}).requires_grad_(true);
+  const at::Tensor y = Permute(x, plan);
+  EXPECT_TRUE(at::equal(y, x.index_select(0, at::tensor(perm, at::kLong))));
+  const at::Tensor back = UnpermuteSum(y, plan);
+  EXPECT_TRUE(at::equal(back, x));
+  const at::Tensor R = at::randn({5, 3});
+  (back * R).sum().backward();
+  EXPECT_TRUE(at::allclose(x.grad(), R));
+}
+
+}  // namespace
+}  // namespace switchyard::dispatch

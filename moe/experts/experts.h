@@ -1,0 +1,80 @@
+// Grouped expert MLPs: every local expert's weights in one tensor per projection, computed
+// as one grouped GEMM over contiguous per-expert row blocks (never a module per expert, and
+// never a full-size gradient per expert in the backward).
+//
+//   ExpertsConfig c{.hidden_size = 512, .ffn_hidden_size = 1024, .num_experts = 16,
+//                   .ep_size = 2, .ep_rank = 1, .activation = Activation::kSwiglu};
+//   absl::StatusOr<GroupedExperts> experts = GroupedExperts::Create(c, seed);
+//   at::Tensor out = experts->Forward(rows, rows_per_local_expert);   // [N, H]
+//
+// Weights are drawn per global expert from (seed, expert index) before any sharding, so the
+// same seed gives the same model under every EP and ETP layout. With expert tensor
+// parallelism each rank holds a slice of F, and its output is a partial sum that the
+// dispatcher reduces over the ETP group. This package never communicates.
+#ifndef MOE_EXPERTS_EXPERTS_H_
+#define MOE_EXPERTS_EXPERTS_H_
+
+#include <cstdint>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "absl/status/statusor.h"
+
+namespace switchyard::experts {
+
+enum class Activation { kGelu, kRelu, kSwiglu };
+
+struct ExpertsConfig {
+  int64_t hidden_size = 0;
+  int64_t ffn_hidden_size = 0;  // per expert, before ETP sharding
+  int num_experts = 1;          // global
+  int ep_size = 1;              // this rank holds experts [ep_rank × E/ep, (ep_rank + 1) × E/ep)
+  int ep_rank = 0;
+  int etp_size = 1;             // F is split in etp_size slices; this rank holds slice etp_rank
+  int etp_rank = 0;
+  Activation activation = Activation::kSwiglu;
+  at::ScalarType dtype = at::kFloat;
+  float init_std = 0.02f;
+};
+
+// out[block e] = x[block e] @ w[e]. x: [N, in]; w: [E, in, out]; rows_per_expert sums to N.
+// Autograd to x and w; an expert with no rows gets a zero gradient.
+at::Tensor GroupedMatmul(const at::Tensor& x, const at::Tensor& w,
+                         const std::vector<int64_t>& rows_per_expert);
+
+// silu(h[:, :F]) · h[:, F:] for h = [N, 2F], forward and backward in one pass each.
+at::Tensor SwigluFused(const at::Tensor& h);
+
+class GroupedExperts {
+ public:
+  static absl::StatusOr<GroupedExperts> Create(const ExpertsConfig& config, uint64_t seed);
+
+  // rows: [N, H] grouped by local expert; rows_per_local_expert: [num_local_experts()].
+  // Returns [N, H] in rows' dtype (a partial sum over F slices when etp_size > 1).
+  absl::StatusOr<at::Tensor> Forward(const at::Tensor& rows,
+                                     const std::vector<int64_t>& rows_per_local_expert);
+
+  const ExpertsConfig& config() const { return config_; }
+  int num_local_experts() const { return config_.num_experts / config_.ep_size; }
+  int first_expert() const { return config_.ep_rank * num_local_experts(); }
+  int64_t local_ffn() const { return config_.ffn_hidden_size / config_.etp_size; }
+  // fc1: [E_local, H, F_local] or, for SwiGLU, [E_local, H, 2·F_local] with the gate slice
+  // first and the up slice second; fc2: [E_local, F_local, H]. Both require grad.
+  at::Tensor& fc1() { return fc1_; }
+  at::Tensor& fc2() { return fc2_; }
+
+  // The full (unsharded) weights of global expert e as Create draws them, for tests and
+  // checkpoint conversion: fc1 [H, F] (SwiGLU: [H, 2F], gate then up), fc2 [F, H].
+  static std::pair<at::Tensor, at::Tensor> FullExpertWeights(const ExpertsConfig& config,
+                                                             uint64_t seed, int expert);
+
+ private:
+  GroupedExperts() = default;
+  ExpertsConfig config_;
+  at::Tensor fc1_, fc2_;
+};
+
+}  // namespace switchyard::experts
+
+#endif  // MOE_EXPERTS_EXPERTS_H_

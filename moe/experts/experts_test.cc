@@ -1,0 +1,186 @@
+#include "moe/experts/experts.h"
+
+#include <numeric>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace switchyard::experts {
+namespace {
+
+using ::testing::HasSubstr;
+
+double MaxRel(const at::Tensor& a, const at::Tensor& b) {
+  if (b.numel() == 0) return a.numel() == 0 ? 0.0 : 1e9;
+  const at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
+  return ((x - y).abs().max() / (y.abs().max() + 1e-12)).item<double>();
+}
+
+at::Tensor Act(const at::Tensor& h, Activation a) {
+  switch (a) {
+    case Activation::kGelu: return at::gelu(h);
+    case Activation::kRelu: return at::relu(h);
+    case Activation::kSwiglu: {
+      const int64_t f = h.size(1) / 2;
+      return at::silu(h.narrow(1, 0, f)) * h.narrow(1, f, f);
+    }
+  }
+  return h;
+}
+
+// One expert as a plain MLP on its rows, with ATen's autograd.
+at::Tensor ReferenceMlp(const at::Tensor& x, const at::Tensor& fc1, const at::Tensor& fc2, Activation a) {
+  return at::mm(Act(at::mm(x, fc1), a), fc2);
+}
+
+TEST(GroupedMatmulTest, MatchesPerExpertLoopWithEmptyExperts) {
+  at::manual_seed(1);
+  const std::vector<int64_t> counts = {3, 0, 7, 1, 0};
+  const int64_t N = 11, in = 6, out = 4, E = 5;
+  const at::Tensor x0 = at::randn({N, in}), w0 = at::randn({E, in, out}), R = at::randn({N, out});
+  at::Tensor x = x0.clone().requires_grad_(true), w = w0.clone().requires_grad_(true);
+  at::Tensor y = GroupedMatmul(x, w, counts);
+  (y * R).sum().backward();
+
+  at::Tensor xr = x0.clone().requires_grad_(true), wr = w0.clone().requires_grad_(true);
+  std::vector<at::Tensor> parts;
+  int64_t off = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    parts.push_back(at::mm(xr.narrow(0, off, counts[e]), wr[e]));
+    off += counts[e];
+  }
+  const at::Tensor yr = at::cat(parts);
+  (yr * R).sum().backward();
+  EXPECT_LT(MaxRel(y, yr), 1e-6);
+  EXPECT_LT(MaxRel(x.grad(), xr.grad()), 1e-6);
+  EXPECT_LT(MaxRel(w.grad(), wr.grad()), 1e-6);
+  EXPECT_EQ(w.grad()[1].abs().sum().item<double>(), 0.0);
+  EXPECT_THROW(GroupedMatmul(x0, w0, {3, 0, 7, 1}), c10::Error);
+  EXPECT_THROW(GroupedMatmul(x0, w0, {3, 0, 7, 1, 1}), c10::Error);
+}
+
+TEST(SwigluTest, FusedMatchesComposedOps) {
+  at::manual_seed(2);
+  const at::Tensor h0 = at::randn({9, 10}) * 3, R = at::randn({9, 5});
+  at::Tensor h = h0.clone().requires_grad_(true), hr = h0.clone().requires_grad_(true);
+  const at::Tensor y = SwigluFused(h), yr = Act(hr, Activation::kSwiglu);
+  EXPECT_LT(MaxRel(y, yr), 1e-6);
+  (y * R).sum().backward();
+  (yr * R).sum().backward();
+  EXPECT_LT(MaxRel(h.grad(), hr.grad()), 1e-6);
+}
+
+TEST(GroupedExpertsTest, EveryActivationMatchesPerExpertMlp) {
+  for (Activation a : {Activation::kGelu, Activation::kRelu, Activation::kSwiglu}) {
+    ExpertsConfig c{.hidden_size = 8, .ffn_hidden_size = 12, .num_experts = 4, .activation = a};
+    auto ex = GroupedExperts::Create(c, 42);
+    ASSERT_TRUE(ex.ok()) << ex.status();
+    const std::vector<int64_t> counts = {5, 0, 2, 6};
+    at::manual_seed(3);
+    const at::Tensor x0 = at::randn({13, 8}), R = at::randn({13, 8});
+    at::Tensor x = x0.clone().requires_grad_(true);
+    auto y = ex->Forward(x, counts);
+    ASSERT_TRUE(y.ok()) << y.status();
+    (*y * R).sum().backward();
+
+    at::Tensor xr = x0.clone().requires_grad_(true);
+    int64_t off = 0;
+    for (int e = 0; e < 4; ++e) {
+      auto [w1, w2] = GroupedExperts::FullExpertWeights(c, 42, e);
+      w1.requires_grad_(true);
+      w2.requires_grad_(true);
+      const at::Tensor yr = ReferenceMlp(xr.narrow(0, off, counts[e]), w1, w2, a);
+      EXPECT_LT(MaxRel(y->narrow(0, off, counts[e]), yr), 1e-6) << e;
+      (yr * R.narrow(0, off, counts[e])).sum().backward();
+      if (counts[e] > 0) {
+        EXPECT_LT(MaxRel(ex->fc1().grad()[e], w1.grad()), 1e-5) << e;
+        EXPECT_LT(MaxRel(ex->fc2().grad()[e], w2.grad()), 1e-5) << e;
+      } else {
+        EXPECT_EQ(ex->fc1().grad()[e].abs().sum().item<double>(), 0.0);
+      }
+      off += counts[e];
+    }
+    EXPECT_LT(MaxRel(x.grad(), xr.grad()), 1e-6);
+  }
+}
+
+// ETP shards sum to the full expert, and EP ranks hold the right experts: the same model
+// under every (EP, ETP) split of the same seed.
+TEST(GroupedExpertsTest, ShardsAcrossEpAndEtpRebuildTheSameModel) {
+  const ExpertsConfig full{.hidden_size = 8, .ffn_hidden_size = 12, .num_experts = 4};
+  auto ref = GroupedExperts::Create(full, 9);
+  ASSERT_TRUE(ref.ok());
+  at::manual_seed(4);
+  const std::vector<int64_t> counts = {3, 4, 0, 2};
+  const at::Tensor x = at::randn({9, 8}), R = at::randn({9, 8});
+  auto yref = ref->Forward(x, counts);
+  ASSERT_TRUE(yref.ok());
+  (*yref * R).sum().backward();
+  for (int ep : {1, 2, 4}) {
+    for (int etp : {1, 2, 3}) {
+      at::Tensor y = at::zeros({9, 8});
+      const int local = 4 / ep;
+      for (int er = 0; er < ep; ++er) {
+        const int64_t begin = std::accumulate(counts.begin(), counts.begin() + er * local, int64_t{0});
+        const std::vector<int64_t> mine(counts.begin() + er * local, counts.begin() + (er + 1) * local);
+        const int64_t n = std::accumulate(mine.begin(), mine.end(), int64_t{0});
+        for (int tr = 0; tr < etp; ++tr) {
+          ExpertsConfig c = full;
+          c.ep_size = ep, c.ep_rank = er, c.etp_size = etp, c.etp_rank = tr;
+          auto ex = GroupedExperts::Create(c, 9);
+          ASSERT_TRUE(ex.ok()) << ex.status();
+          auto part = ex->Forward(x.narrow(0, begin, n), mine);
+          ASSERT_TRUE(part.ok());
+          y.narrow(0, begin, n).add_(*part);
+          (*part * R.narrow(0, begin, n)).sum().backward();
+          // This shard's gradient is its slice of the full expert's gradient.
+          const int64_t fl = 12 / etp;
+          for (int i = 0; i < local; ++i) {
+            const at::Tensor g1 = ref->fc1().grad()[er * local + i];
+            const at::Tensor want1 = at::cat({g1.narrow(1, tr * fl, fl), g1.narrow(1, 12 + tr * fl, fl)}, 1);
+            EXPECT_LT((ex->fc1().grad()[i] - want1).abs().max().item<double>(), 1e-6);
+            const at::Tensor want2 = ref->fc2().grad()[er * local + i].narrow(0, tr * fl, fl);
+            EXPECT_LT((ex->fc2().grad()[i] - want2).abs().max().item<double>(), 1e-6);
+          }
+        }
+      }
+      EXPECT_LT(MaxRel(y, *yref), 1e-6) << "ep=" << ep << " etp=" << etp;
+    }
+  }
+}
+
+TEST(GroupedExpertsTest, Bf16FollowsFp32) {
+  ExpertsConfig c{.hidden_size = 16, .ffn_hidden_size = 32, .num_experts = 2, .dtype = at::kBFloat16};
+  auto bf = GroupedExperts::Create(c, 5);
+  c.dtype = at::kFloat;
+  auto fp = GroupedExperts::Create(c, 5);
+  ASSERT_TRUE(bf.ok() && fp.ok());
+  const at::Tensor x = at::randn({10, 16});
+  auto yb = bf->Forward(x, {4, 6});
+  auto yf = fp->Forward(x, {4, 6});
+  ASSERT_TRUE(yb.ok() && yf.ok());
+  EXPECT_EQ(yb->scalar_type(), at::kBFloat16);
+  EXPECT_LT(MaxRel(*yb, *yf), 3e-2);
+}
+
+TEST(GroupedExpertsTest, BadConfigAndInputsAreClearErrors) {
+  auto e1 = GroupedExperts::Create({.hidden_size = 8, .ffn_hidden_size = 12, .num_experts = 6, .ep_size = 4}, 1);
+  ASSERT_FALSE(e1.ok());
+  EXPECT_THAT(std::string(e1.status().message()), HasSubstr("ep_size = 4 must divide num_experts = 6"));
+  auto e2 = GroupedExperts::Create({.hidden_size = 8, .ffn_hidden_size = 12, .num_experts = 4, .etp_size = 5}, 1);
+  ASSERT_FALSE(e2.ok());
+  EXPECT_THAT(std::string(e2.status().message()), HasSubstr("etp_size = 5 must divide ffn_hidden_size = 12"));
+  auto ok = GroupedExperts::Create({.hidden_size = 8, .ffn_hidden_size = 12, .num_experts = 2}, 1);
+  ASSERT_TRUE(ok.ok());
+  EXPECT_FALSE(ok->Forward(at::randn({4, 7}), {2, 2}).ok());
+  EXPECT_FALSE(ok->Forward(at::randn({4, 8}), {4}).ok());
+  auto bad_sum = ok->Forward(at::randn({4, 8}), {1, 2});
+  ASSERT_FALSE(bad_sum.ok());
+  EXPECT_THAT(std::string(bad_sum.status().message()), HasSubstr("sum to 3 but x has 4 rows"));
+}
+
+}  // namespace
+}  // namespace switchyard::experts

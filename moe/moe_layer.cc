@@ -1,0 +1,187 @@
+#include "moe/moe_layer.h"
+
+#include <string>
+#include <utility>
+
+#include <ATen/ATen.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/status_macros.h"
+#include "moe/dispatch/exchange.h"
+#include "moe/dispatch/permute.h"
+
+namespace switchyard::moe {
+namespace {
+
+using groups::GroupKind;
+
+// Independent streams for the router, the routed and the shared experts from one seed.
+constexpr uint64_t kExpertSeedSalt = 0x5157ull;
+constexpr uint64_t kSharedSeedSalt = 0x5348ull;
+
+absl::Status Sum(groups::Group& g, at::Tensor& t) {
+  return g.AllReduce(t, groups::ReduceOp::kSum).Wait();
+}
+
+}  // namespace
+
+groups::Group* MoELayer::GroupOrNull(GroupKind kind) const {
+  if (comm_ == nullptr || !comm_->Has(kind)) return nullptr;
+  groups::Group& g = comm_->Get(kind);
+  return g.size() > 1 ? &g : nullptr;
+}
+
+absl::StatusOr<MoELayer> MoELayer::Create(const MoEConfig& config, uint64_t seed,
+                                          groups::Communicator* comm) {
+  MoELayer layer;
+  layer.config_ = config;
+  layer.comm_ = comm;
+  const int E = config.router.num_experts;
+  experts::ExpertsConfig ec{.hidden_size = config.router.hidden_size,
+                            .ffn_hidden_size = config.ffn_hidden_size,
+                            .num_experts = E,
+                            .activation = config.activation,
+                            .dtype = config.dtype,
+                            .init_std = config.init_std};
+  if (comm != nullptr) {
+    const groups::Layout& l = comm->layout();
+    if (E % l.ep() != 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: parallel.ep = %d does not divide num_experts = %d", config.name, l.ep(), E));
+    }
+    if (config.ffn_hidden_size % l.etp() != 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: parallel.etp = %d does not divide ffn_hidden_size = %d", config.name, l.etp(),
+          config.ffn_hidden_size));
+    }
+    const groups::ExpertCoord c = l.Expert(comm->rank());
+    ec.ep_size = l.ep();
+    ec.ep_rank = c.ep;
+    ec.etp_size = l.etp();
+    ec.etp_rank = c.etp;
+  }
+  SY_ASSIGN_OR_RETURN(gate::Router router, gate::Router::Create(config.router, seed));
+  layer.router_.emplace(std::move(router));
+  SY_ASSIGN_OR_RETURN(experts::GroupedExperts ex, experts::GroupedExperts::Create(ec, seed ^ kExpertSeedSalt));
+  layer.experts_.emplace(std::move(ex));
+  if (config.num_shared_experts > 0) {
+    const int64_t f = config.shared_ffn_hidden_size > 0 ? config.shared_ffn_hidden_size
+                                                        : config.ffn_hidden_size * config.num_shared_experts;
+    experts::ExpertsConfig sc{.hidden_size = config.router.hidden_size,
+                              .ffn_hidden_size = f,
+                              .num_experts = 1,
+                              .activation = config.activation,
+                              .dtype = config.dtype,
+                              .init_std = config.init_std};
+    SY_ASSIGN_OR_RETURN(experts::GroupedExperts shared, experts::GroupedExperts::Create(sc, seed ^ kSharedSeedSalt));
+    layer.shared_.emplace(std::move(shared));
+  } else if (config.num_shared_experts < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: num_shared_experts = %d must be >= 0",
+                                                      config.name, config.num_shared_experts));
+  }
+  return layer;
+}
+
+absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEForwardArgs& args) {
+  const int64_t H = config_.router.hidden_size;
+  if (!hidden.defined() || hidden.dim() != 2 || hidden.size(1) != H) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: hidden states must be [tokens, %d]", config_.name, H));
+  }
+  try {
+    groups::Group* slice = config_.sequence_parallel ? nullptr : GroupOrNull(GroupKind::kSlice);
+    std::vector<int64_t> slice_counts;
+    at::Tensor x = hidden;
+    if (slice != nullptr) {
+      slice_counts = dispatch::EvenSplit(hidden.size(0), slice->size());
+      SY_ASSIGN_OR_RETURN(x, dispatch::SliceTokens(hidden, *slice, slice_counts));
+    }
+    gate::ForwardArgs ga{.training = args.training, .num_sequences = args.num_sequences};
+    groups::Group* stage = GroupOrNull(GroupKind::kGate);
+    if (stage != nullptr) {
+      ga.sum_over_dp = [stage](const at::Tensor& t) {
+        at::Tensor s = t.contiguous().clone();
+        const absl::Status st = Sum(*stage, s);
+        TORCH_CHECK(st.ok(), std::string(st.message()));
+        return s;
+      };
+    } else {
+      ga.sum_over_dp = [](const at::Tensor& t) { return t; };
+    }
+    SY_ASSIGN_OR_RETURN(gate::RouterOutput r, router_->Forward(x, ga));
+    const gate::Routing& routing = r.routing;
+    const bool fixed_blocks = routing.capacity >= 0 && config_.router.topk.pad_to_capacity &&
+                              config_.router.type == gate::RoutingType::kTokenChoice;
+    SY_ASSIGN_OR_RETURN(dispatch::PermutePlan plan,
+                        dispatch::MakePlan(routing.routing_map, fixed_blocks ? routing.capacity : -1));
+    const at::Tensor xe = x.to(config_.dtype);
+    const at::Tensor rows = dispatch::Permute(xe, plan);
+    const dispatch::ExpertGroups eg{.ep = GroupOrNull(GroupKind::kEp),
+                                    .etp = GroupOrNull(GroupKind::kEtp),
+                                    .num_experts = config_.router.num_experts};
+    dispatch::DispatchState st;
+    SY_ASSIGN_OR_RETURN(at::Tensor local_rows, dispatch::DispatchToExperts(rows, plan.rows_per_expert, eg, &st));
+    SY_ASSIGN_OR_RETURN(at::Tensor expert_out, experts_->Forward(local_rows, st.rows_per_local_expert));
+    SY_ASSIGN_OR_RETURN(at::Tensor back, dispatch::CombineFromExperts(expert_out, st, eg));
+    at::Tensor y = dispatch::Unpermute(back, routing.probs, plan);
+    if (shared_) {
+      SY_ASSIGN_OR_RETURN(at::Tensor s, shared_->Forward(xe, {xe.size(0)}));
+      y = y + s;
+    }
+    if (slice != nullptr) {
+      SY_ASSIGN_OR_RETURN(y, dispatch::GatherTokens(y, *slice, slice_counts));
+    }
+
+    MoEOutput out;
+    out.output = y.to(hidden.scalar_type());
+    out.aux_loss = r.aux_loss;
+    out.z_loss = r.z_loss;
+    out.aux_loss_value = r.aux_loss_value;
+    out.z_loss_value = r.z_loss_value;
+    out.tokens_per_expert = routing.tokens_per_expert;
+    out.dropped = routing.dropped.defined() ? routing.dropped.sum().item<int64_t>() : 0;
+    return out;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat(config_.name, ": ", e.what_without_backtrace()));
+  }
+}
+
+absl::Status MoELayer::UpdateExpertBias(const at::Tensor& tokens_per_expert) {
+  at::Tensor n = tokens_per_expert.to(at::kFloat).contiguous().clone();
+  if (groups::Group* stage = GroupOrNull(GroupKind::kGate)) {
+    SY_RETURN_IF_ERROR(Sum(*stage, n));
+  }
+  router_->UpdateBias(n);
+  return absl::OkStatus();
+}
+
+std::vector<TaggedParam> MoELayer::Parameters() {
+  const int tp = comm_ ? comm_->layout().tp() : 1;
+  const ParamDomain replicated = tp > 1 ? ParamDomain::kDenseTpReplicated : ParamDomain::kDense;
+  const std::string& n = config_.name;
+  std::vector<TaggedParam> out;
+  out.push_back({router_->weight(), {.name = n + ".router.weight", .domain = replicated}});
+  if (router_->noise_weight().defined()) {
+    out.push_back({router_->noise_weight(), {.name = n + ".router.noise_weight", .domain = replicated}});
+  }
+  const experts::ExpertsConfig& ec = experts_->config();
+  for (auto [suffix, t] : {std::pair<const char*, at::Tensor>{".experts.fc1", experts_->fc1()},
+                           {".experts.fc2", experts_->fc2()}}) {
+    out.push_back({t,
+                   {.name = n + suffix,
+                    .domain = ParamDomain::kExpert,
+                    .expert_group = n,
+                    .first_global_expert = experts_->first_expert(),
+                    .num_local_experts = experts_->num_local_experts(),
+                    .ep_size = ec.ep_size,
+                    .etp_size = ec.etp_size}});
+  }
+  if (shared_) {
+    out.push_back({shared_->fc1(), {.name = n + ".shared_experts.fc1", .domain = replicated}});
+    out.push_back({shared_->fc2(), {.name = n + ".shared_experts.fc2", .domain = replicated}});
+  }
+  return out;
+}
+
+}  // namespace switchyard::moe

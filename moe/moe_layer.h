@@ -1,0 +1,113 @@
+// MoELayer: router + token dispatch + grouped experts (+ shared experts), the same numbers
+// under every parallel layout.
+//
+//   MoEConfig c;
+//   c.router = {.hidden_size = 512, .num_experts = 16, .topk = {.top_k = 2}};
+//   c.ffn_hidden_size = 1024;
+//   absl::StatusOr<MoELayer> layer = MoELayer::Create(c, seed, comm /* null: one process */);
+//   absl::StatusOr<MoEOutput> out = layer->Forward(hidden, {.training = true});
+//   loss = task_loss(out->output) + out->aux_loss + out->z_loss;
+//
+// Under a layout (`comm` given): `hidden` is this rank's tokens; with TP > 1 and no sequence
+// parallelism they are replicated across the TP group, and each TP rank routes its slice of
+// them (FastMoE's slice_group) and gathers the outputs back. Routed copies go to their
+// experts over the EP group (all-to-all) and, with ETP > 1, to every F slice of the expert.
+// Capacity is counted over the tokens this rank routes, as in Megatron-Core and DeepSpeed.
+//
+// Every parameter carries a tag (domain, module name, expert group, global expert indices,
+// EP size) that the optimizer and the grad norm read; the layer never includes them.
+#ifndef MOE_MOE_LAYER_H_
+#define MOE_MOE_LAYER_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "absl/status/statusor.h"
+#include "dist/groups/comm.h"
+#include "moe/experts/experts.h"
+#include "moe/gate/router_module.h"
+
+namespace switchyard::moe {
+
+struct MoEConfig {
+  gate::RouterConfig router;            // hidden_size, num_experts, top-k and capacity, losses
+  int64_t ffn_hidden_size = 0;          // per routed expert
+  experts::Activation activation = experts::Activation::kSwiglu;
+  int num_shared_experts = 0;           // always-on experts, one dense MLP of the summed size
+  int64_t shared_ffn_hidden_size = 0;   // 0: ffn_hidden_size × num_shared_experts
+  at::ScalarType dtype = at::kFloat;    // experts' weights and activations; the router is fp32
+  bool sequence_parallel = false;       // tokens already split across TP (no slicing)
+  std::string name = "moe";             // module name in parameter tags
+  float init_std = 0.02f;
+};
+
+enum class ParamDomain {
+  kDense,                // the same on every rank of the data-parallel group
+  kDenseTpReplicated,    // replicated across TP but fed different tokens there: sum over TP too
+  kExpert,               // routed experts: reduced over EDP, divided by DP × CP
+};
+
+struct ParamTag {
+  std::string name;                 // "moe.router.weight", "moe.experts.fc1", ...
+  ParamDomain domain = ParamDomain::kDense;
+  std::string expert_group;         // the layer's name, for expert params
+  int first_global_expert = -1;     // dim 0 index i of an expert tensor is expert first + i
+  int num_local_experts = 0;
+  int ep_size = 1;
+  int etp_size = 1;
+};
+
+struct TaggedParam {
+  at::Tensor tensor;  // shares storage and .grad() with the layer's parameter
+  ParamTag tag;
+};
+
+struct MoEForwardArgs {
+  bool training = false;
+  int64_t num_sequences = 1;  // for the per-sequence aux loss
+};
+
+struct MoEOutput {
+  at::Tensor output;               // [T, H] in the input's dtype
+  at::Tensor aux_loss, z_loss;     // scalars with autograd (this rank's share)
+  double aux_loss_value = 0, z_loss_value = 0;
+  at::Tensor tokens_per_expert;    // [E] routed copies before dropping, this rank's tokens
+  int64_t dropped = 0;             // routed copies dropped for capacity on this rank
+};
+
+class MoELayer {
+ public:
+  // comm: null for one process; otherwise the layout gives EP, ETP and TP, and must agree
+  // with the config (num_experts % EP, ffn_hidden_size % ETP).
+  static absl::StatusOr<MoELayer> Create(const MoEConfig& config, uint64_t seed,
+                                         groups::Communicator* comm = nullptr);
+
+  absl::StatusOr<MoEOutput> Forward(const at::Tensor& hidden, const MoEForwardArgs& args);
+
+  // Aux-loss-free balancing after a step: sums `tokens_per_expert` over every rank that
+  // routes different tokens with this router (the pipeline stage), then moves the bias.
+  absl::Status UpdateExpertBias(const at::Tensor& tokens_per_expert);
+
+  std::vector<TaggedParam> Parameters();
+  const MoEConfig& config() const { return config_; }
+  gate::Router& router() { return *router_; }
+  experts::GroupedExperts& routed_experts() { return *experts_; }
+  experts::GroupedExperts* shared_experts() { return shared_ ? &*shared_ : nullptr; }
+
+ private:
+  MoELayer() = default;
+  groups::Group* GroupOrNull(groups::GroupKind kind) const;
+  MoEConfig config_;
+  groups::Communicator* comm_ = nullptr;
+  std::optional<gate::Router> router_;
+  std::optional<experts::GroupedExperts> experts_;
+  std::optional<experts::GroupedExperts> shared_;
+};
+
+}  // namespace switchyard::moe
+
+#endif  // MOE_MOE_LAYER_H_

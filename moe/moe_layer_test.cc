@@ -1,0 +1,320 @@
+#include "moe/moe_layer.h"
+
+#include <mutex>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/str_format.h"
+#include "dist/groups/comm.h"
+#include "dist/groups/testing/multi_rank.h"
+#include "moe/dispatch/exchange.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace switchyard::moe {
+namespace {
+
+using groups::Communicator;
+using groups::GroupKind;
+using ::testing::HasSubstr;
+
+constexpr int64_t kHidden = 8, kFfn = 12;
+constexpr int kExperts = 8;
+constexpr uint64_t kSeed = 1234;
+
+// max|a − b| / max|b|: the error relative to the tensor's scale.
+double RelErr(const at::Tensor& a, const at::Tensor& b) {
+  if (b.numel() == 0) return a.numel() == 0 ? 0.0 : 1e9;
+  const at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
+  return ((x - y).abs().max() / (y.abs().max() + 1e-30)).item<double>();
+}
+
+struct Case {
+  std::string name;
+  groups::LayoutSpec layout;
+  int top_k = 2;
+  double capacity_factor = 0;  // 0: dropless
+  gate::DropPolicy drop_policy = gate::DropPolicy::kByScore;
+  bool pad_to_capacity = false;
+  experts::Activation activation = experts::Activation::kSwiglu;
+  int shared_experts = 0;
+  std::vector<int64_t> dp_tokens;  // tokens of each data-parallel block (0 allowed)
+  int silent_expert = -1;          // an expert no token picks
+};
+
+MoEConfig Config(const Case& c) {
+  MoEConfig m;
+  m.router = {.hidden_size = kHidden, .num_experts = kExperts};
+  m.router.topk.top_k = c.top_k;
+  m.router.topk.capacity_factor = c.capacity_factor;
+  m.router.topk.drop_policy = c.drop_policy;
+  m.router.topk.pad_to_capacity = c.pad_to_capacity;
+  m.router.init_std = 0.5f;  // spread logits so routing is decisive
+  m.ffn_hidden_size = kFfn;
+  m.activation = c.activation;
+  m.num_shared_experts = c.shared_experts;
+  m.init_std = 0.3f;
+  return m;
+}
+
+void Silence(MoELayer& layer, int expert) {
+  if (expert < 0) return;
+  at::NoGradGuard no_grad;
+  layer.router().weight()[expert][0] = -50.0f;  // feature 0 is a constant 3: logit ≈ −150
+}
+
+struct Reference {
+  at::Tensor x, R, out, x_grad, router_grad, fc1_grad, fc2_grad, shared_fc1_grad, shared_fc2_grad;
+  double aux = 0;
+  int64_t dropped = 0;
+  at::Tensor tokens_per_expert;
+};
+
+// The single-process layer. Dropless: the whole global batch at once (with the batch aux
+// loss). With capacity, each routing shard (what one rank routes) separately, as capacity is
+// counted per shard; the aux loss then is per shard too.
+Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& shards) {
+  Reference ref;
+  at::manual_seed(99);
+  const int64_t T = std::accumulate(c.dp_tokens.begin(), c.dp_tokens.end(), int64_t{0});
+  ref.x = at::randn({T, kHidden});
+  if (c.silent_expert >= 0) ref.x.select(1, 0).fill_(3.0f);
+  ref.R = at::randn({T, kHidden});
+  MoEConfig cfg = Config(c);
+  cfg.router.aux_loss = gate::AuxLoss::kBatch;
+  auto layer = MoELayer::Create(cfg, kSeed);
+  EXPECT_TRUE(layer.ok()) << layer.status();
+  Silence(*layer, c.silent_expert);
+  at::Tensor x = ref.x.clone().requires_grad_(true);
+  std::vector<at::Tensor> outs;
+  at::Tensor loss = at::zeros({});
+  auto run = [&](int64_t off, int64_t n) {
+    auto out = layer->Forward(x.narrow(0, off, n), {});
+    EXPECT_TRUE(out.ok()) << out.status();
+    outs.push_back(out->output);
+    loss = loss + (out->output * ref.R.narrow(0, off, n)).sum() + out->aux_loss;
+    ref.aux += out->aux_loss_value;
+    ref.dropped += out->dropped;
+    ref.tokens_per_expert = ref.tokens_per_expert.defined() ? ref.tokens_per_expert + out->tokens_per_expert
+                                                            : out->tokens_per_expert;
+  };
+  if (c.capacity_factor > 0) {
+    int64_t off = 0;
+    for (const auto& block : shards) {
+      for (int64_t n : block) {
+        run(off, n);
+        off += n;
+      }
+    }
+  } else {
+    run(0, T);
+  }
+  loss.backward();
+  ref.out = at::cat(outs).detach();
+  ref.x_grad = x.grad();
+  ref.router_grad = layer->router().weight().grad().clone();
+  ref.fc1_grad = layer->routed_experts().fc1().grad().clone();
+  ref.fc2_grad = layer->routed_experts().fc2().grad().clone();
+  if (auto* s = layer->shared_experts()) {
+    ref.shared_fc1_grad = s->fc1().grad().clone();
+    ref.shared_fc2_grad = s->fc2().grad().clone();
+  }
+  return ref;
+}
+
+absl::Status Check(const std::string& what, const at::Tensor& got, const at::Tensor& want, int rank) {
+  const double e = RelErr(got, want);
+  if (!(e <= 1e-5)) {
+    return absl::InternalError(absl::StrFormat("rank %d: %s differs, relative error %g", rank, what, e));
+  }
+  return absl::OkStatus();
+}
+
+at::Tensor SumOver(Communicator& comm, GroupKind kind, const at::Tensor& t) {
+  at::Tensor s = t.clone().contiguous();
+  if (comm.Has(kind)) EXPECT_TRUE(comm.Get(kind).AllReduce(s).Wait().ok());
+  return s;
+}
+
+// This rank's ETP slice of every local expert's full reference gradient.
+at::Tensor ExpertShard(const at::Tensor& full, const experts::GroupedExperts& ex, bool fc1, bool swiglu) {
+  const experts::ExpertsConfig& c = ex.config();
+  const int64_t fl = ex.local_ffn(), lo = c.etp_rank * fl;
+  const at::Tensor mine = full.narrow(0, ex.first_expert(), ex.num_local_experts());
+  if (!fc1) return mine.narrow(1, lo, fl);
+  if (!swiglu) return mine.narrow(2, lo, fl);
+  return at::cat({mine.narrow(2, lo, fl), mine.narrow(2, c.ffn_hidden_size + lo, fl)}, 2);
+}
+
+void RunCase(const Case& c) {
+  SCOPED_TRACE(c.name);
+  auto layout = groups::Layout::Create(c.layout);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  ASSERT_EQ(static_cast<int>(c.dp_tokens.size()), layout->dp());
+  const int slices = layout->tp();
+  std::vector<std::vector<int64_t>> shards;
+  for (int64_t n : c.dp_tokens) shards.push_back(dispatch::EvenSplit(n, slices));
+  const Reference ref = RunReference(c, shards);
+  // The cases test what they say: drops happen, the silent expert gets nothing.
+  if (c.capacity_factor > 0) EXPECT_GT(ref.dropped, 0);
+  if (c.silent_expert >= 0) EXPECT_EQ(ref.tokens_per_expert[c.silent_expert].item<int64_t>(), 0);
+  const bool swiglu = c.activation == experts::Activation::kSwiglu;
+
+  std::mutex mu;
+  double aux_total = 0;
+  const absl::Status s = groups::testing::RunRanks({.layout = c.layout}, [&](Communicator& comm) -> absl::Status {
+    const int rank = comm.rank();
+    const int d = comm.layout().Dense(rank).dp;
+    const int64_t off = std::accumulate(c.dp_tokens.begin(), c.dp_tokens.begin() + d, int64_t{0});
+    const int64_t n = c.dp_tokens[d];
+    MoEConfig cfg = Config(c);
+    // Dropless: the aux loss over the global batch (counts summed over the stage).
+    cfg.router.aux_loss = c.capacity_factor > 0 ? gate::AuxLoss::kBatch : gate::AuxLoss::kGlobal;
+    auto layer = MoELayer::Create(cfg, kSeed, &comm);
+    if (!layer.ok()) return layer.status();
+    Silence(*layer, c.silent_expert);
+    at::Tensor x = ref.x.narrow(0, off, n).clone().requires_grad_(true);
+    auto out = layer->Forward(x, {});
+    if (!out.ok()) return out.status();
+    ((out->output * ref.R.narrow(0, off, n)).sum() + out->aux_loss).backward();
+    {
+      std::lock_guard<std::mutex> l(mu);
+      aux_total += out->aux_loss_value;
+    }
+    absl::Status st = Check("output", out->output, ref.out.narrow(0, off, n), rank);
+    if (st.ok()) st = Check("input gradient", x.grad(), ref.x_grad.narrow(0, off, n), rank);
+    // Router and shared experts: replicated, fed different tokens; their gradients add up
+    // over the stage (DP and the TP slices).
+    if (st.ok()) st = Check("router gradient", SumOver(comm, GroupKind::kGate, layer->router().weight().grad()), ref.router_grad, rank);
+    if (st.ok() && c.shared_experts > 0) {
+      st = Check("shared fc1 gradient", SumOver(comm, GroupKind::kGate, layer->shared_experts()->fc1().grad()), ref.shared_fc1_grad, rank);
+      if (st.ok()) st = Check("shared fc2 gradient", SumOver(comm, GroupKind::kGate, layer->shared_experts()->fc2().grad()), ref.shared_fc2_grad, rank);
+    }
+    // Routed experts: summed over their replicas (EDP); each rank holds its EP × ETP shard.
+    const experts::GroupedExperts& ex = layer->routed_experts();
+    if (st.ok()) st = Check("fc1 gradient", SumOver(comm, GroupKind::kEdp, layer->routed_experts().fc1().grad()), ExpertShard(ref.fc1_grad, ex, true, swiglu), rank);
+    if (st.ok()) st = Check("fc2 gradient", SumOver(comm, GroupKind::kEdp, layer->routed_experts().fc2().grad()), ExpertShard(ref.fc2_grad, ex, false, swiglu), rank);
+    return st;
+  });
+  EXPECT_TRUE(s.ok()) << s;
+  EXPECT_NEAR(aux_total, ref.aux, 1e-6 * std::abs(ref.aux)) << "aux loss summed over ranks";
+}
+
+using experts::Activation;
+using gate::DropPolicy;
+
+TEST(MoELayerEquivalenceTest, OneRank) {
+  RunCase({.name = "one rank", .layout = {.world_size = 1}, .dp_tokens = {24}});
+}
+
+TEST(MoELayerEquivalenceTest, DataParallelOnly) {
+  RunCase({.name = "DP=2, EP=1", .layout = {.world_size = 2}, .dp_tokens = {12, 12}});
+}
+
+TEST(MoELayerEquivalenceTest, ExpertParallel2) {
+  RunCase({.name = "EP=2", .layout = {.world_size = 2, .ep = 2}, .dp_tokens = {16, 11}});
+}
+
+TEST(MoELayerEquivalenceTest, ExpertParallel4TopK8) {
+  RunCase({.name = "EP=4, k=8", .layout = {.world_size = 4, .ep = 4}, .top_k = 8, .dp_tokens = {8, 9, 7, 8}});
+}
+
+TEST(MoELayerEquivalenceTest, DataParallel2xExpertParallel2TopK1WithDrops) {
+  RunCase({.name = "DP=2 x EP=2, k=1, capacity 1.0 by score",
+           .layout = {.world_size = 4, .ep = 2},
+           .top_k = 1,
+           .capacity_factor = 1.0,
+           .dp_tokens = {16, 16, 16, 16}});
+}
+
+TEST(MoELayerEquivalenceTest, TensorParallel2WithSlicing) {
+  // 9 tokens per block over 2 TP slices: 5 and 4; GELU experts.
+  RunCase({.name = "TP=2 slicing",
+           .layout = {.world_size = 2, .tp = 2, .etp = 1},
+           .activation = Activation::kGelu,
+           .dp_tokens = {9}});
+}
+
+TEST(MoELayerEquivalenceTest, TensorParallel2xExpertParallel2PaddedCapacityByPosition) {
+  RunCase({.name = "TP=2 x EP=2, capacity 0.75 by position, padded [E, C, H] blocks",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 1},
+           .capacity_factor = 0.75,
+           .drop_policy = DropPolicy::kByPosition,
+           .pad_to_capacity = true,
+           .dp_tokens = {20, 18}});
+}
+
+TEST(MoELayerEquivalenceTest, ExpertTensorParallel2xExpertParallel2SwigluShared) {
+  RunCase({.name = "ETP=2 x EP=2, SwiGLU + 2 shared experts",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 2},
+           .shared_experts = 2,
+           .dp_tokens = {14, 17}});
+}
+
+TEST(MoELayerEquivalenceTest, SilentExpertAndRankWithoutTokens) {
+  RunCase({.name = "EP=2 x DP=2, expert 5 gets nothing, rank 0 has no tokens, ReLU",
+           .layout = {.world_size = 4, .ep = 2},
+           .activation = Activation::kRelu,
+           .dp_tokens = {0, 10, 12, 9},
+           .silent_expert = 5});
+}
+
+TEST(MoELayerEquivalenceTest, TopK8WithCapacityUnderEtpAndEp) {
+  RunCase({.name = "ETP=2 x EP=2, k=8, capacity 0.5",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 2},
+           .top_k = 8,
+           .capacity_factor = 0.5,
+           .dp_tokens = {12, 12}});
+}
+
+TEST(MoELayerTest, TagsEveryParameter) {
+  MoEConfig c = Config({.shared_experts = 1});
+  c.name = "layers.3.mlp";
+  absl::Status s = groups::testing::RunRanks({.layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 1}},
+                                             [&](Communicator& comm) -> absl::Status {
+    auto layer = MoELayer::Create(c, kSeed, &comm);
+    if (!layer.ok()) return layer.status();
+    const std::vector<TaggedParam> params = layer->Parameters();
+    EXPECT_EQ(params.size(), 5u);
+    for (const TaggedParam& p : params) {
+      EXPECT_TRUE(p.tensor.requires_grad()) << p.tag.name;
+      if (p.tag.domain == ParamDomain::kExpert) {
+        EXPECT_EQ(p.tag.expert_group, "layers.3.mlp");
+        EXPECT_EQ(p.tag.ep_size, 2);
+        EXPECT_EQ(p.tag.num_local_experts, 4);
+        EXPECT_EQ(p.tag.first_global_expert, 4 * comm.layout().Expert(comm.rank()).ep);
+        EXPECT_EQ(p.tensor.size(0), 4);
+      } else {
+        EXPECT_EQ(p.tag.domain, ParamDomain::kDenseTpReplicated) << p.tag.name;
+      }
+    }
+    EXPECT_EQ(params[0].tag.name, "layers.3.mlp.router.weight");
+    EXPECT_EQ(params[1].tag.name, "layers.3.mlp.experts.fc1");
+    return absl::OkStatus();
+  });
+  EXPECT_TRUE(s.ok()) << s;
+}
+
+TEST(MoELayerTest, LayoutThatDoesNotFitIsAClearError) {
+  MoEConfig c = Config({});
+  c.router.num_experts = 6;
+  absl::Status s = groups::testing::RunRanks({.layout = {.world_size = 4, .ep = 4}},
+                                             [&](Communicator& comm) -> absl::Status {
+    auto layer = MoELayer::Create(c, kSeed, &comm);
+    EXPECT_FALSE(layer.ok());
+    EXPECT_THAT(std::string(layer.status().message()), HasSubstr("parallel.ep = 4 does not divide num_experts = 6"));
+    return absl::OkStatus();
+  });
+  EXPECT_TRUE(s.ok()) << s;
+  auto one = MoELayer::Create(Config({}), kSeed);
+  ASSERT_TRUE(one.ok());
+  auto bad = one->Forward(at::randn({4, kHidden + 1}), {});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("hidden states must be [tokens, 8]"));
+}
+
+}  // namespace
+}  // namespace switchyard::moe

@@ -262,6 +262,13 @@ TEST(MoELayerEquivalenceTest, SilentExpertAndRankWithoutTokens) {
            .silent_expert = 5});
 }
 
+TEST(MoELayerEquivalenceTest, RankWithoutTokensUnderCapacity) {
+  RunCase({.name = "DP=2 x EP=2, capacity 1.25, rank 2 has no tokens (its aux loss is 0)",
+           .layout = {.world_size = 4, .ep = 2},
+           .capacity_factor = 1.25,
+           .dp_tokens = {11, 13, 0, 12}});
+}
+
 TEST(MoELayerEquivalenceTest, TopK8WithCapacityUnderEtpAndEp) {
   RunCase({.name = "ETP=2 x EP=2, k=8, capacity 0.5",
            .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 2},

@@ -23,89 +23,13 @@
 
 #include "benchmark/benchmark.h"
 #include "dist/groups/comm.h"
+#include "dist/groups/testing/rank_pool.h"
 
 namespace switchyard::groups {
 namespace {
 
-// n rank threads, each with its own Communicator, run a function together on request.
-class RankPool {
- public:
-  explicit RankPool(int n) : n_(n) {
-    absl::StatusOr<Layout> layout = Layout::Create({.world_size = n});
-    std::shared_ptr<Store> store = Store::InMemory(std::chrono::seconds(120));
-    comms_.resize(n);
-    std::vector<std::thread> init;
-    for (int r = 0; r < n; ++r) {
-      init.emplace_back([&, r] {
-        auto c = Communicator::Create(store, r, *layout, {.timeout = std::chrono::seconds(120)});
-        if (!c.ok()) std::abort();
-        comms_[r] = *std::move(c);
-      });
-    }
-    for (auto& t : init) t.join();
-    for (int r = 0; r < n; ++r) threads_.emplace_back([this, r] { Loop(r); });
-  }
-  ~RankPool() {
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      stop_ = true;
-      ++generation_;
-    }
-    cv_.notify_all();
-    for (auto& t : threads_) t.join();
-  }
-
-  // Runs fn on every rank at once; returns seconds from the release to the last finish.
-  double Run(const std::function<void(int, Communicator&)>& fn) {
-    std::unique_lock<std::mutex> l(mu_);
-    fn_ = &fn;
-    done_ = 0;
-    const auto t0 = std::chrono::steady_clock::now();
-    ++generation_;
-    cv_.notify_all();
-    done_cv_.wait(l, [&] { return done_ == n_; });
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  }
-
- private:
-  void Loop(int r) {
-    at::set_num_threads(1);
-    int64_t seen = 0;
-    for (;;) {
-      const std::function<void(int, Communicator&)>* fn;
-      {
-        std::unique_lock<std::mutex> l(mu_);
-        cv_.wait(l, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (stop_) return;
-        fn = fn_;
-      }
-      (*fn)(r, *comms_[r]);
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        ++done_;
-      }
-      done_cv_.notify_all();
-    }
-  }
-
-  int n_;
-  std::vector<std::unique_ptr<Communicator>> comms_;
-  std::vector<std::thread> threads_;
-  std::mutex mu_;
-  std::condition_variable cv_, done_cv_;
-  int64_t generation_ = 0;
-  int done_ = 0;
-  bool stop_ = false;
-  const std::function<void(int, Communicator&)>* fn_ = nullptr;
-};
-
-RankPool& Pool(int n) {
-  static std::map<int, std::unique_ptr<RankPool>> pools;
-  auto& p = pools[n];
-  if (!p) p = std::make_unique<RankPool>(n);
-  return *p;
-}
+using testing::Pool;
+using testing::RankPool;
 
 enum class Op { kAllReduce, kAllGather, kAllToAll };
 
@@ -113,7 +37,7 @@ void RunCollective(benchmark::State& state, Op op) {
   const int n = static_cast<int>(state.range(0));
   const int64_t bytes = state.range(1);  // per-rank buffer (all-gather: gathered output)
   const int64_t elems = bytes / 4;
-  RankPool& pool = Pool(n);
+  RankPool& pool = Pool({.world_size = n});
   // Per-rank buffers, filled so each rank can check its result.
   std::vector<at::Tensor> in(n), out(n);
   for (int r = 0; r < n; ++r) {
@@ -178,7 +102,7 @@ void BM_AllGather(benchmark::State& s) { RunCollective(s, Op::kAllGather); }
 void BM_AllToAll(benchmark::State& s) { RunCollective(s, Op::kAllToAll); }
 
 void BM_Dispatch(benchmark::State& state) {
-  RankPool& pool = Pool(static_cast<int>(state.range(0)));
+  RankPool& pool = Pool({.world_size = static_cast<int>(state.range(0))});
   for (auto _ : state) state.SetIterationTime(pool.Run([](int, Communicator&) {}));
 }
 

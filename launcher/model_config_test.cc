@@ -1,0 +1,79 @@
+#include "launcher/model_config.h"
+
+#include "gtest/gtest.h"
+#include "launcher/spec.h"
+
+namespace switchyard::launcher {
+namespace {
+
+TEST(MoELayerConfigTest, EveryModelFieldReachesTheLayer) {
+  absl::StatusOr<Job> job = ParseJob(R"pb(
+    model {
+      hidden_size: 64 num_heads: 4 num_layers: 4 activation: GELU
+      moe {
+        every_n: 2 num_experts: 16 top_k: 4 ffn_hidden_size: 96
+        num_shared_experts: 2 shared_ffn_hidden_size: 48
+        router {
+          score: SIGMOID pre_softmax: false normalize_topk: true scaling_factor: 2.5
+          jitter_eps: 0.01 noisy_gating: true num_groups: 4 group_topk: 2
+          capacity_factor: 1.5 drop_policy: DROP_BY_POSITION pad_to_capacity: true
+          aux_loss: AUX_SEQUENCE aux_loss_coeff: 0.02 z_loss_coeff: 0.001
+          expert_bias: true bias_update_rate: 0.003
+        }
+      }
+    }
+    parallel { sequence_parallel: true tp: 2 }
+    train { precision: BF16 }
+  )pb", "test");
+  ASSERT_TRUE(job.ok()) << job.status();
+  absl::StatusOr<ResolvedJob> resolved = ValidateJob(*job, 2);
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  ASSERT_EQ(resolved->moe_layers, (std::vector<int>{0, 2}));
+  absl::StatusOr<moe::MoEConfig> c = MoELayerConfig(*job, 2);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->name, "layers.2.mlp");
+  EXPECT_EQ(c->router.hidden_size, 64);
+  EXPECT_EQ(c->router.num_experts, 16);
+  EXPECT_EQ(c->router.topk.top_k, 4);
+  EXPECT_EQ(c->router.topk.score, gate::ScoreFunction::kSigmoid);
+  EXPECT_FALSE(c->router.topk.pre_softmax);
+  EXPECT_EQ(c->router.topk.weight_norm, gate::WeightNorm::kTopK);
+  EXPECT_FLOAT_EQ(c->router.topk.scaling_factor, 2.5f);
+  EXPECT_EQ(c->router.topk.num_groups, 4);
+  EXPECT_EQ(c->router.topk.group_topk, 2);
+  EXPECT_DOUBLE_EQ(c->router.topk.capacity_factor, 1.5);
+  EXPECT_EQ(c->router.topk.drop_policy, gate::DropPolicy::kByPosition);
+  EXPECT_TRUE(c->router.topk.pad_to_capacity);
+  EXPECT_FLOAT_EQ(c->router.jitter_eps, 0.01f);
+  EXPECT_TRUE(c->router.noisy_gating);
+  EXPECT_EQ(c->router.aux_loss, gate::AuxLoss::kSequence);
+  EXPECT_NEAR(c->router.aux_loss_coeff, 0.02, 1e-9);
+  EXPECT_NEAR(c->router.z_loss_coeff, 0.001, 1e-9);
+  EXPECT_TRUE(c->router.expert_bias);
+  EXPECT_NEAR(c->router.bias_update_rate, 0.003, 1e-9);
+  EXPECT_EQ(c->ffn_hidden_size, 96);
+  EXPECT_EQ(c->activation, experts::Activation::kGelu);
+  EXPECT_EQ(c->num_shared_experts, 2);
+  EXPECT_EQ(c->shared_ffn_hidden_size, 48);
+  EXPECT_EQ(c->dtype, at::kBFloat16);
+  EXPECT_TRUE(c->sequence_parallel);
+  // The layer builds from it.
+  EXPECT_TRUE(moe::MoELayer::Create(*c, 1).ok());
+  EXPECT_FALSE(MoELayerConfig(*job, 4).ok());
+}
+
+TEST(MoELayerConfigTest, DefaultsAreMegatronLike) {
+  absl::StatusOr<Job> job = ParseJob("", "empty");
+  ASSERT_TRUE(job.ok());
+  absl::StatusOr<moe::MoEConfig> c = MoELayerConfig(*job, 0);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->router.topk.top_k, 2);
+  EXPECT_TRUE(c->router.topk.pre_softmax);
+  EXPECT_EQ(c->router.topk.weight_norm, gate::WeightNorm::kSigmoidTopK);
+  EXPECT_EQ(c->router.aux_loss, gate::AuxLoss::kBatch);
+  EXPECT_EQ(c->activation, experts::Activation::kSwiglu);
+  EXPECT_EQ(c->dtype, at::kFloat);
+}
+
+}  // namespace
+}  // namespace switchyard::launcher

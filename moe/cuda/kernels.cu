@@ -1,0 +1,276 @@
+#include "moe/cuda/kernels.h"
+
+#include <cuda_bf16.h>
+
+#include <cfloat>
+#include <vector>
+
+namespace switchyard::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ inline float Load(const float* p, int64_t i) { return p[i]; }
+__device__ inline float Load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+__device__ inline void Store(float* p, int64_t i, float v) { p[i] = v; }
+__device__ inline void Store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16(v); }
+
+// One block per row, 16-byte words when the row allows it.
+__global__ void PermuteKernel(const char* in, char* out, const int64_t* row_token, int64_t rows,
+                              int64_t row_bytes) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t t = row_token[r];
+    char* o = out + r * row_bytes;
+    if (row_bytes % 16 == 0) {
+      const int64_t words = row_bytes / 16;
+      uint4* ow = reinterpret_cast<uint4*>(o);
+      if (t < 0) {
+        for (int64_t i = threadIdx.x; i < words; i += blockDim.x) ow[i] = make_uint4(0, 0, 0, 0);
+      } else {
+        const uint4* iw = reinterpret_cast<const uint4*>(in + t * row_bytes);
+        for (int64_t i = threadIdx.x; i < words; i += blockDim.x) ow[i] = iw[i];
+      }
+    } else {
+      for (int64_t i = threadIdx.x; i < row_bytes; i += blockDim.x) o[i] = t < 0 ? 0 : in[t * row_bytes + i];
+    }
+  }
+}
+
+template <typename T>
+__global__ void SumRowsKernel(const T* in, const float* w, const int64_t* off, const int64_t* rows,
+                              T* out, int64_t tokens, int64_t hidden) {
+  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
+      float acc = 0.f;
+      for (int64_t j = off[t]; j < off[t + 1]; ++j) {
+        const int64_t r = rows[j];
+        acc += (w ? w[r] : 1.f) * Load(in, r * hidden + c);
+      }
+      Store(out, t * hidden + c, acc);
+    }
+  }
+}
+
+template <typename T>
+__global__ void WeightedSumBackwardKernel(const T* g, const T* x, const float* w, const int64_t* tok,
+                                          T* grad_rows, float* grad_w, int64_t n, int64_t hidden) {
+  __shared__ float partial[kThreads / 32];
+  for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    const int64_t t = tok[r];
+    float dot = 0.f;
+    for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
+      if (t < 0) {
+        Store(grad_rows, r * hidden + c, 0.f);
+        continue;
+      }
+      const float gv = Load(g, t * hidden + c);
+      Store(grad_rows, r * hidden + c, w[r] * gv);
+      dot += gv * Load(x, r * hidden + c);
+    }
+    for (int s = 16; s > 0; s /= 2) dot += __shfl_down_sync(0xffffffffu, dot, s);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float sum = 0.f;
+      for (int i = 0; i < blockDim.x / 32; ++i) sum += partial[i];
+      grad_w[r] = t < 0 ? 0.f : sum;
+    }
+    __syncthreads();
+  }
+}
+
+int Blocks(int64_t n) { return static_cast<int>(n < 65535 * 8 ? (n > 0 ? n : 1) : 65535 * 8); }
+
+// The better of (value, index) pairs: higher value, then lower index.
+__device__ inline bool Better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
+
+// One warp per token; lane l holds experts l, l + 32, ...
+constexpr int kMaxPerLane = 32;  // E ≤ 1024
+
+__global__ void TopKKernel(const float* logits, int64_t tokens, int E, int k, bool sigmoid,
+                           bool pre_softmax, bool normalize, float scaling, int64_t* indices,
+                           float* weights, int64_t* counts) {
+  const int lane = threadIdx.x % 32;
+  const int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (t >= tokens) return;
+  const float* z = logits + t * E;
+  float v[kMaxPerLane];
+  const int per_lane = (E + 31) / 32;
+  float mx = -FLT_MAX;
+  for (int i = 0; i < per_lane; ++i) {
+    const int e = lane + 32 * i;
+    v[i] = e < E ? z[e] : -FLT_MAX;
+    if (e < E) mx = fmaxf(mx, v[i]);
+  }
+  for (int s = 16; s > 0; s /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, s));
+  if (sigmoid || pre_softmax) {
+    float sum = 0.f;
+    for (int i = 0; i < per_lane; ++i) {
+      const int e = lane + 32 * i;
+      if (e >= E) continue;
+      v[i] = sigmoid ? 1.f / (1.f + __expf(-v[i])) : __expf(v[i] - mx);
+      sum += v[i];
+    }
+    for (int s = 16; s > 0; s /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, s);
+    if (!sigmoid) {
+      for (int i = 0; i < per_lane; ++i) v[i] /= sum;
+    }
+  }
+  float chosen_v[32];
+  int chosen_i[32];
+  uint32_t taken = 0;  // bit i: expert lane + 32 i already chosen
+  for (int j = 0; j < k; ++j) {
+    float bv = -FLT_MAX;
+    int bi = 1 << 30;
+    for (int i = 0; i < per_lane; ++i) {
+      const int e = lane + 32 * i;
+      if (e < E && !(taken >> i & 1u) && Better(v[i], e, bv, bi)) bv = v[i], bi = e;
+    }
+    for (int s = 16; s > 0; s /= 2) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, s);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, s);
+      if (Better(ov, oi, bv, bi)) bv = ov, bi = oi;
+    }
+    chosen_v[j] = bv;
+    chosen_i[j] = bi;
+    if (bi % 32 == lane) taken |= 1u << (bi / 32);
+  }
+  if (lane != 0) return;
+  float denom = 1.f;
+  if (!sigmoid && !pre_softmax) {  // softmax over the chosen logits
+    float s = 0.f;
+    for (int j = 0; j < k; ++j) s += __expf(chosen_v[j] - chosen_v[0]);
+    for (int j = 0; j < k; ++j) chosen_v[j] = __expf(chosen_v[j] - chosen_v[0]) / s;
+  } else if (normalize) {
+    float s = 0.f;
+    for (int j = 0; j < k; ++j) s += chosen_v[j];
+    denom = s + 1e-20f;
+  }
+  for (int j = 0; j < k; ++j) {
+    indices[t * k + j] = chosen_i[j];
+    weights[t * k + j] = chosen_v[j] / denom * scaling;
+    atomicAdd(reinterpret_cast<unsigned long long*>(counts + chosen_i[j]), 1ull);
+  }
+}
+
+cudaDataType_t CublasType(DType d) { return d == DType::kFloat32 ? CUDA_R_32F : CUDA_R_16BF; }
+int64_t Bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
+
+}  // namespace
+
+cudaError_t PermuteRows(const void* in, void* out, const int64_t* row_token, int64_t rows,
+                        int64_t hidden, DType dtype, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  PermuteKernel<<<Blocks(rows), 128, 0, stream>>>(static_cast<const char*>(in), static_cast<char*>(out),
+                                                  row_token, rows, hidden * Bytes(dtype));
+  return cudaGetLastError();
+}
+
+cudaError_t SumRows(const void* in, const float* w, const int64_t* token_offsets,
+                    const int64_t* token_rows, void* out, int64_t tokens, int64_t hidden,
+                    DType dtype, cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  if (dtype == DType::kFloat32) {
+    SumRowsKernel<<<Blocks(tokens), 128, 0, stream>>>(static_cast<const float*>(in), w, token_offsets, token_rows,
+                                                      static_cast<float*>(out), tokens, hidden);
+  } else {
+    SumRowsKernel<<<Blocks(tokens), 128, 0, stream>>>(static_cast<const __nv_bfloat16*>(in), w, token_offsets,
+                                                      token_rows, static_cast<__nv_bfloat16*>(out), tokens, hidden);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t WeightedSumBackward(const void* g, const void* rows, const float* w,
+                                const int64_t* row_token, void* grad_rows, float* grad_w,
+                                int64_t n_rows, int64_t hidden, DType dtype, cudaStream_t stream) {
+  if (n_rows == 0) return cudaSuccess;
+  if (dtype == DType::kFloat32) {
+    WeightedSumBackwardKernel<<<Blocks(n_rows), kThreads, 0, stream>>>(
+        static_cast<const float*>(g), static_cast<const float*>(rows), w, row_token,
+        static_cast<float*>(grad_rows), grad_w, n_rows, hidden);
+  } else {
+    WeightedSumBackwardKernel<<<Blocks(n_rows), kThreads, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(g), static_cast<const __nv_bfloat16*>(rows), w, row_token,
+        static_cast<__nv_bfloat16*>(grad_rows), grad_w, n_rows, hidden);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t GroupedGemm(cublasHandle_t handle, const void* x, const void* w, void* out,
+                        const int64_t* rows_per_expert, int experts, int64_t n_in, int64_t n_out,
+                        DType dtype, bool grouped, cudaStream_t stream) {
+  if (cublasSetStream(handle, stream) != CUBLAS_STATUS_SUCCESS) return cudaErrorUnknown;
+  const int64_t eb = Bytes(dtype);
+  const cudaDataType_t type = CublasType(dtype);
+  // Row-major out[n, o] = x[n, i] @ w[i, o] is column-major outᵀ = wᵀ xᵀ: m = o, n = rows, k = i.
+  std::vector<const void*> a, b;
+  std::vector<void*> c;
+  std::vector<int> m, n, kk, lda, ldb, ldc, size;
+  int64_t off = 0;
+  for (int e = 0; e < experts; ++e) {
+    const int64_t rows = rows_per_expert[e];
+    if (rows > 0) {
+      a.push_back(static_cast<const char*>(w) + e * n_in * n_out * eb);
+      b.push_back(static_cast<const char*>(x) + off * n_in * eb);
+      c.push_back(static_cast<char*>(out) + off * n_out * eb);
+      m.push_back(static_cast<int>(n_out));
+      n.push_back(static_cast<int>(rows));
+      kk.push_back(static_cast<int>(n_in));
+      lda.push_back(static_cast<int>(n_out));
+      ldb.push_back(static_cast<int>(n_in));
+      ldc.push_back(static_cast<int>(n_out));
+      size.push_back(1);
+    }
+    off += rows;
+  }
+  const int groups = static_cast<int>(a.size());
+  if (groups == 0) return cudaSuccess;
+  const float one = 1.f, zero = 0.f;
+  if (!grouped) {
+    for (int g = 0; g < groups; ++g) {
+      if (cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, m[g], n[g], kk[g], &one, a[g], type, lda[g], b[g],
+                       type, ldb[g], &zero, c[g], type, ldc[g], CUBLAS_COMPUTE_32F,
+                       CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+        return cudaErrorUnknown;
+      }
+    }
+    return cudaGetLastError();
+  }
+  // The grouped call takes device arrays of pointers.
+  std::vector<const void*> ptrs;
+  ptrs.insert(ptrs.end(), a.begin(), a.end());
+  ptrs.insert(ptrs.end(), b.begin(), b.end());
+  ptrs.insert(ptrs.end(), c.begin(), c.end());
+  void** dev = nullptr;
+  cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&dev), ptrs.size() * sizeof(void*), stream);
+  if (err != cudaSuccess) return err;
+  err = cudaMemcpyAsync(dev, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, stream);
+  std::vector<cublasOperation_t> op(groups, CUBLAS_OP_N);
+  std::vector<float> alpha(groups, 1.f), beta(groups, 0.f);
+  if (err == cudaSuccess &&
+      cublasGemmGroupedBatchedEx(handle, op.data(), op.data(), m.data(), n.data(), kk.data(), alpha.data(),
+                                 const_cast<const void* const*>(dev), type, lda.data(),
+                                 const_cast<const void* const*>(dev + groups), type, ldb.data(), beta.data(),
+                                 dev + 2 * groups, type, ldc.data(), groups, size.data(),
+                                 CUBLAS_COMPUTE_32F) != CUBLAS_STATUS_SUCCESS) {
+    err = cudaErrorUnknown;
+  }
+  // The host arrays above must outlive the call: wait for it before they go.
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  cudaFreeAsync(dev, stream);
+  return err;
+}
+
+cudaError_t TopKRoute(const float* logits, int64_t tokens, int experts, int k, bool sigmoid,
+                      bool pre_softmax, bool normalize, float scaling, int64_t* indices,
+                      float* weights, int64_t* counts, cudaStream_t stream) {
+  if (experts < 1 || experts > 32 * kMaxPerLane || k < 1 || k > 32 || k > experts) return cudaErrorInvalidValue;
+  if (tokens == 0) return cudaSuccess;
+  const int64_t threads = tokens * 32;
+  const int blocks = static_cast<int>((threads + kThreads - 1) / kThreads);
+  TopKKernel<<<blocks, kThreads, 0, stream>>>(logits, tokens, experts, k, sigmoid, pre_softmax, normalize,
+                                              scaling, indices, weights, counts);
+  return cudaGetLastError();
+}
+
+}  // namespace switchyard::cuda

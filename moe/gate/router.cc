@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <tuple>
 
@@ -63,8 +64,8 @@ at::Tensor ChooseTopK(const at::Tensor& scores, const TopKOptions& o) {
   if (o.group_topk <= 0) return TopKIndices(scores, o.top_k, /*dim=*/1);
   const int64_t T = scores.size(0), E = scores.size(1);
   const at::Tensor grouped = scores.view({T, o.num_groups, E / o.num_groups});
-  const at::Tensor group_scores =
-      std::get<0>(at::topk(grouped, o.top_k / o.group_topk, /*dim=*/-1)).sum(-1);
+  const int per_group = o.group_score_topk > 0 ? o.group_score_topk : o.top_k / o.group_topk;
+  const at::Tensor group_scores = std::get<0>(at::topk(grouped, per_group, /*dim=*/-1)).sum(-1);
   const at::Tensor group_idx = TopKIndices(group_scores, o.group_topk, /*dim=*/1);
   const at::Tensor group_mask = at::zeros_like(group_scores).scatter_(1, group_idx, 1.0);
   const at::Tensor score_mask =
@@ -73,26 +74,40 @@ at::Tensor ChooseTopK(const at::Tensor& scores, const TopKOptions& o) {
   return TopKIndices(masked, o.top_k, /*dim=*/1);
 }
 
-// [T, E] bool: for each expert, the `capacity` slots it keeps.
-at::Tensor CapacityMask(const at::Tensor& probs, const at::Tensor& routing_map, int64_t capacity,
-                        DropPolicy policy) {
-  const int64_t T = probs.size(0);
+// [T, E] bool: for each expert, the `capacity` slots it keeps. `key`: the weights kByScore
+// ranks; `idx`: each token's choices, best first (kByChoiceThenPosition ranks by them).
+at::Tensor CapacityMask(const at::Tensor& key, const at::Tensor& routing_map, const at::Tensor& idx,
+                        int64_t capacity, DropPolicy policy) {
+  const int64_t T = key.size(0);
   if (capacity >= T) return at::ones_like(routing_map);
   // Rank the tokens of each expert column: routed before unrouted, then by the policy's key,
   // ties by token index (a stable descending sort keeps index order among equal keys).
-  at::Tensor key;
+  at::Tensor rank_key;
   if (policy == DropPolicy::kByScore) {
     // Weights are ≥ 0 and unrouted slots hold 0, so they sort after every routed slot
     // except routed slots of weight exactly 0, which then tie by index: as Megatron-Core.
-    key = probs.detach();
+    rank_key = key.detach();
   } else {
-    // Earliest first: routed tokens get 2 - t/T (in (1, 2]), unrouted ones 1 - t/T.
-    const at::Tensor pos = at::arange(T, probs.options()).unsqueeze(1) / static_cast<double>(T);
-    key = routing_map.to(probs.scalar_type()) + 1.0 - pos;
+    // Integer keys priority·T + (T − 1 − t), so no rounding ever merges two priorities:
+    // unrouted slots have priority 0; routed ones 1 (kByPosition), or k − choice rank.
+    const at::TensorOptions i64 = routing_map.options().dtype(at::kLong);
+    at::Tensor priority = routing_map.to(at::kLong);
+    if (policy == DropPolicy::kByChoiceThenPosition) {
+      const int64_t k = idx.size(1);
+      const at::Tensor by_rank = at::arange(k, 0, -1, i64).expand_as(idx);
+      priority = at::zeros_like(priority).scatter_(1, idx, by_rank);
+    }
+    rank_key = priority * T + at::arange(T - 1, -1, -1, i64).unsqueeze(1);
   }
-  const at::Tensor order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/true));
+  const at::Tensor order = std::get<1>(at::sort(rank_key, /*stable=*/true, /*dim=*/0, /*descending=*/true));
   const at::Tensor keep = order.narrow(0, 0, capacity);
   return at::zeros_like(routing_map).scatter_(0, keep, true);
+}
+
+// Each row divided by its sum, at least FLT_EPSILON (DeepSpeed's clamp), so a token with
+// every slot dropped keeps weights 0 rather than NaN.
+at::Tensor NormalizeKept(const at::Tensor& w) {
+  return w / w.sum(-1, /*keepdim=*/true).clamp_min(std::numeric_limits<float>::epsilon());
 }
 
 }  // namespace
@@ -110,7 +125,7 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
     return Invalid(absl::StrFormat("router: top_k = %d must be between 1 and the number of "
                                    "experts %d", o.top_k, E));
   }
-  if (o.group_topk > 0 || o.num_groups > 0) {
+  if (o.group_topk > 0 || o.num_groups > 0 || o.group_score_topk != 0) {
     if (o.num_groups < 1 || E % o.num_groups != 0) {
       return Invalid(absl::StrFormat("router: num_groups = %d must divide the %d experts",
                                      o.num_groups, E));
@@ -124,10 +139,17 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
           "router: top_k = %d must be between group_topk = %d and the %d experts of the chosen "
           "groups", o.top_k, o.group_topk, o.group_topk * (E / o.num_groups)));
     }
+    if (o.group_score_topk < 0 || o.group_score_topk > E / o.num_groups) {
+      return Invalid(absl::StrFormat("router: group_score_topk = %d must be between 0 and the %d "
+                                     "experts of a group", o.group_score_topk, E / o.num_groups));
+    }
   }
   if (!(o.capacity_factor >= 0) || !std::isfinite(o.capacity_factor)) {
     return Invalid(absl::StrFormat("router: capacity_factor = %g must be >= 0 (0: dropless)",
                                    o.capacity_factor));
+  }
+  if (o.min_capacity < 0) {
+    return Invalid(absl::StrFormat("router: min_capacity = %d must be >= 0", o.min_capacity));
   }
   if (o.pad_to_capacity && o.capacity_factor == 0) {
     return Invalid("router: pad_to_capacity needs capacity_factor > 0");
@@ -154,22 +176,33 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
     const at::Tensor s = at::sigmoid(x);
     idx = choose(s);
     weights = s.gather(1, idx);
-    if (o.top_k > 1) weights = weights / (weights.sum(-1, /*keepdim=*/true) + 1e-20);
   }
-  if (o.scaling_factor != 1.0f) weights = weights * o.scaling_factor;
+  if (o.weight_norm == WeightNorm::kTopK ||
+      (o.weight_norm == WeightNorm::kSigmoidTopK && o.score == ScoreFunction::kSigmoid && o.top_k > 1)) {
+    weights = weights / (weights.sum(-1, /*keepdim=*/true) + 1e-20);
+  }
+  auto scale = [&](const at::Tensor& w) { return o.scaling_factor != 1.0f ? w * o.scaling_factor : w; };
+  const bool norm_kept = o.weight_norm == WeightNorm::kKept;
+  const at::Tensor raw = weights;
+  weights = scale(norm_kept ? NormalizeKept(weights) : weights);
 
   Routing r;
   r.topk_indices = idx;
   r.topk_weights = weights;
-  r.probs = at::zeros_like(x).scatter(1, idx, weights);
+  // kKept normalises a row of [T, E] (zeros where not kept), summing in expert order as
+  // DeepSpeed does, so that even the gradients round alike.
+  const at::Tensor raw_probs = norm_kept ? at::zeros_like(x).scatter(1, idx, raw) : at::Tensor();
+  r.probs = norm_kept ? scale(NormalizeKept(raw_probs)) : at::zeros_like(x).scatter(1, idx, weights);
   r.routing_map = at::zeros({T, E}, x.options().dtype(at::kBool)).scatter_(1, idx, true);
   r.tokens_per_expert = r.routing_map.sum(0);
   if (o.capacity_factor > 0) {
-    r.capacity = ExpertCapacity(T, o.top_k, static_cast<int>(E), o.capacity_factor);
-    const at::Tensor keep = CapacityMask(r.probs, r.routing_map, r.capacity, o.drop_policy);
+    r.capacity = std::max(ExpertCapacity(T, o.top_k, static_cast<int>(E), o.capacity_factor),
+                          o.min_capacity);
+    const at::Tensor key = norm_kept ? raw_probs : r.probs;
+    const at::Tensor keep = CapacityMask(key, r.routing_map, idx, r.capacity, o.drop_policy);
     const at::Tensor final_map = o.pad_to_capacity ? keep : r.routing_map.logical_and(keep);
     r.dropped = r.routing_map.logical_and(keep.logical_not());
-    r.probs = r.probs * final_map;
+    r.probs = norm_kept ? scale(NormalizeKept(raw_probs * final_map)) : r.probs * final_map;
     r.routing_map = final_map;
   } else {
     r.dropped = at::zeros_like(r.routing_map);
@@ -233,15 +266,19 @@ absl::StatusOr<at::Tensor> SequenceLoadBalancingLoss(const at::Tensor& scores,
 }
 
 at::Tensor UpdateExpertBias(const at::Tensor& expert_bias, const at::Tensor& tokens_per_expert,
-                            double rate) {
+                            double rate, bool center) {
   const at::Tensor n = tokens_per_expert.detach().to(at::kFloat);
-  return expert_bias.detach() + at::sign(n.mean() - n).to(expert_bias.scalar_type()) * rate;
+  at::Tensor step = at::sign(n.mean() - n).to(expert_bias.scalar_type()) * rate;
+  if (center) step = step - step.mean();
+  return expert_bias.detach() + step;
 }
 
 at::Tensor LoadBalancingLoss(const at::Tensor& scores, const at::Tensor& tokens_per_expert,
                              int64_t total_tokens, int top_k, double coeff) {
   const double E = static_cast<double>(scores.size(1));
   const double T = static_cast<double>(total_tokens);
+  // No tokens (a rank that got none): no load to balance, and no 0/0.
+  if (total_tokens == 0) return scores.sum() * 0.0;
   return (scores.sum(0) * tokens_per_expert.to(scores.scalar_type())).sum() *
          (E * coeff / (top_k * T * T));
 }

@@ -10,6 +10,20 @@
 // apply_router_token_dropping (checked against its numbers in router_test.cc), except where
 // this header says otherwise. Ties are deterministic: among equal scores the lower expert
 // index is chosen, and among equal capacity keys the lower token index is kept.
+// Options reproduce DeepSpeed 0.19.8's and torchtitan 0.3.0's routing (checked against
+// their numbers in peer_router_test.cc):
+//   DeepSpeed top1gating (use_rts=False): {.top_k = 1, .pre_softmax = true,
+//       .drop_policy = kByPosition}; DeepSpeed leaves which tokens over capacity it drops to
+//       torch.topk's order among equal entries, we drop the latest.
+//   top2gating (no 2nd-expert sampling): {.top_k = 2, .pre_softmax = true,
+//       .weight_norm = kKept, .drop_policy = kByChoiceThenPosition}
+//   topkgating: {.top_k = k, .pre_softmax = true, .weight_norm = kKept,
+//       .drop_policy = kByScore ("probs") or kByPosition ("position")}
+//   each with DeepSpeed's capacity_factor (0 for drop_tokens=False) and min_capacity.
+//   torchtitan's TokenChoiceTopKRouter: {.top_k, .score = score_func, .pre_softmax = true,
+//       .num_groups = num_expert_groups, .group_topk = num_limited_groups,
+//       .group_score_topk = 2, .weight_norm = route_norm ? kTopK : kNone,
+//       .scaling_factor = route_scale}; its bias update is UpdateExpertBias(.., center=true).
 #ifndef MOE_GATE_ROUTER_H_
 #define MOE_GATE_ROUTER_H_
 
@@ -26,8 +40,23 @@ enum class ScoreFunction { kSoftmax, kSigmoid };
 // Over capacity, which routed tokens an expert keeps. Ties go to the lower token index
 // (deterministic; Megatron-Core leaves ties to torch.topk).
 enum class DropPolicy {
-  kByScore,     // the highest routing weights
+  kByScore,     // the highest routing weights (with WeightNorm::kKept: the raw scores)
   kByPosition,  // the earliest tokens
+  // Every token's first choice before any token's second choice, and so on down the k
+  // choices; within one choice rank the earliest tokens (GShard; DeepSpeed's top2gating).
+  kByChoiceThenPosition,
+};
+
+// Whether and when each token's top-k weights are divided by their sum.
+enum class WeightNorm {
+  // Sigmoid scores with top_k > 1 by (sum + 1e-20); other weights as they are (Megatron-Core).
+  kSigmoidTopK,
+  kNone,  // never (torchtitan's route_norm = False)
+  kTopK,  // by (sum + 1e-20), every score function and k (torchtitan's route_norm = True)
+  // After capacity dropping, by the sum over the slots the token kept, at least FLT_EPSILON:
+  // a token that lost a slot puts its whole weight on the rest (DeepSpeed's top2gating and
+  // topkgating). Before dropping the weights are the raw scores, and kByScore ranks those.
+  kKept,
 };
 
 struct TopKOptions {
@@ -36,12 +65,18 @@ struct TopKOptions {
   // Softmax: over all experts before top-k (true), or over the k chosen logits (false).
   bool pre_softmax = false;
   // Group-limited routing: experts split into num_groups; each token keeps the group_topk
-  // groups whose best top_k / group_topk scores sum highest, then picks top_k inside them.
+  // groups whose best group_score_topk scores sum highest, then picks top_k inside them.
   int num_groups = 0;
   int group_topk = 0;
-  float scaling_factor = 1.0f;
-  // Capacity per expert = ceil(tokens × top_k / experts × capacity_factor); 0: dropless.
+  // 0: top_k / group_topk (Megatron-Core); DeepSeek-V3 and torchtitan always sum the best 2.
+  int group_score_topk = 0;
+  WeightNorm weight_norm = WeightNorm::kSigmoidTopK;
+  float scaling_factor = 1.0f;  // applied after weight_norm
+  // Capacity per expert = max(ceil(tokens × top_k / experts × capacity_factor), min_capacity);
+  // capacity_factor 0: dropless (min_capacity then unused). Computed in double; DeepSpeed's
+  // fp32 ceil differs only where the product is within fp32 rounding of a whole number.
   double capacity_factor = 0.0;
+  int64_t min_capacity = 0;  // DeepSpeed's min_capacity
   DropPolicy drop_policy = DropPolicy::kByScore;
   // Every expert gets exactly `capacity` slots; unfilled ones are padding (weight 0).
   bool pad_to_capacity = false;
@@ -51,7 +86,7 @@ struct Routing {
   // Each token's chosen experts, best first, and their weights, before any dropping
   // (token choice only; empty for expert choice).
   at::Tensor topk_indices;       // [T, k] int64
-  at::Tensor topk_weights;       // [T, k] fp32, with autograd
+  at::Tensor topk_weights;       // [T, k] fp32, with autograd (WeightNorm::kKept: as if none dropped)
   at::Tensor probs;              // [T, E] fp32 weights; 0 where not routed, dropped or padding
   at::Tensor routing_map;        // [T, E] bool: slots that go to the expert (with padding)
   at::Tensor tokens_per_expert;  // [E] int64: routed slots before any dropping
@@ -87,6 +122,8 @@ absl::StatusOr<AuxLossInputs> AuxLossScores(const at::Tensor& logits, int top_k,
 
 // Switch/GShard load-balancing loss α·E·Σᵢ fᵢ·Pᵢ with fᵢ = nᵢ / (k·T) and Pᵢ = mean over the T
 // tokens of scores[:, i]. For the global variant pass counts and T summed over the DP group.
+// DeepSpeed's l_aux is this with α = 1 and softmax scores, counts before dropping; but its
+// top2gating counts first choices only: pass those counts and top_k = 1.
 at::Tensor LoadBalancingLoss(const at::Tensor& scores, const at::Tensor& tokens_per_expert,
                              int64_t total_tokens, int top_k, double coeff);
 
@@ -101,8 +138,10 @@ absl::StatusOr<at::Tensor> SequenceLoadBalancingLoss(const at::Tensor& scores,
 // Aux-loss-free balancing: bias + rate·sign(mean(n) − n), where n are the token counts of
 // the last step summed over every rank that shares the router (the caller all-reduces).
 // Under-loaded experts move up, over-loaded ones down, exactly average ones stay.
+// `center`: subtract the step's mean from the step, so the mean bias never moves (torchtitan;
+// Megatron-Core does not).
 at::Tensor UpdateExpertBias(const at::Tensor& expert_bias, const at::Tensor& tokens_per_expert,
-                            double rate);
+                            double rate, bool center = false);
 
 // Router z-loss β·mean over tokens of logsumexp(logits)².
 at::Tensor ZLoss(const at::Tensor& logits, double coeff);

@@ -2,113 +2,47 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
-#include <tuple>
-#include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
 
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "moe/gate/testing/fixtures.h"
 
 namespace switchyard::gate {
 namespace {
 
 using ::testing::HasSubstr;
+using testing::BoolOption;
+using testing::DoubleOption;
+using testing::FindCase;
+using testing::FixtureCase;
+using testing::IntOption;
+using testing::MaxRelErr;
 
-// One block of moe/gate/testdata/megatron_router.txt (made by Megatron-Core's own code,
-// tests/oracles/make_router_fixtures.py).
-struct Case {
-  std::string name;
-  std::map<std::string, std::string> options;
-  std::map<std::string, at::Tensor> tensors;
-};
+// moe/gate/testdata/megatron_router.txt is made by Megatron-Core's own code
+// (tests/oracles/make_router_fixtures.py).
+std::vector<FixtureCase> LoadCases() { return testing::LoadFixtures("moe/gate/testdata/megatron_router.txt"); }
 
-std::vector<Case> LoadCases() {
-  std::ifstream in("moe/gate/testdata/megatron_router.txt");
-  EXPECT_TRUE(in) << "fixture file missing";
-  std::vector<Case> cases;
-  for (std::string line; std::getline(in, line);) {
-    if (line.empty() || line[0] == '#') continue;
-    std::vector<std::string> w = absl::StrSplit(line, ' ');
-    if (w[0] == "case") {
-      cases.push_back({w[1], {}, {}});
-    } else if (w[0] == "option") {
-      cases.back().options[w[1]] = w[2];
-    } else if (w[0] == "tensor") {
-      std::vector<int64_t> shape;
-      if (w[2] != "scalar") {
-        for (absl::string_view d : absl::StrSplit(w[2], ',')) {
-          int64_t v;
-          EXPECT_TRUE(absl::SimpleAtoi(d, &v));
-          shape.push_back(v);
-        }
-      }
-      std::vector<double> values;
-      for (size_t i = 4; i < w.size(); ++i) {
-        double v;
-        EXPECT_TRUE(absl::SimpleAtod(w[i], &v)) << w[i];
-        values.push_back(v);
-      }
-      cases.back().tensors[w[1]] =
-          at::tensor(values, at::kDouble).reshape(shape).to(at::kFloat);
-    }
-  }
-  return cases;
-}
-
-const Case& Find(const std::vector<Case>& cases, const std::string& name) {
-  for (const Case& c : cases)
-    if (c.name == name) return c;
-  ADD_FAILURE() << "no case " << name;
-  return cases.front();
-}
-
-int Int(const Case& c, const char* k, int fallback) {
-  auto it = c.options.find(k);
-  int v = fallback;
-  if (it != c.options.end()) EXPECT_TRUE(absl::SimpleAtoi(it->second, &v));
-  return v;
-}
-double Double(const Case& c, const char* k, double fallback) {
-  auto it = c.options.find(k);
-  double v = fallback;
-  if (it != c.options.end()) EXPECT_TRUE(absl::SimpleAtod(it->second, &v));
-  return v;
-}
-bool Bool(const Case& c, const char* k) {
-  auto it = c.options.find(k);
-  return it != c.options.end() && it->second == "True";
-}
-
-TopKOptions RoutingOptions(const Case& c) {
+TopKOptions RoutingOptions(const FixtureCase& c) {
   TopKOptions o;
-  o.top_k = Int(c, "topk", 1);
-  o.pre_softmax = Bool(c, "use_pre_softmax");
+  o.top_k = IntOption(c, "topk", 1);
+  o.pre_softmax = BoolOption(c, "use_pre_softmax");
   o.score = c.options.count("score_function") && c.options.at("score_function") == "sigmoid"
                 ? ScoreFunction::kSigmoid : ScoreFunction::kSoftmax;
-  o.num_groups = Int(c, "num_groups", 0);
-  o.group_topk = Int(c, "group_topk", 0);
-  o.scaling_factor = static_cast<float>(Double(c, "scaling_factor", 1.0));
+  o.num_groups = IntOption(c, "num_groups", 0);
+  o.group_topk = IntOption(c, "group_topk", 0);
+  o.scaling_factor = static_cast<float>(DoubleOption(c, "scaling_factor", 1.0));
   return o;
 }
 
-// max |a - b| / max(|b|, 1e-6) over the elements: relative where b is large, absolute-ish
-// near zero.
-double MaxRelErr(const at::Tensor& a, const at::Tensor& b) {
-  const at::Tensor d = (a.to(at::kDouble) - b.to(at::kDouble)).abs();
-  const at::Tensor scale = b.to(at::kDouble).abs().clamp_min(1e-6);
-  return d.numel() == 0 ? 0.0 : (d / scale).max().item<double>();
-}
-
 TEST(Router, MatchesMegatronCoreRouting) {
-  std::vector<Case> cases = LoadCases();
+  std::vector<FixtureCase> cases = LoadCases();
   int checked = 0;
-  for (const Case& c : cases) {
+  for (const FixtureCase& c : cases) {
     if (c.options.at("kind") != "routing") continue;
     SCOPED_TRACE(c.name);
     at::Tensor logits = c.tensors.at("logits").clone().requires_grad_(true);
@@ -127,19 +61,19 @@ TEST(Router, MatchesMegatronCoreRouting) {
 }
 
 TEST(Router, MatchesMegatronCoreTokenDropping) {
-  std::vector<Case> cases = LoadCases();
+  std::vector<FixtureCase> cases = LoadCases();
   int checked = 0;
-  for (const Case& c : cases) {
+  for (const FixtureCase& c : cases) {
     if (c.options.at("kind") != "dropping") continue;
     SCOPED_TRACE(c.name);
-    const Case& src = Find(cases, c.options.at("from"));
+    const FixtureCase& src = FindCase(cases, c.options.at("from"));
     TopKOptions o = RoutingOptions(src);
-    o.capacity_factor = Double(c, "capacity_factor", 0);
+    o.capacity_factor = DoubleOption(c, "capacity_factor", 0);
     o.drop_policy = c.options.at("drop_policy") == "position" ? DropPolicy::kByPosition : DropPolicy::kByScore;
-    o.pad_to_capacity = Bool(c, "pad_to_capacity");
+    o.pad_to_capacity = BoolOption(c, "pad_to_capacity");
     absl::StatusOr<Routing> r = TopKRoute(src.tensors.at("logits"), o);
     ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_EQ(r->capacity, Int(c, "capacity", -2));
+    EXPECT_EQ(r->capacity, IntOption(c, "capacity", -2));
     at::Tensor want_map = c.tensors.at("routing_map").to(at::kBool);
     at::Tensor want_probs = c.tensors.at("probs");
     const at::Tensor routed = src.tensors.at("routing_map").to(at::kBool);
@@ -148,7 +82,7 @@ TEST(Router, MatchesMegatronCoreTokenDropping) {
       // keeps an arbitrary subset of equal entries, not the earliest tokens. Here the
       // reference is the definition itself, from the same routing: the first `capacity`
       // routed tokens of each expert. Megatron-Core must keep as many per expert.
-      const int64_t cap = Int(c, "capacity", 0);
+      const int64_t cap = IntOption(c, "capacity", 0);
       EXPECT_TRUE(want_map.sum(0).equal(routed.cumsum(0).le(cap).logical_and(routed).sum(0)));
       want_map = routed.logical_and(routed.cumsum(0).le(cap));
       want_probs = src.tensors.at("probs") * want_map;
@@ -166,12 +100,12 @@ TEST(Router, MatchesMegatronCoreTokenDropping) {
 }
 
 TEST(Router, MatchesMegatronCoreLosses) {
-  std::vector<Case> cases = LoadCases();
+  std::vector<FixtureCase> cases = LoadCases();
   int checked = 0;
-  for (const Case& c : cases) {
+  for (const FixtureCase& c : cases) {
     if (c.options.at("kind") != "losses") continue;
     SCOPED_TRACE(c.name);
-    const int k = Int(c, "topk", 1);
+    const int k = IntOption(c, "topk", 1);
     const ScoreFunction score = c.options.at("score_function") == "sigmoid" ? ScoreFunction::kSigmoid
                                                                             : ScoreFunction::kSoftmax;
     at::Tensor logits = c.tensors.at("logits").clone().requires_grad_(true);
@@ -179,12 +113,12 @@ TEST(Router, MatchesMegatronCoreLosses) {
     ASSERT_TRUE(in.ok()) << in.status();
     EXPECT_TRUE(in->tokens_per_expert.equal(c.tensors.at("tokens_per_expert").to(at::kLong)));
     at::Tensor aux = LoadBalancingLoss(in->scores, in->tokens_per_expert, logits.size(0), k,
-                                       Double(c, "aux_loss_coeff", 0));
+                                       DoubleOption(c, "aux_loss_coeff", 0));
     EXPECT_LE(MaxRelErr(aux, c.tensors.at("aux_loss")), 1e-6);
     aux.backward();
     EXPECT_LE(MaxRelErr(logits.grad(), c.tensors.at("aux_grad_logits")), 1e-5);
     at::Tensor zin = c.tensors.at("logits").clone().requires_grad_(true);
-    at::Tensor z = ZLoss(zin, Double(c, "z_loss_coeff", 0));
+    at::Tensor z = ZLoss(zin, DoubleOption(c, "z_loss_coeff", 0));
     EXPECT_LE(MaxRelErr(z, c.tensors.at("z_loss")), 1e-6);
     z.backward();
     EXPECT_LE(MaxRelErr(zin.grad(), c.tensors.at("z_grad_logits")), 1e-5);
@@ -194,14 +128,14 @@ TEST(Router, MatchesMegatronCoreLosses) {
 }
 
 TEST(Router, MatchesMegatronCoreSequenceLossAndBiasUpdate) {
-  std::vector<Case> cases = LoadCases();
+  std::vector<FixtureCase> cases = LoadCases();
   int seq = 0, bias = 0;
-  for (const Case& c : cases) {
+  for (const FixtureCase& c : cases) {
     const std::string& kind = c.options.at("kind");
     SCOPED_TRACE(c.name);
     if (kind == "seq_losses") {
-      const int64_t S = Int(c, "seq_length", 0), B = Int(c, "batch", 0);
-      const int k = Int(c, "topk", 1);
+      const int64_t S = IntOption(c, "seq_length", 0), B = IntOption(c, "batch", 0);
+      const int k = IntOption(c, "topk", 1);
       const ScoreFunction score = c.options.at("score_function") == "sigmoid"
                                       ? ScoreFunction::kSigmoid : ScoreFunction::kSoftmax;
       // The fixture's tokens are in [seq, batch] order; ours are [batch, seq].
@@ -211,7 +145,7 @@ TEST(Router, MatchesMegatronCoreSequenceLossAndBiasUpdate) {
       absl::StatusOr<AuxLossInputs> in = AuxLossScores(logits, k, score);
       ASSERT_TRUE(in.ok()) << in.status();
       absl::StatusOr<at::Tensor> loss = SequenceLoadBalancingLoss(in->scores, in->routing_map, B, k,
-                                                                  Double(c, "aux_loss_coeff", 0));
+                                                                  DoubleOption(c, "aux_loss_coeff", 0));
       ASSERT_TRUE(loss.ok()) << loss.status();
       EXPECT_LE(MaxRelErr(*loss, c.tensors.at("seq_aux_loss")), 1e-6);
       loss->backward();
@@ -220,7 +154,7 @@ TEST(Router, MatchesMegatronCoreSequenceLossAndBiasUpdate) {
       ++seq;
     } else if (kind == "bias_update") {
       const at::Tensor updated = UpdateExpertBias(c.tensors.at("expert_bias"), c.tensors.at("tokens_per_expert"),
-                                                  Double(c, "rate", 0));
+                                                  DoubleOption(c, "rate", 0));
       EXPECT_LE(MaxRelErr(updated, c.tensors.at("updated_bias")), 1e-6);
       ++bias;
     }
@@ -280,6 +214,12 @@ TEST(Router, EdgeCases) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->probs.size(0), 0);
   EXPECT_EQ(r->tokens_per_expert.sum().item<int64_t>(), 0);
+  // ... and their load-balancing loss is 0, not 0/0 (a rank that routed nothing).
+  const at::Tensor no_scores = at::zeros({0, 4}).requires_grad_(true);
+  const at::Tensor lb = LoadBalancingLoss(no_scores, at::zeros({4}, at::kLong), 0, 2, 0.01);
+  EXPECT_EQ(lb.item<float>(), 0.0f);
+  lb.backward();
+  EXPECT_EQ(no_scores.grad().numel(), 0);
   // Exact ties: the lower expert index wins (torch.topk on the CPU keeps index order for
   // equal values), every time.
   at::Tensor tied = at::zeros({3, 4});

@@ -54,7 +54,10 @@ constexpr char kUsage[] =
     "  --top_k=2  --score=softmax|sigmoid  --pre_softmax  --scaling_factor=1\n"
     "  --num_groups=0 --group_topk=0       group-limited routing\n"
     "  --capacity_factor=0                 0: dropless (expert choice needs > 0)\n"
-    "  --drop_policy=score|position  --pad_to_capacity\n"
+    "  --drop_policy=score|position|choice_then_position  --pad_to_capacity\n"
+    "  --min_capacity=0                    capacity is at least this (DeepSpeed)\n"
+    "  --group_score_topk=0                experts summed per group score (0: top_k/group_topk)\n"
+    "  --weight_norm=sigmoid_topk|none|topk|kept   normalising the top-k weights (router.h)\n"
     "losses (token choice):\n"
     "  --aux_loss=none|batch|sequence (default batch)  --aux_loss_coeff=0.01\n"
     "  --num_sequences=1      with --aux_loss=sequence: tokens are this many sequences in order\n"
@@ -121,7 +124,14 @@ std::string EnumName(Enum value, const std::vector<std::pair<const char*, Enum>>
 const std::vector<std::pair<const char*, ScoreFunction>> kScores = {
     {"softmax", ScoreFunction::kSoftmax}, {"sigmoid", ScoreFunction::kSigmoid}};
 const std::vector<std::pair<const char*, DropPolicy>> kDropPolicies = {
-    {"score", DropPolicy::kByScore}, {"position", DropPolicy::kByPosition}};
+    {"score", DropPolicy::kByScore},
+    {"position", DropPolicy::kByPosition},
+    {"choice_then_position", DropPolicy::kByChoiceThenPosition}};
+const std::vector<std::pair<const char*, WeightNorm>> kWeightNorms = {
+    {"sigmoid_topk", WeightNorm::kSigmoidTopK},
+    {"none", WeightNorm::kNone},
+    {"topk", WeightNorm::kTopK},
+    {"kept", WeightNorm::kKept}};
 const std::vector<std::pair<const char*, RoutingType>> kRoutings = {
     {"token_choice", RoutingType::kTokenChoice}, {"expert_choice", RoutingType::kExpertChoice}};
 const std::vector<std::pair<const char*, AuxLoss>> kAuxLosses = {
@@ -181,6 +191,9 @@ absl::StatusOr<Args> ParseArgs(int argc, char** argv, bool* help) {
       {"top_k", [&](auto& f, auto& v) { return ParseInt(f, v, &a.topk.top_k); }},
       {"num_groups", [&](auto& f, auto& v) { return ParseInt(f, v, &a.topk.num_groups); }},
       {"group_topk", [&](auto& f, auto& v) { return ParseInt(f, v, &a.topk.group_topk); }},
+      {"group_score_topk", [&](auto& f, auto& v) { return ParseInt(f, v, &a.topk.group_score_topk); }},
+      {"min_capacity", [&](auto& f, auto& v) { return ParseInt(f, v, &a.topk.min_capacity); }},
+      {"weight_norm", [&](auto& f, auto& v) { return ParseEnum(f, v, kWeightNorms, &a.topk.weight_norm); }},
       {"num_sequences", [&](auto& f, auto& v) { return ParseInt(f, v, &a.num_sequences); }},
       {"scaling_factor",
        [&](auto& f, auto& v) {
@@ -247,7 +260,8 @@ absl::StatusOr<Args> ParseArgs(int argc, char** argv, bool* help) {
   // debugging a router should not believe an option took effect when it did not.
   if (a.routing == RoutingType::kExpertChoice) {
     for (const char* f : {"top_k", "score", "pre_softmax", "num_groups", "group_topk", "scaling_factor",
-                          "drop_policy", "pad_to_capacity", "expert_bias"}) {
+                          "drop_policy", "pad_to_capacity", "expert_bias", "group_score_topk",
+                          "min_capacity", "weight_norm"}) {
       if (a.given.count(f)) {
         return Invalid(absl::StrFormat("--%s does not apply to --routing=expert_choice (it takes "
                                        "--capacity_factor only)", f));
@@ -404,6 +418,10 @@ absl::StatusOr<Safetensors> Route(const Args& a, const Inputs& in) {
     m["scaling_factor"] = Shortest(a.topk.scaling_factor);
     m["drop_policy"] = EnumName(a.topk.drop_policy, kDropPolicies);
     m["pad_to_capacity"] = a.topk.pad_to_capacity ? "true" : "false";
+    // Recorded when given, so files written before these options existed still compare.
+    if (a.given.count("group_score_topk")) m["group_score_topk"] = absl::StrCat(a.topk.group_score_topk);
+    if (a.given.count("min_capacity")) m["min_capacity"] = absl::StrCat(a.topk.min_capacity);
+    if (a.given.count("weight_norm")) m["weight_norm"] = EnumName(a.topk.weight_norm, kWeightNorms);
   }
   if (a.aux_loss != AuxLoss::kNone) m["aux_loss_coeff"] = Shortest(a.aux_loss_coeff);
   if (a.aux_loss == AuxLoss::kSequence) m["num_sequences"] = absl::StrCat(a.num_sequences);

@@ -56,6 +56,15 @@ else
   fail "relative paths: $(cat "$TMP/relative.err")"
 fi
 
+# min_capacity lifts the capacity (32 tokens × 2 / 8 experts × 0.5 = 4) to 32 = every token: nothing drops.
+if "$ROUTE" --input="$IN" --output="$TMP/min_capacity.safetensors" --capacity_factor=0.5 --min_capacity=32 \
+      --weight_norm=topk --drop_policy=choice_then_position >"$TMP/min_capacity.out" 2>&1 &&
+   grep -qF "(token_choice, capacity 32): 0 slot(s) dropped" "$TMP/min_capacity.out"; then
+  ok "--min_capacity, --weight_norm and --drop_policy=choice_then_position reach the router"
+else
+  fail "min_capacity: $(cat "$TMP/min_capacity.out")"
+fi
+
 if "$ROUTE" --help >"$TMP/help.out" 2>&1 && grep -qF "usage: route --input=" "$TMP/help.out"; then
   ok "--help"
 else
@@ -102,6 +111,7 @@ run no_input "--input is required" --top_k=2
 run repeated_flag "--top_k is given more than once" --input="$IN" --top_k=2 --top_k=3
 run bad_int "--top_k=two: not an integer" --input="$IN" --top_k=two
 run bad_enum "--score=relu: expected one of softmax, sigmoid" --input="$IN" --score=relu
+run bad_norm "--weight_norm=l2: expected one of sigmoid_topk, none, topk, kept" --input="$IN" --weight_norm=l2
 run bad_bool "--pre_softmax=yes: expected true or false" --input="$IN" --pre_softmax=yes
 run nan_factor "--capacity_factor=nan: not a finite number" --input="$IN" --capacity_factor=nan
 run missing_value "--top_k needs a value" --input="$IN" --top_k

@@ -5,8 +5,10 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
@@ -32,26 +34,34 @@ absl::Status CheckLogits(const at::Tensor& logits) {
 }
 
 // Indices of the k largest entries of each row, largest first; among equal values the
-// lower index wins. (at::topk alone leaves ties to its partial selection, which on the CPU is
-// not index order.) A full stable sort is paid only for rows where a tie straddles the k-th
-// place; otherwise the chosen set is unique and only those k are put in order.
-at::Tensor TopKRows(const at::Tensor& scores, int64_t k) {
-  const int64_t n = scores.size(1);
-  auto full_sort = [&](const at::Tensor& s) {
-    return std::get<1>(at::sort(s, /*stable=*/true, /*dim=*/1, /*descending=*/true)).narrow(1, 0, k);
-  };
-  if (k >= n) return full_sort(scores);
-  auto [vals, idx] = at::topk(scores, k + 1, /*dim=*/1, /*largest=*/true, /*sorted=*/true);
-  // The k chosen, ordered by value then index: sort by index, then stably by value.
-  auto [by_index, perm] = at::sort(idx.narrow(1, 0, k), /*stable=*/true, /*dim=*/1, /*descending=*/false);
-  const at::Tensor order = std::get<1>(at::sort(vals.narrow(1, 0, k).gather(1, perm), /*stable=*/true,
-                                                /*dim=*/1, /*descending=*/true));
-  at::Tensor out = by_index.gather(1, order);
-  const at::Tensor boundary_tie = vals.select(1, k - 1).eq(vals.select(1, k));
-  if (boundary_tie.any().item<bool>()) {
-    const at::Tensor rows = boundary_tie.nonzero().squeeze(1);
-    out.index_copy_(0, rows, full_sort(scores.index_select(0, rows)));
-  }
+// lower index wins. (at::topk leaves ties to its partial selection, which on the CPU is not
+// index order.) One pass per row keeping the best k in order: an entry enters only if it beats
+// the k-th best strictly, so among equal values the earlier index stays ahead.
+at::Tensor TopKRows(const at::Tensor& scores_in, int64_t k) {
+  const at::Tensor scores = scores_in.to(at::kFloat).contiguous();
+  const int64_t rows = scores.size(0), n = scores.size(1);
+  at::Tensor out = at::empty({rows, k}, scores.options().dtype(at::kLong));
+  const float* s = scores.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> best(k);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = s + r * n;
+      int64_t* idx = o + r * k;
+      int64_t have = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = row[j];
+        if (have == k && !(v > best[k - 1])) continue;
+        int64_t p = have < k ? have++ : k - 1;
+        for (; p > 0 && best[p - 1] < v; --p) {
+          best[p] = best[p - 1];
+          idx[p] = idx[p - 1];
+        }
+        best[p] = v;
+        idx[p] = j;
+      }
+    }
+  });
   return out;
 }
 

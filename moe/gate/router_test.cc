@@ -288,3 +288,25 @@ TEST(Router, ExpertBiasAndPrecision) {
 
 }  // namespace
 }  // namespace switchyard::gate
+
+namespace switchyard::gate {
+namespace {
+
+// The one-pass top-k against a stable descending sort, on scores full of exact ties.
+TEST(Router, TopKWithTiesEqualsStableSort) {
+  at::manual_seed(5);
+  for (int64_t E : {1, 3, 8, 64, 256}) {
+    for (int64_t k : {int64_t{1}, int64_t{2}, std::min<int64_t>(8, E), E}) {
+      if (k > E) continue;
+      const at::Tensor logits = at::randint(0, 4, {257, E}).to(at::kFloat);
+      absl::StatusOr<Routing> r = TopKRoute(logits, {.top_k = static_cast<int>(k)});
+      ASSERT_TRUE(r.ok()) << r.status();
+      const at::Tensor want =
+          std::get<1>(at::sort(logits, /*stable=*/true, /*dim=*/1, /*descending=*/true)).narrow(1, 0, k);
+      EXPECT_TRUE(r->topk_indices.equal(want)) << "E=" << E << " k=" << k;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace switchyard::gate

@@ -16,6 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "common/heap.h"
 #include "common/status_macros.h"
 #include "dist/groups/comm.h"
 #include "dist/groups/store.h"
@@ -159,6 +160,8 @@ int RunWorker(const std::string& spec_path, const WorkerEnv& env) {
     threads = std::max(1, static_cast<int>(cores) / std::max(1, env.local_world_size));
   }
   at::set_num_threads(threads);
+  // Training reallocates the same large buffers every step: keep them mapped (common/heap.h).
+  common::RetainFreedMemory();
 
   const Fault fault = ParseFault();
   std::unique_ptr<groups::Communicator> comm;

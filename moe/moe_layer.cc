@@ -122,7 +122,7 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
                                     .num_experts = config_.router.num_experts};
     dispatch::DispatchState st;
     SY_ASSIGN_OR_RETURN(at::Tensor local_rows, dispatch::DispatchToExperts(rows, plan.rows_per_expert, eg, &st));
-    SY_ASSIGN_OR_RETURN(at::Tensor expert_out, experts_->Forward(local_rows, st.rows_per_local_expert));
+    SY_ASSIGN_OR_RETURN(at::Tensor expert_out, experts_->Forward(local_rows, st.rows_per_segment, st.segment_expert));
     SY_ASSIGN_OR_RETURN(at::Tensor back, dispatch::CombineFromExperts(expert_out, st, eg));
     at::Tensor y = dispatch::Unpermute(back, routing.probs, plan);
     if (shared_) {

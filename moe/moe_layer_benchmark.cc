@@ -5,8 +5,12 @@
 //
 //   tools/bazel run -c opt //moe:moe_layer_benchmark -- --benchmark_counters_tabular=true
 //
+// Freed memory stays in the heap (common::RetainFreedMemory), as in the workers.
+//
 // - BM_ExpertGemms: the same per-expert GEMMs (2 forward, 4 backward per expert) into
-//   preallocated buffers, nothing else: the limit for the layer.
+//   preallocated buffers, nothing else: the limit for the layer. In the dtype the layer's
+//   GEMMs compute in (experts::CpuGemmComputeType: fp32 for bf16 storage on CPUs without
+//   bf16 units, where LibTorch's own bf16 GEMM is a slow fallback).
 // - BM_MoELayer: router + permute + grouped experts + unpermute, forward and backward.
 // - BM_LoopMasks: (a) the tutorial loop, one weight tensor per expert, index_select/index_add.
 // - BM_LoopStacked: (b) the same loop over one stacked [E, H, 2F] weight indexed per expert.
@@ -25,6 +29,7 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include "benchmark/benchmark.h"
+#include "common/heap.h"
 #include "moe/dispatch/permute.h"
 #include "moe/experts/experts.h"
 #include "moe/moe_layer.h"
@@ -57,6 +62,8 @@ struct Setup {
   at::ScalarType dtype;
   std::optional<MoELayer> layer;
   at::Tensor x, grad_out, topk_idx, topk_w;
+  at::Tensor probs;                          // [T, E] routing weights
+  std::optional<dispatch::PermutePlan> plan;  // of the layer's routing
   std::vector<int64_t> counts;
   int64_t rows = 0;
 };
@@ -65,6 +72,7 @@ Setup& Get(benchmark::State& state) {
   static std::map<std::pair<int64_t, int64_t>, std::unique_ptr<Setup>> cache;
   auto& s = cache[{state.range(0), state.range(1)}];
   if (!s) {
+    common::RetainFreedMemory();
     at::set_num_threads(kThreads);
     at::manual_seed(0);
     s = std::make_unique<Setup>();
@@ -81,6 +89,10 @@ Setup& Get(benchmark::State& state) {
     s->topk_w = r->routing.topk_weights.detach();
     const at::Tensor c = r->routing.tokens_per_expert;
     for (int e = 0; e < s->shape.experts; ++e) s->counts.push_back(c[e].item<int64_t>());
+    s->probs = r->routing.probs.detach();
+    auto plan = dispatch::MakePlan(r->routing.routing_map);
+    if (!plan.ok()) std::abort();
+    s->plan.emplace(*std::move(plan));
     s->rows = kTokens * s->shape.k;
   }
   at::set_num_threads(kThreads);
@@ -97,7 +109,8 @@ void Finish(benchmark::State& state, const Setup& s) {
 void BM_ExpertGemms(benchmark::State& state) {
   Setup& s = Get(state);
   const int64_t F = s.shape.ffn, N = s.rows, E = s.shape.experts;
-  auto o = at::TensorOptions().dtype(s.dtype);
+  // The GEMMs the layer runs: bf16 storage computes in fp32 on CPUs without bf16 units.
+  auto o = at::TensorOptions().dtype(experts::CpuGemmComputeType(s.dtype));
   at::Tensor x = at::randn({N, kHidden}, o), w1 = at::randn({E, kHidden, 2 * F}, o) * 0.02,
              w2 = at::randn({E, F, kHidden}, o) * 0.02;
   at::Tensor h = at::empty({N, 2 * F}, o), a = at::randn({N, F}, o), y = at::empty({N, kHidden}, o);
@@ -126,6 +139,7 @@ void BM_ExpertGemms(benchmark::State& state) {
 void BM_MoELayer(benchmark::State& state) {
   Setup& s = Get(state);
   for (auto _ : state) {
+    for (TaggedParam& p : s.layer->Parameters()) p.tensor.mutable_grad().reset();  // zero_grad(set_to_none)
     at::Tensor x = s.x.detach().requires_grad_(true);
     auto out = s.layer->Forward(x, {.training = true});
     if (!out.ok()) {
@@ -200,9 +214,13 @@ void Mlp(benchmark::State& state, bool grouped) {
   auto ex = experts::GroupedExperts::Create(c, 3);
   if (!ex.ok()) std::abort();
   const std::vector<int64_t> counts = grouped ? s.counts : std::vector<int64_t>{s.rows};
-  const at::Tensor rows = at::randn({s.rows, kHidden}).to(s.dtype);
+  // Rows that need a gradient, as inside the layer: all six GEMMs per expert run.
+  const at::Tensor rows = at::randn({s.rows, kHidden}).to(s.dtype).requires_grad_(true);
   const at::Tensor g = at::randn({s.rows, kHidden}).to(s.dtype);
   for (auto _ : state) {
+    ex->fc1().mutable_grad().reset();
+    ex->fc2().mutable_grad().reset();
+    rows.mutable_grad().reset();
     auto y = ex->Forward(rows, counts);
     y->backward(g);
   }
@@ -211,17 +229,56 @@ void Mlp(benchmark::State& state, bool grouped) {
 void BM_GroupedExperts(benchmark::State& state) { Mlp(state, true); }
 void BM_DenseMlp(benchmark::State& state) { Mlp(state, false); }
 
+void BM_Swiglu(benchmark::State& state) {
+  Setup& s = Get(state);
+  const at::Tensor h = at::randn({s.rows, 2 * s.shape.ffn}).to(s.dtype).requires_grad_(true);
+  const at::Tensor g = at::randn({s.rows, s.shape.ffn}).to(s.dtype);
+  for (auto _ : state) {
+    h.mutable_grad().reset();
+    experts::SwigluFused(h).backward(g);
+  }
+  Finish(state, s);
+}
+
 void BM_PermuteUnpermute(benchmark::State& state) {
   Setup& s = Get(state);
-  const at::Tensor map = at::zeros({kTokens, s.shape.experts}, at::kBool).scatter_(1, s.topk_idx, true);
-  const at::Tensor probs = at::zeros({kTokens, s.shape.experts}).scatter_(1, s.topk_idx, s.topk_w);
-  auto plan = dispatch::MakePlan(map);
-  if (!plan.ok()) std::abort();
+  const at::Tensor& probs = s.probs;
+  const dispatch::PermutePlan* plan = &*s.plan;
   for (auto _ : state) {
     at::Tensor rows = dispatch::Permute(s.x, *plan);
     benchmark::DoNotOptimize(dispatch::Unpermute(rows, probs, *plan).data_ptr());
   }
   state.SetBytesProcessed(state.iterations() * 2 * s.rows * kHidden * s.x.element_size());
+  Finish(state, s);
+}
+
+// The two halves alone (forward), to see which one costs.
+void PermuteHalf(benchmark::State& state, bool permute) {
+  Setup& s = Get(state);
+  const at::Tensor& probs = s.probs;
+  const dispatch::PermutePlan* plan = &*s.plan;
+  const at::Tensor rows = dispatch::Permute(s.x, *plan);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(
+        (permute ? dispatch::Permute(s.x, *plan) : dispatch::Unpermute(rows, probs, *plan)).data_ptr());
+  }
+  state.SetBytesProcessed(state.iterations() * s.rows * kHidden * s.x.element_size());
+  Finish(state, s);
+}
+void BM_Permute(benchmark::State& state) { PermuteHalf(state, true); }
+void BM_Unpermute(benchmark::State& state) { PermuteHalf(state, false); }
+
+// Forward and backward of permute + weighted unpermute (what the layer pays besides routing).
+void BM_PermuteUnpermuteFwdBwd(benchmark::State& state) {
+  Setup& s = Get(state);
+  const at::Tensor& probs = s.probs;
+  const dispatch::PermutePlan* plan = &*s.plan;
+  const at::Tensor x = s.x.detach().requires_grad_(true), p = probs.detach().requires_grad_(true);
+  for (auto _ : state) {
+    x.mutable_grad().reset();
+    p.mutable_grad().reset();
+    dispatch::Unpermute(dispatch::Permute(x, *plan), p, *plan).backward(s.grad_out);
+  }
   Finish(state, s);
 }
 
@@ -239,7 +296,7 @@ void BM_Memcpy(benchmark::State& state) {
 }
 
 void Shapes(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"shape", "bf16"})->Unit(benchmark::kMillisecond)->UseRealTime();
+  b->ArgNames({"shape", "bf16"})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(4);
   for (int shape : {0, 1}) {
     for (int dt : {0, 1}) b->Args({shape, dt});
   }
@@ -252,7 +309,11 @@ BENCHMARK(BM_LoopStacked)->Apply(Shapes);
 BENCHMARK(BM_Router)->Apply(Shapes);
 BENCHMARK(BM_GroupedExperts)->Apply(Shapes);
 BENCHMARK(BM_DenseMlp)->Apply(Shapes);
+BENCHMARK(BM_Swiglu)->Apply(Shapes);
 BENCHMARK(BM_PermuteUnpermute)->Apply(Shapes);
+BENCHMARK(BM_Permute)->Apply(Shapes);
+BENCHMARK(BM_Unpermute)->Apply(Shapes);
+BENCHMARK(BM_PermuteUnpermuteFwdBwd)->Apply(Shapes);
 BENCHMARK(BM_Memcpy)->Apply(Shapes);
 
 }  // namespace

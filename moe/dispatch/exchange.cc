@@ -234,34 +234,24 @@ absl::StatusOr<at::Tensor> DispatchToExperts(const at::Tensor& permuted,
     }
     if (etp > 1) x = AllGatherVRows(x, *groups.etp, st->etp_counts);
 
-    // Regroup (member, source, local expert) blocks into (local expert, member, source).
-    std::vector<int64_t> start(etp * ep * local + 1, 0);
-    for (int j = 0; j < etp * ep * local; ++j) start[j + 1] = start[j] + b[j];
-    std::vector<int64_t> perm;
-    perm.reserve(x.size(0));
+    // The rows stay in (member, source, local expert) blocks: the grouped GEMM takes each
+    // non-empty block as a segment of its expert, so nothing is copied to regroup them.
+    st->rows_per_segment.clear();
+    st->segment_expert.clear();
     st->rows_per_local_expert.assign(local, 0);
-    for (int l = 0; l < local; ++l) {
-      for (int m = 0; m < etp; ++m) {
-        for (int i = 0; i < ep; ++i) {
-          const int j = (m * ep + i) * local + l;
-          for (int64_t r = start[j]; r < start[j + 1]; ++r) perm.push_back(r);
-          st->rows_per_local_expert[l] += b[j];
-        }
-      }
+    for (int j = 0; j < etp * ep * local; ++j) {
+      st->rows_per_local_expert[j % local] += b[j];
+      st->rows_per_segment.push_back(b[j]);  // empty blocks too: the GEMM skips them
+      st->segment_expert.push_back(j % local);
     }
-    if (ep * etp == 1) {
-      st->regroup = PermutePlan();  // already one block per expert
-      return x;
-    }
-    st->regroup = RowPermutation(perm, x.size(0));
-    return Permute(x, st->regroup);
+    return x;
   });
 }
 
 absl::StatusOr<at::Tensor> CombineFromExperts(const at::Tensor& expert_out, const DispatchState& st,
                                               const ExpertGroups& groups) {
   return Guard("combine", [&] {
-    at::Tensor y = st.regroup.row_token.defined() ? UnpermuteSum(expert_out, st.regroup) : expert_out;
+    at::Tensor y = expert_out;
     if (Active(groups.etp)) y = ReduceScatterVRows(y, *groups.etp, st.etp_counts);
     if (Active(groups.ep)) y = AllToAllVRows(y, *groups.ep, st.recv_counts, st.send_counts);
     return y;

@@ -3,7 +3,7 @@
 //
 //   DispatchState st;
 //   absl::StatusOr<at::Tensor> rows = DispatchToExperts(permuted, plan.rows_per_expert, groups, &st);
-//   at::Tensor out = experts.Forward(*rows, st.rows_per_local_expert);
+//   at::Tensor out = experts.Forward(*rows, st.rows_per_segment, st.segment_expert);
 //   absl::StatusOr<at::Tensor> back = CombineFromExperts(out, st, groups);   // rows in `permuted` order
 //
 // Dispatch (Megatron-Core's all-to-all dispatcher with expert tensor parallel):
@@ -11,8 +11,9 @@
 //     rows, so every rank receives the rows of its own experts from every EP peer;
 //  2. with ETP > 1, all-gather those rows over the ETP group: every F-slice of an expert
 //     sees all of its tokens;
-//  3. regroup the received blocks (member, source, local expert) into one contiguous block
-//     per local expert.
+//  3. hand the received (member, source, local expert) blocks to the experts as they are,
+//     each block a segment of its expert (the grouped GEMM takes segments in any order), so
+//     no copy regroups them.
 // Combine reverses each step; the ETP step sums the partial outputs of the F slices and
 // keeps this rank's rows (a reduce-scatter). Collective failures (a dead peer, a timeout)
 // become statuses naming the group and op. Tensors of any floating dtype; bf16 and fp16 are
@@ -27,7 +28,6 @@
 
 #include "absl/status/statusor.h"
 #include "dist/groups/comm.h"
-#include "moe/dispatch/permute.h"
 
 namespace switchyard::dispatch {
 
@@ -63,7 +63,9 @@ struct ExpertGroups {
 struct DispatchState {
   std::vector<int64_t> send_counts, recv_counts;  // per EP member
   std::vector<int64_t> etp_counts;                // rows each ETP member brought
-  PermutePlan regroup;                            // (member, source, expert) → (expert, member, source)
+  // The dispatched rows as consecutive segments, each of one local expert (some may be empty).
+  std::vector<int64_t> rows_per_segment;
+  std::vector<int64_t> segment_expert;
   std::vector<int64_t> rows_per_local_expert;
 };
 

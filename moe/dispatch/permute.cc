@@ -42,6 +42,48 @@ at::Tensor GatherRows(const at::Tensor& in, const at::Tensor& src) {
   return out;
 }
 
+// acc = w·x (overwrite) or acc += w·x; acc and x never overlap. The fp32 and bf16 loops are
+// built for AVX2 and plain x86-64 and picked at load time (target_clones).
+template <typename A, typename T>
+inline void AxpyRow(A* __restrict__ acc, const T* __restrict__ x, A w, int64_t h, bool overwrite) {
+  if (overwrite) {
+    for (int64_t c = 0; c < h; ++c) acc[c] = w * A(x[c]);
+  } else {
+    for (int64_t c = 0; c < h; ++c) acc[c] += w * A(x[c]);
+  }
+}
+
+__attribute__((target_clones("avx2", "default")))
+void AxpyF32(float* __restrict__ acc, const float* __restrict__ x, float w, int64_t h, bool overwrite) {
+  if (overwrite) {
+    for (int64_t c = 0; c < h; ++c) acc[c] = w * x[c];
+  } else {
+    for (int64_t c = 0; c < h; ++c) acc[c] += w * x[c];
+  }
+}
+
+// bf16 is the top half of an fp32: widen by a shift.
+__attribute__((target_clones("avx2", "default")))
+void AxpyBf16(float* __restrict__ acc, const uint16_t* __restrict__ x, float w, int64_t h, bool overwrite) {
+  for (int64_t c = 0; c < h; ++c) {
+    const uint32_t bits = static_cast<uint32_t>(x[c]) << 16;
+    float v;
+    std::memcpy(&v, &bits, sizeof(v));
+    acc[c] = overwrite ? w * v : acc[c] + w * v;
+  }
+}
+
+template <>
+inline void AxpyRow<float, float>(float* __restrict__ acc, const float* __restrict__ x, float w, int64_t h,
+                                  bool overwrite) {
+  AxpyF32(acc, x, w, h, overwrite);
+}
+template <>
+inline void AxpyRow<float, c10::BFloat16>(float* __restrict__ acc, const c10::BFloat16* __restrict__ x,
+                                          float w, int64_t h, bool overwrite) {
+  AxpyBf16(acc, reinterpret_cast<const uint16_t*>(x), w, h, overwrite);
+}
+
 // out[t] = Σ_{r ∈ rows(t)} w[r] · in[r] (w absent: 1), fp32 accumulation.
 at::Tensor SumRows(const at::Tensor& in, const at::Tensor* w, const at::Tensor& offsets,
                    const at::Tensor& rows) {
@@ -55,25 +97,72 @@ at::Tensor SumRows(const at::Tensor& in, const at::Tensor* w, const at::Tensor& 
     const scalar_t* ip = in.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, t_count, kGrain, [&](int64_t b, int64_t e) {
-      std::vector<A> acc(h);
+      // fp32/fp64 rows accumulate in the output row itself; bf16/fp16 in an fp32 scratch row.
+      constexpr bool kDirect = std::is_same_v<scalar_t, A>;
+      std::vector<A> scratch(kDirect ? 0 : h);
       for (int64_t t = b; t < e; ++t) {
         scalar_t* o = op + t * h;
-        const int64_t n = off[t + 1] - off[t];
-        if (n == 1 && !wp) {
-          std::memcpy(o, ip + rr[off[t]] * h, h * sizeof(scalar_t));
+        const int64_t first = off[t], n = off[t + 1] - first;
+        if (n == 0) {
+          std::memset(o, 0, h * sizeof(scalar_t));
           continue;
         }
-        std::fill(acc.begin(), acc.end(), A(0));
-        for (int64_t j = off[t]; j < off[t + 1]; ++j) {
-          const scalar_t* x = ip + rr[j] * h;
-          const A wt = wp ? A(wp[rr[j]]) : A(1);
-          for (int64_t c = 0; c < h; ++c) acc[c] += wt * A(x[c]);
+        if (n == 1 && !wp) {
+          std::memcpy(o, ip + rr[first] * h, h * sizeof(scalar_t));
+          continue;
         }
-        for (int64_t c = 0; c < h; ++c) o[c] = scalar_t(acc[c]);
+        // (The cast is a no-op where it is used: scalar_t is A when kDirect.)
+        A* acc = kDirect ? reinterpret_cast<A*>(o) : scratch.data();
+        AxpyRow(acc, ip + rr[first] * h, wp ? A(wp[rr[first]]) : A(1), h, /*overwrite=*/true);
+        for (int64_t j = first + 1; j < first + n; ++j) {
+          AxpyRow(acc, ip + rr[j] * h, wp ? A(wp[rr[j]]) : A(1), h, /*overwrite=*/false);
+        }
+        if (!kDirect) {
+          for (int64_t c = 0; c < h; ++c) o[c] = scalar_t(acc[c]);
+        }
       }
     });
   });
   return out;
+}
+
+// out = w·g and returns <g, x>, accumulated in A. The fp32 version keeps 8 partial sums so
+// the compiler can vectorise it (a single running sum is a serial chain).
+template <typename T, typename A = Acc<T>>
+inline A ScaleAndDot(T* __restrict__ out, const T* __restrict__ g, const T* __restrict__ x, A w, int64_t h) {
+  A dot = 0;
+  for (int64_t c = 0; c < h; ++c) {
+    out[c] = T(w * A(g[c]));
+    dot += A(g[c]) * A(x[c]);
+  }
+  return dot;
+}
+
+__attribute__((target_clones("avx2", "default")))
+float ScaleAndDotF32(float* __restrict__ out, const float* __restrict__ g, const float* __restrict__ x,
+                     float w, int64_t h) {
+  constexpr int kLanes = 8;
+  float part[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= h; c += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      out[c + l] = w * g[c + l];
+      part[l] += g[c + l] * x[c + l];
+    }
+  }
+  float dot = 0;
+  for (; c < h; ++c) {
+    out[c] = w * g[c];
+    dot += g[c] * x[c];
+  }
+  for (int l = 0; l < kLanes; ++l) dot += part[l];
+  return dot;
+}
+
+template <>
+inline float ScaleAndDot<float, float>(float* __restrict__ out, const float* __restrict__ g,
+                                       const float* __restrict__ x, float w, int64_t h) {
+  return ScaleAndDotF32(out, g, x, w, h);
 }
 
 // The backward of the weighted sum: grad_rows[r] = w[r] · g[tok(r)], grad_w[r] = <g[tok(r)], rows[r]>.
@@ -98,21 +187,12 @@ void WeightedSumBackward(const at::Tensor& g, const at::Tensor& rows, const at::
           gw[r] = 0;
           continue;
         }
-        const scalar_t* gt = gp + tok[r] * h;
-        const scalar_t* x = rp + r * h;
-        const A wt = wp[r];
-        A dot = 0;
-        for (int64_t c = 0; c < h; ++c) {
-          out[c] = scalar_t(wt * A(gt[c]));
-          dot += A(gt[c]) * A(x[c]);
-        }
-        gw[r] = static_cast<float>(dot);
+        gw[r] = static_cast<float>(ScaleAndDot(out, gp + tok[r] * h, rp + r * h, A(wp[r]), h));
       }
     });
   });
 }
 
-// Permute and UnpermuteSum are each other's adjoints.
 struct PermuteFn : torch::autograd::Function<PermuteFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& row_token,
                             const at::Tensor& offsets, const at::Tensor& rows) {
@@ -122,18 +202,6 @@ struct PermuteFn : torch::autograd::Function<PermuteFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
     return {SumRows(grads[0].contiguous(), nullptr, s[1], s[2]), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-struct UnpermuteSumFn : torch::autograd::Function<UnpermuteSumFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& row_token,
-                            const at::Tensor& offsets, const at::Tensor& rows) {
-    ctx->save_for_backward({row_token, offsets, rows});
-    return SumRows(x, nullptr, offsets, rows);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto s = ctx->get_saved_variables();
-    return {GatherRows(grads[0].contiguous(), s[0]), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -222,34 +290,9 @@ absl::StatusOr<PermutePlan> MakePlan(const at::Tensor& routing_map, int64_t capa
   return p;
 }
 
-PermutePlan RowPermutation(const std::vector<int64_t>& perm, int64_t num_source_rows) {
-  PermutePlan p;
-  p.num_tokens = num_source_rows;
-  p.num_experts = 1;
-  p.rows_per_expert = {static_cast<int64_t>(perm.size())};
-  p.row_token = at::tensor(perm, at::kLong);
-  p.row_prob_index = at::zeros({static_cast<int64_t>(perm.size())}, at::kLong);
-  std::vector<int64_t> count(num_source_rows + 1, 0);
-  for (int64_t s : perm) {
-    TORCH_CHECK(s >= 0 && s < num_source_rows, "RowPermutation: source row ", s, " out of range");
-    ++count[s + 1];
-  }
-  for (int64_t s = 0; s < num_source_rows; ++s) count[s + 1] += count[s];
-  p.token_offsets = at::tensor(count, at::kLong);
-  std::vector<int64_t> rows(perm.size()), cursor(count.begin(), count.end() - 1);
-  for (size_t i = 0; i < perm.size(); ++i) rows[cursor[perm[i]]++] = static_cast<int64_t>(i);
-  p.token_rows = at::tensor(rows, at::kLong);
-  return p;
-}
-
 at::Tensor Permute(const at::Tensor& tokens, const PermutePlan& plan) {
   CheckRows(tokens, plan.num_tokens, "Permute");
   return PermuteFn::apply(tokens.contiguous(), plan.row_token, plan.token_offsets, plan.token_rows);
-}
-
-at::Tensor UnpermuteSum(const at::Tensor& rows, const PermutePlan& plan) {
-  CheckRows(rows, plan.num_rows(), "UnpermuteSum");
-  return UnpermuteSumFn::apply(rows.contiguous(), plan.row_token, plan.token_offsets, plan.token_rows);
 }
 
 at::Tensor Unpermute(const at::Tensor& rows, const at::Tensor& probs, const PermutePlan& plan) {

@@ -42,10 +42,6 @@ struct PermutePlan {
 // rows and more than `capacity` tokens for one expert is an error.
 absl::StatusOr<PermutePlan> MakePlan(const at::Tensor& routing_map, int64_t capacity = -1);
 
-// A plan that moves row perm[i] of its input to row i (a permutation of n rows, or a
-// selection when perm holds each source at most once). Used to regroup received blocks.
-PermutePlan RowPermutation(const std::vector<int64_t>& perm, int64_t num_source_rows);
-
 // tokens: [T, H] (any floating dtype, contiguous) → [N, H]; empty slots are zeros.
 // Backward sums each token's row gradients.
 at::Tensor Permute(const at::Tensor& tokens, const PermutePlan& plan);
@@ -54,10 +50,6 @@ at::Tensor Permute(const at::Tensor& tokens, const PermutePlan& plan);
 // out[t] = Σ over t's rows r of probs[t, expert(r)] · rows[r], accumulated in fp32; out has
 // rows' dtype. Gradients flow to rows and to probs.
 at::Tensor Unpermute(const at::Tensor& rows, const at::Tensor& probs, const PermutePlan& plan);
-
-// Unpermute without weights: out[t] = Σ rows of t (the inverse of Permute's forward for a
-// permutation plan).
-at::Tensor UnpermuteSum(const at::Tensor& rows, const PermutePlan& plan);
 
 }  // namespace switchyard::dispatch
 

@@ -151,18 +151,5 @@ TEST(PermuteTest, Bf16RowsAccumulateInFp32) {
             x.to(at::kFloat).abs().max().item<float>() * 8e-3);
 }
 
-TEST(PermuteTest, RowPermutationAndItsAdjoint) {
-  const std::vector<int64_t> perm = {3, 0, 4, 1, 2};
-  const PermutePlan plan = RowPermutation(perm, 5);
-  const at::Tensor x = at::randn({5, 3}).requires_grad_(true);
-  const at::Tensor y = Permute(x, plan);
-  EXPECT_TRUE(at::equal(y, x.index_select(0, at::tensor(perm, at::kLong))));
-  const at::Tensor back = UnpermuteSum(y, plan);
-  EXPECT_TRUE(at::equal(back, x));
-  const at::Tensor R = at::randn({5, 3});
-  (back * R).sum().backward();
-  EXPECT_TRUE(at::allclose(x.grad(), R));
-}
-
 }  // namespace
 }  // namespace switchyard::dispatch

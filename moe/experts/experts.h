@@ -38,10 +38,19 @@ struct ExpertsConfig {
   float init_std = 0.02f;
 };
 
-// out[block e] = x[block e] @ w[e]. x: [N, in]; w: [E, in, out]; rows_per_expert sums to N.
-// Autograd to x and w; an expert with no rows gets a zero gradient.
+// The dtype CPU GEMMs on `storage` tensors compute in: bf16 in fp32 unless the CPU has native
+// bf16 dot products (AVX512-BF16), fp16 always in fp32; results are rounded back to storage.
+at::ScalarType CpuGemmComputeType(at::ScalarType storage);
+
+// out[segment s] = x[segment s] @ w[expert(s)]: x is cut into consecutive segments of
+// rows_per_segment rows (summing to N); segment s belongs to expert segment_expert[s], or to
+// expert s when segment_expert is empty (then one segment per expert). An expert may own
+// several segments, in any order: the dispatcher hands over rows as (source rank, expert)
+// blocks without regrouping them. x: [N, in]; w: [E, in, out]. Autograd to x and w; an expert
+// with no rows gets a zero gradient.
 at::Tensor GroupedMatmul(const at::Tensor& x, const at::Tensor& w,
-                         const std::vector<int64_t>& rows_per_expert);
+                         const std::vector<int64_t>& rows_per_segment,
+                         const std::vector<int64_t>& segment_expert = {});
 
 // silu(h[:, :F]) · h[:, F:] for h = [N, 2F], forward and backward in one pass each.
 at::Tensor SwigluFused(const at::Tensor& h);
@@ -50,10 +59,11 @@ class GroupedExperts {
  public:
   static absl::StatusOr<GroupedExperts> Create(const ExpertsConfig& config, uint64_t seed);
 
-  // rows: [N, H] grouped by local expert; rows_per_local_expert: [num_local_experts()].
+  // rows: [N, H] in segments as GroupedMatmul takes them (segment_expert: local expert
+  // indices; empty: one segment per local expert, in order).
   // Returns [N, H] in rows' dtype (a partial sum over F slices when etp_size > 1).
-  absl::StatusOr<at::Tensor> Forward(const at::Tensor& rows,
-                                     const std::vector<int64_t>& rows_per_local_expert);
+  absl::StatusOr<at::Tensor> Forward(const at::Tensor& rows, const std::vector<int64_t>& rows_per_segment,
+                                     const std::vector<int64_t>& segment_expert = {});
 
   const ExpertsConfig& config() const { return config_; }
   int num_local_experts() const { return config_.num_experts / config_.ep_size; }

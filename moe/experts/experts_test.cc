@@ -62,6 +62,28 @@ TEST(GroupedMatmulTest, MatchesPerExpertLoopWithEmptyExperts) {
   EXPECT_THROW(GroupedMatmul(x0, w0, {3, 0, 7, 1, 1}), c10::Error);
 }
 
+// Segments in any order, several per expert (as the EP dispatcher hands rows over).
+TEST(GroupedMatmulTest, SegmentsOfTheSameExpertInAnyOrder) {
+  at::manual_seed(9);
+  const std::vector<int64_t> rows = {4, 3, 0, 5, 2}, expert = {2, 0, 1, 2, 0};
+  const at::Tensor x0 = at::randn({14, 6}), w0 = at::randn({3, 6, 4}), R = at::randn({14, 4});
+  at::Tensor x = x0.clone().requires_grad_(true), w = w0.clone().requires_grad_(true);
+  (GroupedMatmul(x, w, rows, expert) * R).sum().backward();
+  at::Tensor xr = x0.clone().requires_grad_(true), wr = w0.clone().requires_grad_(true);
+  std::vector<at::Tensor> parts;
+  int64_t off = 0;
+  for (size_t s = 0; s < rows.size(); ++s) {
+    parts.push_back(at::mm(xr.narrow(0, off, rows[s]), wr[expert[s]]));
+    off += rows[s];
+  }
+  (at::cat(parts) * R).sum().backward();
+  EXPECT_LT(MaxRel(x.grad(), xr.grad()), 1e-6);
+  EXPECT_LT(MaxRel(w.grad(), wr.grad()), 1e-6);
+  EXPECT_EQ(w.grad()[1].abs().sum().item<double>(), 0.0);  // only an empty segment
+  EXPECT_THROW(GroupedMatmul(x0, w0, rows, {2, 0, 1, 3, 0}), c10::Error);
+  EXPECT_THROW(GroupedMatmul(x0, w0, rows, {2, 0}), c10::Error);
+}
+
 TEST(SwigluTest, FusedMatchesComposedOps) {
   at::manual_seed(2);
   const at::Tensor h0 = at::randn({9, 10}) * 3, R = at::randn({9, 5});
@@ -164,6 +186,26 @@ TEST(GroupedExpertsTest, Bf16FollowsFp32) {
   ASSERT_TRUE(yb.ok() && yf.ok());
   EXPECT_EQ(yb->scalar_type(), at::kBFloat16);
   EXPECT_LT(MaxRel(*yb, *yf), 3e-2);
+}
+
+// bf16 and fp16 storage: products accumulate in fp32 (whatever the CPU) and round once.
+TEST(GroupedMatmulTest, LowPrecisionStorageAccumulatesInFp32) {
+  for (at::ScalarType dt : {at::kBFloat16, at::kHalf}) {
+    at::manual_seed(8);
+    const std::vector<int64_t> counts = {40, 0, 24};
+    at::Tensor x = at::randn({64, 256}).to(dt).requires_grad_(true);
+    at::Tensor w = at::randn({3, 256, 32}).to(dt).requires_grad_(true);
+    const at::Tensor y = GroupedMatmul(x, w, counts);
+    EXPECT_EQ(y.scalar_type(), dt);
+    const at::Tensor want = at::cat({at::mm(x.detach().narrow(0, 0, 40).to(at::kFloat), w.detach()[0].to(at::kFloat)),
+                                     at::mm(x.detach().narrow(0, 40, 24).to(at::kFloat), w.detach()[2].to(at::kFloat))});
+    // One rounding of an fp32 result: within half an ulp of the storage type (2^-8 for bf16).
+    EXPECT_LT(((y.to(at::kFloat) - want).abs() / (want.abs() + 1e-3)).max().item<float>(), dt == at::kHalf ? 1e-3 : 8e-3);
+    y.sum().backward();
+    EXPECT_EQ(x.grad().scalar_type(), dt);
+    EXPECT_EQ(w.grad().scalar_type(), dt);
+    EXPECT_EQ(w.grad()[1].abs().sum().item<float>(), 0.0f);
+  }
 }
 
 TEST(GroupedExpertsTest, BadConfigAndInputsAreClearErrors) {

@@ -23,8 +23,6 @@ measure that fallback, not Megatron. The router runs in the input dtype (Megatro
 moe_router_dtype=None; it warns about that for 64 experts).
 """
 import argparse
-import os
-import socket
 import statistics
 import sys
 import time
@@ -42,7 +40,6 @@ warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 # torch.cuda.current_device()); on this CPU-only machine the "current device" is the CPU.
 torch.cuda.current_device = lambda: "cpu"
 
-from megatron.core import parallel_state  # noqa: E402
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 from megatron.core.transformer.mlp import MLPSubmodules  # noqa: E402
 from megatron.core.transformer.moe import moe_utils  # noqa: E402
@@ -50,6 +47,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+from megatron_cpu import init_one_rank  # noqa: E402
 
 # Without Transformer Engine the name is never bound and router_gating_linear raises a
 # NameError on "te_general_gemm is not None"; None selects its plain torch path.
@@ -68,14 +66,7 @@ AUX_LOSS_COEFF = 1e-2
 
 def init_distributed():
     """One-rank gloo group and Megatron's parallel state with TP = PP = EP = 1."""
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
+    init_one_rank()
     # No model_parallel_cuda_manual_seed: it needs a CUDA driver. With use_cpu_initialization
     # the linears initialise their weights from torch's CPU generator (torch.manual_seed).
 

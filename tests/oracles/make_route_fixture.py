@@ -25,12 +25,11 @@ Needs tests/oracles/.venv (PEERS.md) plus `pip install safetensors`:
 """
 import math
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.transformer.moe import moe_utils as mu
+from megatron_cpu import init_one_rank
 from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,13 +145,7 @@ def sequence_aux(logits, topk, score, coeff, num_sequences, group):
 
 
 def main():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    group = parallel_state.get_tensor_model_parallel_group()
+    group = init_one_rank()
 
     g = torch.Generator().manual_seed(5000)
     inputs = {

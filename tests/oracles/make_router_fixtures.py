@@ -7,13 +7,11 @@ Needs tests/oracles/.venv with torch and megatron-core (see PEERS.md for the ins
     tests/oracles/.venv/bin/python tests/oracles/make_router_fixtures.py
 """
 import os
-import socket
-import sys
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.transformer.moe import moe_utils as mu
+from megatron_cpu import init_one_rank
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -113,13 +111,7 @@ def main():
                   tensor_line("z_loss", z.detach()), tensor_line("z_grad_logits", z_in.grad), "end"]
     # Sequence-level loss and the expert-bias update go through Megatron-Core's own
     # group-reducing helpers, which want torch.distributed: a one-rank Gloo group.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    group = parallel_state.get_tensor_model_parallel_group()
+    group = init_one_rank()
     for i, (name, S, B, E, topk, score) in enumerate([("seq_aux_softmax_k2", 16, 4, 8, 2, "softmax"),
                                                         ("seq_aux_sigmoid_k3", 8, 3, 16, 3, "sigmoid")]):
         g = torch.Generator().manual_seed(3000 + i)

@@ -210,18 +210,18 @@ absl::StatusOr<at::Tensor> DispatchToExperts(const at::Tensor& permuted,
     st->send_counts.assign(ep, 0);
     st->recv_counts.assign(ep, 0);
     // mine[i][l]: rows from EP member i for local expert l.
-    at::Tensor mine = at::empty({ep, local}, at::kLong);
+    std::vector<int64_t> mine(ep * local);
     for (int i = 0; i < ep; ++i) {
       for (int l = 0; l < local; ++l) {
         st->send_counts[i] += c[me * E + i * local + l];
         st->recv_counts[i] += c[i * E + me * local + l];
-        mine[i][l] = c[i * E + me * local + l];
+        mine[i * local + l] = c[i * E + me * local + l];
       }
     }
     at::Tensor x = ep > 1 ? AllToAllVRows(permuted, *groups.ep, st->send_counts, st->recv_counts) : permuted;
 
     const int etp = Active(groups.etp) ? groups.etp->size() : 1;
-    at::Tensor blocks = mine.reshape({1, ep * local});  // [etp member][source × local]
+    at::Tensor blocks = at::tensor(mine, at::kLong).reshape({1, ep * local});  // [etp member][source × local]
     if (etp > 1) {
       at::Tensor all = at::empty({etp, ep * local}, at::kLong);
       WaitOrThrow(groups.etp->AllGather(blocks.contiguous(), all));
@@ -235,12 +235,10 @@ absl::StatusOr<at::Tensor> DispatchToExperts(const at::Tensor& permuted,
     if (etp > 1) x = AllGatherVRows(x, *groups.etp, st->etp_counts);
 
     // The rows stay in (member, source, local expert) blocks: the grouped GEMM takes each
-    // non-empty block as a segment of its expert, so nothing is copied to regroup them.
+    // block as a segment of its expert, so nothing is copied to regroup them.
     st->rows_per_segment.clear();
     st->segment_expert.clear();
-    st->rows_per_local_expert.assign(local, 0);
     for (int j = 0; j < etp * ep * local; ++j) {
-      st->rows_per_local_expert[j % local] += b[j];
       st->rows_per_segment.push_back(b[j]);  // empty blocks too: the GEMM skips them
       st->segment_expert.push_back(j % local);
     }

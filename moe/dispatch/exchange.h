@@ -66,7 +66,6 @@ struct DispatchState {
   // The dispatched rows as consecutive segments, each of one local expert (some may be empty).
   std::vector<int64_t> rows_per_segment;
   std::vector<int64_t> segment_expert;
-  std::vector<int64_t> rows_per_local_expert;
 };
 
 // permuted: [N, H] rows grouped by global expert with rows_per_expert (size num_experts).

@@ -5,7 +5,7 @@
 //   ExpertsConfig c{.hidden_size = 512, .ffn_hidden_size = 1024, .num_experts = 16,
 //                   .ep_size = 2, .ep_rank = 1, .activation = Activation::kSwiglu};
 //   absl::StatusOr<GroupedExperts> experts = GroupedExperts::Create(c, seed);
-//   at::Tensor out = experts->Forward(rows, rows_per_local_expert);   // [N, H]
+//   at::Tensor out = experts->Forward(rows, rows_per_expert);   // [N, H], one block per local expert
 //
 // Weights are drawn per global expert from (seed, expert index) before any sharding, so the
 // same seed gives the same model under every EP and ETP layout. With expert tensor

@@ -229,17 +229,6 @@ void Mlp(benchmark::State& state, bool grouped) {
 void BM_GroupedExperts(benchmark::State& state) { Mlp(state, true); }
 void BM_DenseMlp(benchmark::State& state) { Mlp(state, false); }
 
-void BM_Swiglu(benchmark::State& state) {
-  Setup& s = Get(state);
-  const at::Tensor h = at::randn({s.rows, 2 * s.shape.ffn}).to(s.dtype).requires_grad_(true);
-  const at::Tensor g = at::randn({s.rows, s.shape.ffn}).to(s.dtype);
-  for (auto _ : state) {
-    h.mutable_grad().reset();
-    experts::SwigluFused(h).backward(g);
-  }
-  Finish(state, s);
-}
-
 void BM_PermuteUnpermute(benchmark::State& state) {
   Setup& s = Get(state);
   const at::Tensor& probs = s.probs;
@@ -309,7 +298,6 @@ BENCHMARK(BM_LoopStacked)->Apply(Shapes);
 BENCHMARK(BM_Router)->Apply(Shapes);
 BENCHMARK(BM_GroupedExperts)->Apply(Shapes);
 BENCHMARK(BM_DenseMlp)->Apply(Shapes);
-BENCHMARK(BM_Swiglu)->Apply(Shapes);
 BENCHMARK(BM_PermuteUnpermute)->Apply(Shapes);
 BENCHMARK(BM_Permute)->Apply(Shapes);
 BENCHMARK(BM_Unpermute)->Apply(Shapes);

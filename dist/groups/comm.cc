@@ -351,6 +351,14 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::shared_p
     made[members] = g->get();
     comm->by_kind_[kind] = *std::move(g);
   }
+  // Constructing a Gloo group is not a synchronisation point: a rank whose side of every
+  // connection is done may return, finish its work and close its sockets while a peer is
+  // still reading the connection handshake, which then fails with "Connection closed by
+  // peer" (seen here about once in tens of runs; PyTorch's own Gloo tests hit the same race).
+  // Past this barrier every rank has finished constructing every group.
+  if (layout.world_size() > 1) {
+    if (absl::Status st = comm->world_->Barrier().Wait(); !st.ok()) return st;
+  }
   return comm;
 }
 

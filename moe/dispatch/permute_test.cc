@@ -1,5 +1,6 @@
 #include "moe/dispatch/permute.h"
 
+#include <limits>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -149,6 +150,57 @@ TEST(PermuteTest, Bf16RowsAccumulateInFp32) {
   // Σ_e p[t,e] · x[t] = x[t] · Σ_e p = x[t] up to one bf16 rounding of the result.
   EXPECT_LT((out.to(at::kFloat) - x.to(at::kFloat)).abs().max().item<float>(),
             x.to(at::kFloat).abs().max().item<float>() * 8e-3);
+}
+
+// Same bits, or NaN in both.
+bool SameBf16(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor nan = a.isnan();
+  return at::equal(nan, b.isnan()) &&
+         at::equal(a.view(at::kShort).masked_select(~nan), b.view(at::kShort).masked_select(~nan));
+}
+
+// The bf16 kernels round fp32 to bf16 themselves: bit for bit what LibTorch's conversion
+// gives, for ties (to even), ±inf and overflow, and NaN where it gives NaN (its vectorised and
+// scalar conversions disagree on NaN's bits: 0xFFFF and 0x7FC0), forward (k = 1: out = bf16(w·x)) and backward
+// (grad_rows = bf16(w·g)); the probability gradient is an fp32 dot product.
+TEST(PermuteTest, Bf16RoundingMatchesC10BitForBit) {
+  const int64_t T = 48, E = 4, H = 37;  // H not a multiple of the 8-lane loop
+  const at::Tensor map = RandomMap(T, E, 1, -1, -1, 5);
+  auto plan = MakePlan(map);
+  ASSERT_TRUE(plan.ok());
+  at::manual_seed(6);
+  const at::Tensor tok = plan->row_token;
+  at::Tensor x = at::randn({T, H}) * 3;  // per token; rows are their permuted copies
+  x.index_put_({0, 0}, 1.0f);
+  x.index_put_({1, 1}, 1.0078125f);  // 1 + 2^-7
+  x.index_put_({2, 2}, std::numeric_limits<float>::quiet_NaN());
+  x.index_put_({3, 3}, std::numeric_limits<float>::infinity());
+  x.index_put_({4, 4}, -std::numeric_limits<float>::infinity());
+  x.index_put_({5, 5}, 3.3e38f);  // w·x overflows bf16's range and rounds to inf
+  const at::Tensor rows0 = x.to(at::kBFloat16).index_select(0, tok);
+  // Weights 1 + 2^-8 make w·1 an exact tie and w·(1 + 2^-7) just above one.
+  at::Tensor probs = at::rand({T, E}) + 0.5;
+  probs.narrow(0, 0, 8).fill_(1.00390625f);
+  const at::Tensor w = probs.reshape({-1}).index_select(0, plan->row_prob_index);  // per permuted row
+  const at::Tensor rows = rows0.clone().requires_grad_(true), p = probs.clone().requires_grad_(true);
+  const at::Tensor out = Unpermute(rows, p, *plan);
+  at::Tensor want = at::empty({T, H}, at::kBFloat16);
+  want.index_copy_(0, tok, (w.unsqueeze(1) * rows0.to(at::kFloat)).to(at::kBFloat16));
+  EXPECT_TRUE(SameBf16(out, want));
+  EXPECT_EQ(out[0][0].item<float>(), 1.0f);  // the tie went to even
+
+  at::Tensor g = (at::randn({T, H}) * 2).to(at::kBFloat16);
+  g.index_put_({6, 6}, std::numeric_limits<float>::quiet_NaN());
+  g.index_put_({7, 7}, 1.0f);
+  out.backward(g);
+  const at::Tensor gt = g.index_select(0, tok).to(at::kFloat);
+  const at::Tensor want_rows = (w.unsqueeze(1) * gt).to(at::kBFloat16);
+  EXPECT_TRUE(SameBf16(rows.grad(), want_rows));
+  // d out[t] / d p[t, e] = <g[t], rows[r]>: finite rows only (NaN and inf spread by design).
+  const at::Tensor dots = (gt * rows0.to(at::kFloat)).sum(1);
+  const at::Tensor got = p.grad().reshape({-1}).index_select(0, plan->row_prob_index);
+  const at::Tensor finite = dots.isfinite();
+  EXPECT_LT(MaxRel(got.masked_select(finite), dots.masked_select(finite)), 1e-5);
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 #include "moe/experts/experts.h"
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 
@@ -81,25 +82,173 @@ struct GroupedMatmulFn : torch::autograd::Function<GroupedMatmulFn> {
   }
 };
 
-// SwiGLU on h = [gate | up] as ATen's vectorised kernels over the two halves (strided views,
-// no copies of h): forward silu(gate)·up; backward d_up = g·silu(gate) and
-// d_gate = silu'(gate)·g·up, written straight into the two halves of one gradient buffer.
-struct SwigluFn : torch::autograd::Function<SwigluFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h) {
-    ctx->save_for_backward({h});
-    const int64_t f = h.size(1) / 2;
-    return at::silu(h.narrow(1, 0, f)).mul_(h.narrow(1, f, f));
+// Segments grouped by expert: the fused MLP converts each expert's weights once and sums its
+// gradient over all of that expert's segments before writing it.
+struct Segments {
+  std::vector<int64_t> off, rows;
+  std::vector<std::vector<int64_t>> of_expert;
+  int64_t max_rows = 0;
+};
+
+Segments MakeSegments(const std::vector<int64_t>& counts, const std::vector<int64_t>& expert, int64_t num_experts) {
+  Segments sg;
+  sg.off = Offsets(counts);
+  sg.rows = counts;
+  sg.of_expert.resize(num_experts);
+  for (size_t s = 0; s < counts.size(); ++s) {
+    if (counts[s] == 0) continue;
+    sg.of_expert[expert[s]].push_back(static_cast<int64_t>(s));
+    sg.max_rows = std::max(sg.max_rows, counts[s]);
   }
+  return sg;
+}
+
+// The activation of one segment into a ([n, F]); h is [n, F], or [n, 2F] = [gate | up] for SwiGLU.
+void ActivationForward(Activation act, const at::Tensor& h, at::Tensor& a) {
+  switch (act) {
+    case Activation::kSwiglu: {
+      const int64_t f = a.size(1);
+      at::silu_out(a, h.narrow(1, 0, f)).mul_(h.narrow(1, f, f));
+      return;
+    }
+    case Activation::kGelu: at::gelu_out(a, h); return;
+    case Activation::kRelu: at::clamp_min_out(a, h, 0); return;
+  }
+}
+
+// gh = ga · d act(h) / dh. SwiGLU: d_up = ga·silu(gate), d_gate = silu'(gate)·ga·up, written
+// into the two halves of gh; tmp is an [n, F] scratch.
+void ActivationBackward(Activation act, const at::Tensor& ga, const at::Tensor& h, at::Tensor& gh, at::Tensor& tmp) {
+  switch (act) {
+    case Activation::kSwiglu: {
+      const int64_t f = ga.size(1);
+      const at::Tensor gate = h.narrow(1, 0, f), up = h.narrow(1, f, f);
+      at::Tensor d_gate = gh.narrow(1, 0, f), d_up = gh.narrow(1, f, f);
+      at::silu_out(d_up, gate).mul_(ga);
+      at::silu_backward_out(d_gate, at::mul_out(tmp, ga, up), gate);
+      return;
+    }
+    case Activation::kGelu: at::gelu_backward_out(gh, ga, h); return;
+    case Activation::kRelu: at::threshold_backward_out(gh, ga, h, 0); return;
+  }
+}
+
+// y = act(x @ w1[e]) @ w2[e] per segment, one segment at a time, so that the activation and
+// its backward run on a block still in cache instead of streaming [N, F] tensors through
+// memory between separate ops. Saves x and the pre-activation h; the backward recomputes
+// act(h) per segment for the fc2 weight gradient. Low-precision storage computes in
+// CpuGemmComputeType per segment: h is rounded to storage once and the activation reads the
+// rounded value, so forward and backward see the same h.
+struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                            const std::vector<int64_t>& counts, const std::vector<int64_t>& expert, int64_t act_id) {
+    const Activation act = static_cast<Activation>(act_id);
+    const at::ScalarType ct = CpuGemmComputeType(x.scalar_type());
+    const bool low = ct != x.scalar_type();
+    const Segments sg = MakeSegments(counts, expert, w1.size(0));
+    const int64_t m = sg.max_rows, H = x.size(1), F1 = w1.size(2), F = w2.size(1);
+    at::Tensor h = at::empty({x.size(0), F1}, x.options()), y = at::empty({x.size(0), H}, x.options());
+    const at::TensorOptions co = x.options().dtype(ct);
+    at::Tensor a_buf = at::empty({m, F}, co), x_buf, h_buf, y_buf;
+    if (low) {
+      x_buf = at::empty({m, H}, co), h_buf = at::empty({m, F1}, co), y_buf = at::empty({m, H}, co);
+    }
+    for (int64_t e = 0; e < w1.size(0); ++e) {
+      if (sg.of_expert[e].empty()) continue;
+      const at::Tensor w1e = w1[e].to(ct), w2e = w2[e].to(ct);
+      for (int64_t s : sg.of_expert[e]) {
+        const int64_t n = sg.rows[s];
+        auto rows = [&](const at::Tensor& t) { return t.narrow(0, sg.off[s], n); };
+        auto scratch = [&](const at::Tensor& t) { return t.narrow(0, 0, n); };
+        const at::Tensor xs = low ? scratch(x_buf).copy_(rows(x)) : rows(x);
+        at::Tensor hs = low ? scratch(h_buf) : rows(h);
+        at::mm_out(hs, xs, w1e);
+        if (low) hs.copy_(rows(h).copy_(hs));
+        at::Tensor as = scratch(a_buf);
+        ActivationForward(act, hs, as);
+        at::Tensor ys = low ? scratch(y_buf) : rows(y);
+        at::mm_out(ys, as, w2e);
+        if (low) rows(y).copy_(ys);
+      }
+    }
+    ctx->save_for_backward({x, w1, w2, h});
+    ctx->saved_data["counts"] = counts;
+    ctx->saved_data["expert"] = expert;
+    ctx->saved_data["act"] = act_id;
+    return y;
+  }
+
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor h = ctx->get_saved_variables()[0];
-    const at::Tensor& go = grads[0];
-    const int64_t f = h.size(1) / 2;
-    const at::Tensor gate = h.narrow(1, 0, f), up = h.narrow(1, f, f);
-    at::Tensor gh = at::empty_like(h);
-    at::Tensor d_gate = gh.narrow(1, 0, f), d_up = gh.narrow(1, f, f);
-    at::silu_out(d_up, gate).mul_(go);
-    at::silu_backward_out(d_gate, go * up, gate);
-    return {gh};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w1 = saved[1], &w2 = saved[2], &h = saved[3];
+    const Activation act = static_cast<Activation>(ctx->saved_data["act"].toInt());
+    const Segments sg = MakeSegments(ctx->saved_data["counts"].toIntVector(),
+                                     ctx->saved_data["expert"].toIntVector(), w1.size(0));
+    const at::ScalarType ct = CpuGemmComputeType(x.scalar_type());
+    const bool low = ct != x.scalar_type();
+    const at::Tensor gy = grads[0].to(x.scalar_type()).contiguous();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+    const int64_t m = sg.max_rows, H = x.size(1), F1 = w1.size(2), F = w2.size(1);
+    at::Tensor gx = need_x ? at::empty_like(x) : at::Tensor();
+    at::Tensor gw1 = need_w ? at::empty_like(w1) : at::Tensor(), gw2 = need_w ? at::empty_like(w2) : at::Tensor();
+    const at::TensorOptions co = x.options().dtype(ct);
+    at::Tensor a_buf = at::empty({m, F}, co), ga_buf = at::empty({m, F}, co), gh_buf = at::empty({m, F1}, co);
+    at::Tensor tmp_buf = act == Activation::kSwiglu ? at::empty({m, F}, co) : at::Tensor();
+    at::Tensor x_buf, h_buf, gy_buf, gx_buf;
+    if (low) {
+      x_buf = at::empty({m, H}, co), h_buf = at::empty({m, F1}, co), gy_buf = at::empty({m, H}, co),
+      gx_buf = at::empty({m, H}, co);
+    }
+    for (int64_t e = 0; e < w1.size(0); ++e) {
+      if (sg.of_expert[e].empty()) {
+        if (need_w) gw1[e].zero_(), gw2[e].zero_();
+        continue;
+      }
+      const at::Tensor w1e = w1[e].to(ct), w2e = w2[e].to(ct);
+      at::Tensor gw1e, gw2e;
+      if (need_w) {
+        gw1e = low ? at::empty(w1e.sizes(), co) : gw1[e];
+        gw2e = low ? at::empty(w2e.sizes(), co) : gw2[e];
+      }
+      bool first = true;
+      for (int64_t s : sg.of_expert[e]) {
+        const int64_t n = sg.rows[s];
+        auto rows = [&](const at::Tensor& t) { return t.narrow(0, sg.off[s], n); };
+        auto scratch = [&](const at::Tensor& t) { return t.narrow(0, 0, n); };
+        const at::Tensor xs = low ? scratch(x_buf).copy_(rows(x)) : rows(x);
+        const at::Tensor hs = low ? scratch(h_buf).copy_(rows(h)) : rows(h);
+        const at::Tensor gys = low ? scratch(gy_buf).copy_(rows(gy)) : rows(gy);
+        at::Tensor ga = scratch(ga_buf), gh = scratch(gh_buf);
+        at::mm_out(ga, gys, w2e.t());
+        if (need_w) {
+          at::Tensor as = scratch(a_buf);
+          ActivationForward(act, hs, as);
+          if (first) {
+            at::mm_out(gw2e, as.t(), gys);
+          } else {
+            gw2e.addmm_(as.t(), gys);  // a later segment of the same expert adds to its gradient
+          }
+        }
+        at::Tensor tmp = tmp_buf.defined() ? scratch(tmp_buf) : at::Tensor();
+        ActivationBackward(act, ga, hs, gh, tmp);
+        if (need_x) {
+          at::Tensor gxs = low ? scratch(gx_buf) : rows(gx);
+          at::mm_out(gxs, gh, w1e.t());
+          if (low) rows(gx).copy_(gxs);
+        }
+        if (need_w) {
+          if (first) {
+            at::mm_out(gw1e, xs.t(), gh);
+          } else {
+            gw1e.addmm_(xs.t(), gh);
+          }
+        }
+        first = false;
+      }
+      if (need_w && low) gw1[e].copy_(gw1e), gw2[e].copy_(gw2e);
+    }
+    return {gx, ctx->needs_input_grad(1) ? gw1 : at::Tensor(), ctx->needs_input_grad(2) ? gw2 : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -124,35 +273,59 @@ at::ScalarType CpuGemmComputeType(at::ScalarType storage) {
   return storage;
 }
 
+namespace {
+
+// Checks a segment description against N rows and E experts; returns each segment's expert
+// (segment s is expert s when segment_expert is empty).
+std::vector<int64_t> SegmentExperts(const char* who, int64_t n, int64_t num_experts,
+                                    const std::vector<int64_t>& rows_per_segment,
+                                    const std::vector<int64_t>& segment_expert) {
+  std::vector<int64_t> expert = segment_expert;
+  if (expert.empty()) {
+    TORCH_CHECK(static_cast<int64_t>(rows_per_segment.size()) == num_experts, who, ": ",
+                rows_per_segment.size(), " row counts for ", num_experts, " experts");
+    expert.resize(rows_per_segment.size());
+    std::iota(expert.begin(), expert.end(), 0);
+  }
+  TORCH_CHECK(expert.size() == rows_per_segment.size(), who, ": ", rows_per_segment.size(), " segments but ",
+              expert.size(), " segment experts");
+  int64_t total = 0;
+  for (size_t s = 0; s < expert.size(); ++s) {
+    TORCH_CHECK(rows_per_segment[s] >= 0, who, ": negative row count");
+    TORCH_CHECK(expert[s] >= 0 && expert[s] < num_experts, who, ": segment ", s, " names expert ", expert[s],
+                " of ", num_experts);
+    total += rows_per_segment[s];
+  }
+  TORCH_CHECK(total == n, who, ": row counts sum to ", total, " but x has ", n, " rows");
+  return expert;
+}
+
+}  // namespace
+
 at::Tensor GroupedMatmul(const at::Tensor& x, const at::Tensor& w,
                          const std::vector<int64_t>& rows_per_segment,
                          const std::vector<int64_t>& segment_expert) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && x.size(1) == w.size(1),
               "GroupedMatmul: x must be [N, in] and w [E, in, out]; got ", x.sizes(), " and ", w.sizes());
-  std::vector<int64_t> expert = segment_expert;
-  if (expert.empty()) {
-    TORCH_CHECK(static_cast<int64_t>(rows_per_segment.size()) == w.size(0),
-                "GroupedMatmul: ", rows_per_segment.size(), " row counts for ", w.size(0), " experts");
-    expert.resize(rows_per_segment.size());
-    std::iota(expert.begin(), expert.end(), 0);
-  }
-  TORCH_CHECK(expert.size() == rows_per_segment.size(), "GroupedMatmul: ", rows_per_segment.size(),
-              " segments but ", expert.size(), " segment experts");
-  int64_t total = 0;
-  for (size_t s = 0; s < expert.size(); ++s) {
-    TORCH_CHECK(rows_per_segment[s] >= 0, "GroupedMatmul: negative row count");
-    TORCH_CHECK(expert[s] >= 0 && expert[s] < w.size(0), "GroupedMatmul: segment ", s, " names expert ",
-                expert[s], " of ", w.size(0));
-    total += rows_per_segment[s];
-  }
-  TORCH_CHECK(total == x.size(0), "GroupedMatmul: row counts sum to ", total, " but x has ", x.size(0), " rows");
+  const std::vector<int64_t> expert =
+      SegmentExperts("GroupedMatmul", x.size(0), w.size(0), rows_per_segment, segment_expert);
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "GroupedMatmul: x and w dtypes differ");
   return GroupedMatmulFn::apply(x.contiguous(), w.contiguous(), rows_per_segment, expert);
 }
 
-at::Tensor SwigluFused(const at::Tensor& h) {
-  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "Swiglu: input must be [N, 2F], got ", h.sizes());
-  return SwigluFn::apply(h.contiguous());
+at::Tensor GroupedMlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, Activation activation,
+                      const std::vector<int64_t>& rows_per_segment, const std::vector<int64_t>& segment_expert) {
+  const int64_t f1 = w2.dim() == 3 ? (activation == Activation::kSwiglu ? 2 : 1) * w2.size(1) : -1;
+  TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && w2.dim() == 3 && x.size(1) == w1.size(1) &&
+                  w1.size(0) == w2.size(0) && w1.size(2) == f1 && w2.size(2) == x.size(1),
+              "GroupedMlp: x must be [N, H], w1 [E, H, F] ([E, H, 2F] for SwiGLU) and w2 [E, F, H]; got ",
+              x.sizes(), ", ", w1.sizes(), " and ", w2.sizes());
+  const std::vector<int64_t> expert =
+      SegmentExperts("GroupedMlp", x.size(0), w1.size(0), rows_per_segment, segment_expert);
+  TORCH_CHECK(x.scalar_type() == w1.scalar_type() && x.scalar_type() == w2.scalar_type(),
+              "GroupedMlp: x, w1 and w2 dtypes differ");
+  return GroupedMlpFn::apply(x.contiguous(), w1.contiguous(), w2.contiguous(), rows_per_segment, expert,
+                             static_cast<int64_t>(activation));
 }
 
 std::pair<at::Tensor, at::Tensor> GroupedExperts::FullExpertWeights(const ExpertsConfig& c,
@@ -209,14 +382,7 @@ absl::StatusOr<at::Tensor> GroupedExperts::Forward(const at::Tensor& rows,
         "experts: %d row counts for %d local experts", rows_per_segment.size(), num_local_experts()));
   }
   try {
-    const at::Tensor x = rows.to(config_.dtype);
-    at::Tensor h = GroupedMatmul(x, fc1_, rows_per_segment, segment_expert);
-    switch (config_.activation) {
-      case Activation::kSwiglu: h = SwigluFused(h); break;
-      case Activation::kGelu: h = at::gelu(h); break;
-      case Activation::kRelu: h = at::relu(h); break;
-    }
-    return GroupedMatmul(h, fc2_, rows_per_segment, segment_expert);
+    return GroupedMlp(rows.to(config_.dtype), fc1_, fc2_, config_.activation, rows_per_segment, segment_expert);
   } catch (const c10::Error& e) {
     return absl::InvalidArgumentError(absl::StrCat("experts: ", e.what_without_backtrace()));
   }

@@ -52,8 +52,14 @@ at::Tensor GroupedMatmul(const at::Tensor& x, const at::Tensor& w,
                          const std::vector<int64_t>& rows_per_segment,
                          const std::vector<int64_t>& segment_expert = {});
 
-// silu(h[:, :F]) · h[:, F:] for h = [N, 2F], forward and backward in one pass each.
-at::Tensor SwigluFused(const at::Tensor& h);
+// y[segment s] = act(x[s] @ w1[e]) @ w2[e] with e = expert(s), segments as GroupedMatmul
+// takes them; w1: [E, H, F] ([E, H, 2F] = [gate | up] for SwiGLU), w2: [E, F, H]. Each
+// segment runs start to end while its [n, F] block is in cache, forward and backward, rather
+// than as three passes over [N, F] tensors; act(x @ w1) is recomputed per segment in the
+// backward instead of being kept. Autograd to x, w1 and w2.
+at::Tensor GroupedMlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, Activation activation,
+                      const std::vector<int64_t>& rows_per_segment,
+                      const std::vector<int64_t>& segment_expert = {});
 
 class GroupedExperts {
  public:

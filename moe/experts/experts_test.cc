@@ -84,15 +84,72 @@ TEST(GroupedMatmulTest, SegmentsOfTheSameExpertInAnyOrder) {
   EXPECT_THROW(GroupedMatmul(x0, w0, rows, {2, 0}), c10::Error);
 }
 
-TEST(SwigluTest, FusedMatchesComposedOps) {
-  at::manual_seed(2);
-  const at::Tensor h0 = at::randn({9, 10}) * 3, R = at::randn({9, 5});
-  at::Tensor h = h0.clone().requires_grad_(true), hr = h0.clone().requires_grad_(true);
-  const at::Tensor y = SwigluFused(h), yr = Act(hr, Activation::kSwiglu);
-  EXPECT_LT(MaxRel(y, yr), 1e-6);
-  (y * R).sum().backward();
-  (yr * R).sum().backward();
-  EXPECT_LT(MaxRel(h.grad(), hr.grad()), 1e-6);
+// The fused MLP against ATen's autograd of the composed ops, with segments in any order and
+// several per expert (as the EP dispatcher hands them over), for every activation; once with
+// every input needing a gradient and once with only the weights.
+TEST(GroupedMlpTest, MatchesComposedOpsWithSegmentsInAnyOrder) {
+  const std::vector<int64_t> rows = {4, 3, 0, 5, 2, 6}, expert = {2, 0, 1, 2, 0, 3};
+  for (Activation a : {Activation::kGelu, Activation::kRelu, Activation::kSwiglu}) {
+    for (bool x_grad : {true, false}) {
+      at::manual_seed(9);
+      const int64_t f = 5, f1 = a == Activation::kSwiglu ? 2 * f : f;
+      const at::Tensor x0 = at::randn({20, 6}) * 2, w10 = at::randn({4, 6, f1}), w20 = at::randn({4, f, 6});
+      const at::Tensor R = at::randn({20, 6});
+      at::Tensor x = x0.clone().requires_grad_(x_grad), w1 = w10.clone().requires_grad_(true),
+                 w2 = w20.clone().requires_grad_(true);
+      const at::Tensor y = GroupedMlp(x, w1, w2, a, rows, expert);
+      (y * R).sum().backward();
+      at::Tensor xr = x0.clone().requires_grad_(x_grad), w1r = w10.clone().requires_grad_(true),
+                 w2r = w20.clone().requires_grad_(true);
+      std::vector<at::Tensor> parts;
+      int64_t off = 0;
+      for (size_t s = 0; s < rows.size(); ++s) {
+        parts.push_back(ReferenceMlp(xr.narrow(0, off, rows[s]), w1r[expert[s]], w2r[expert[s]], a));
+        off += rows[s];
+      }
+      const at::Tensor yr = at::cat(parts);
+      (yr * R).sum().backward();
+      EXPECT_LT(MaxRel(y, yr), 1e-6);
+      if (x_grad) {
+        EXPECT_LT(MaxRel(x.grad(), xr.grad()), 1e-6);
+      } else {
+        EXPECT_FALSE(x.grad().defined());
+      }
+      EXPECT_LT(MaxRel(w1.grad(), w1r.grad()), 1e-6);
+      EXPECT_LT(MaxRel(w2.grad(), w2r.grad()), 1e-6);
+      EXPECT_EQ(w1.grad()[1].abs().sum().item<double>(), 0.0);  // expert 1 has only an empty segment
+      EXPECT_EQ(w2.grad()[1].abs().sum().item<double>(), 0.0);
+    }
+  }
+  const at::Tensor x = at::randn({20, 6}), w1 = at::randn({4, 6, 10}), w2 = at::randn({4, 5, 6});
+  EXPECT_THROW(GroupedMlp(x, w1, w2, Activation::kGelu, rows, expert), c10::Error);  // w1 not [E, H, F]
+  EXPECT_THROW(GroupedMlp(x, w1, w2.narrow(0, 0, 3), Activation::kSwiglu, {20, 0, 0}), c10::Error);
+  EXPECT_THROW(GroupedMlp(x, w1, w2, Activation::kSwiglu, rows, {2, 0, 1, 4, 0, 3}), c10::Error);
+  EXPECT_THROW(GroupedMlp(x, w1, w2, Activation::kSwiglu, {4, 3, 0, 5, 2, 5}, expert), c10::Error);
+  EXPECT_THROW(GroupedMlp(x.to(at::kDouble), w1, w2, Activation::kSwiglu, rows, expert), c10::Error);
+}
+
+// bf16 storage: every product accumulates in fp32 per segment and h is rounded to bf16 once,
+// so the result is the fp32 computation on the bf16 inputs up to bf16 rounding of h, y and the
+// gradients; gradients come back in bf16.
+TEST(GroupedMlpTest, Bf16StorageFollowsFp32OnTheSameInputs) {
+  at::manual_seed(12);
+  const std::vector<int64_t> rows = {30, 0, 34}, expert = {1, 0, 1};
+  const at::Tensor x0 = at::randn({64, 32}).to(at::kBFloat16), R = at::randn({64, 32}).to(at::kBFloat16);
+  const at::Tensor w10 = (at::randn({2, 32, 48}) * 0.2).to(at::kBFloat16), w20 = (at::randn({2, 24, 32}) * 0.2).to(at::kBFloat16);
+  auto run = [&](at::ScalarType dt) {
+    auto leaf = [dt](const at::Tensor& t) { return t.to(dt).clone().requires_grad_(true); };
+    at::Tensor x = leaf(x0), w1 = leaf(w10), w2 = leaf(w20);
+    at::Tensor y = GroupedMlp(x, w1, w2, Activation::kSwiglu, rows, expert);
+    (y.to(at::kFloat) * R.to(at::kFloat)).sum().backward();
+    return std::vector<at::Tensor>{y, x.grad(), w1.grad(), w2.grad()};
+  };
+  const std::vector<at::Tensor> b = run(at::kBFloat16), f = run(at::kFloat);
+  for (size_t i = 0; i < b.size(); ++i) {
+    EXPECT_EQ(b[i].scalar_type(), at::kBFloat16) << i;
+    EXPECT_LT(MaxRel(b[i], f[i]), 2e-2) << i;
+  }
+  EXPECT_EQ(b[2][0].abs().sum().item<double>(), 0.0);
 }
 
 TEST(GroupedExpertsTest, EveryActivationMatchesPerExpertMlp) {

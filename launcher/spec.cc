@@ -16,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#include "dist/groups/comm.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 
@@ -294,14 +295,9 @@ absl::Status ValidateLaunch(const Launch& l) {
   SY_RETURN_IF_ERROR(AtLeast("launch.max_restarts", l.max_restarts(), 0));
   SY_RETURN_IF_ERROR(InRange("launch.threads_per_rank", l.threads_per_rank(), 0, 1024));
   if (l.backend() == Launch::NCCL) {
-#ifdef SWITCHYARD_WITH_CUDA
-    // dist/groups creates Gloo groups only so far; running NCCL jobs on Gloo would be a
-    // silent wrong answer.
-    return Invalid("launch.backend: NCCL process groups are not implemented yet; use GLOO");
-#else
-    return Invalid("launch.backend: NCCL needs CUDA, and this launcher was built without it "
-                   "(build with --config=cuda, or use GLOO)");
-#endif
+    if (absl::Status st = groups::NcclAvailable(); !st.ok()) {
+      return Invalid(absl::StrCat("launch.backend: ", st.message(), "; or use GLOO"));
+    }
   }
   return absl::OkStatus();
 }

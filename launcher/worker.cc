@@ -89,6 +89,11 @@ absl::Status CheckCluster(const ResolvedJob& job, const WorkerEnv& env, const Fa
   } else {
     co.hostname = IsLoopback(addr) ? "127.0.0.1" : "";
   }
+  const bool nccl = launch.backend() == Launch::NCCL;
+  if (nccl) {
+    co.backend = groups::Backend::kNccl;
+    co.device = env.local_rank;  // one GPU per local rank
+  }
   SY_ASSIGN_OR_RETURN(comm, groups::Communicator::Create(store, env.rank, job.layout, co));
   const auto t_groups = std::chrono::steady_clock::now();
 
@@ -109,7 +114,9 @@ absl::Status CheckCluster(const ResolvedJob& job, const WorkerEnv& env, const Fa
   for (groups::GroupKind kind : groups::kAllGroupKinds) {
     if (!comm->Has(kind)) continue;
     groups::Group& g = comm->Get(kind);
-    at::Tensor one = at::ones({1}, at::kDouble);
+    // Over NCCL when the job uses it: that is the path its tensors will take.
+    at::Tensor one = at::ones({1}, at::TensorOptions().dtype(at::kDouble).device(
+                                      nccl ? at::Device(at::kCUDA, co.device) : at::Device(at::kCPU)));
     SY_RETURN_IF_ERROR(g.AllReduce(one).Wait());
     if (one.item<double>() != g.size()) {
       return absl::InternalError(absl::StrFormat("%s: all-reduce of 1 gave %g, expected %d",

@@ -20,11 +20,20 @@ cc_library(
     name = "torch",
     hdrs = glob(["include/**"], allow_empty = True),
     includes = ["include", "include/torch/csrc/api/include"],
-    defines = {defines},
+    # With --config=cuda and a CUDA LibTorch: c10d's NCCL backend (USE_C10D_NCCL declares
+    # ProcessGroupNCCL; SY_TORCH_NCCL tells dist/groups it may use it).
+    defines = {defines} + select({{
+        "@switchyard//third_party/cuda:enabled": {cuda_defines},
+        "//conditions:default": [],
+    }}),
     # LibTorch's CUDA libraries (and what they load: cuDNN, NVSHMEM, ...) only with
     # --config=cuda, so CPU builds against a CUDA LibTorch also run on CPU-only machines.
     linkopts = {linkopts} + select({{
         "@switchyard//third_party/cuda:enabled": {cuda_linkopts},
+        "//conditions:default": [],
+    }}),
+    deps = select({{
+        "@switchyard//third_party/cuda:enabled": {cuda_deps},
         "//conditions:default": [],
     }}),
 )
@@ -62,6 +71,10 @@ def _libtorch_repository_impl(ctx):
         # --no-as-needed: nothing references libtorch_cuda directly, but loading it registers
         # the CUDA kernels.
         cuda_linkopts = ["-Wl,--no-as-needed"] + ["-l" + l for l in cuda_libs] + ["-Wl,--as-needed"] if cuda_libs else []
+        has_nccl = "torch_cuda" in cuda_libs and ctx.path(
+            "%s/include/torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp" % home).exists
+        cuda_defines = ["USE_C10D_NCCL", "SY_TORCH_NCCL=1"] if has_nccl else []
+        cuda_deps = ["@local_cuda//:cuda_headers", "@local_cuda//:nccl"] if has_nccl else []
         abi = _cxx11_abi(ctx, root)
         source = home
     else:
@@ -71,7 +84,10 @@ def _libtorch_repository_impl(ctx):
                 fail("LibTorch not found: /usr/include/%s is missing. Install Debian's libtorch-dev (tools/bazel does) or set LIBTORCH_HOME." % d)
             ctx.symlink(p, "include/" + d)
         linkopts = ["-ltorch", "-ltorch_cpu", "-lc10"]
-        cuda_linkopts = []  # Debian's LibTorch is CPU-only
+        cuda_linkopts = []  # Debian's LibTorch is CPU-only: no NCCL backend
+        cuda_defines = []
+        cuda_deps = []
+        has_nccl = False
         abi = _cxx11_abi(ctx, ctx.path("/usr"))
         source = "/usr (Debian libtorch-dev)"
     if abi == "0":
@@ -82,12 +98,14 @@ def _libtorch_repository_impl(ctx):
               "wheel of torch >= 2.7)") % home)
     if abi != None:
         defines.append("_GLIBCXX_USE_CXX11_ABI=" + abi)
-    ctx.file("INFO", "source: %s\ncxx11_abi: %s\n" % (source, abi))
+    ctx.file("INFO", "source: %s\ncxx11_abi: %s\nnccl (with --config=cuda): %s\n" % (source, abi, has_nccl))
     ctx.file("WORKSPACE", 'workspace(name = "%s")\n' % ctx.name)
     ctx.file("BUILD", _BUILD.format(
         defines = repr(defines),
         linkopts = repr(linkopts),
         cuda_linkopts = repr(cuda_linkopts),
+        cuda_defines = repr(cuda_defines),
+        cuda_deps = repr(cuda_deps),
     ))
 
 libtorch_repository = repository_rule(

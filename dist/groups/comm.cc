@@ -11,20 +11,30 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/version.h>
+#if defined(SY_TORCH_NCCL)
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "dist/groups/store_impl.h"
 
-// LibTorch 1.13 (Debian) and 2.x differ in c10d's class hierarchy (ProcessGroupGloo derives
-// from ProcessGroup in 1.13, from Backend in 2.x) but not in the calls used here; this is
-// the one file that would hold a version switch if they did.
+// LibTorch 1.13 (Debian) and 2.x differ in c10d's class hierarchy (ProcessGroupGloo and
+// ProcessGroupNCCL derive from ProcessGroup in 1.13, from Backend in 2.x) but not in the
+// calls used here. NCCL is used only with a CUDA LibTorch, which here means 2.x.
 static_assert(TORCH_VERSION_MAJOR >= 2 || (TORCH_VERSION_MAJOR == 1 && TORCH_VERSION_MINOR >= 13),
               "Switchyard needs LibTorch 1.13 or newer");
 
 namespace switchyard::groups {
 namespace {
+
+#if TORCH_VERSION_MAJOR >= 2
+using C10dBackend = c10d::Backend;
+#else
+using C10dBackend = c10d::ProcessGroup;
+#endif
 
 
 c10d::ReduceOp ToC10d(ReduceOp op) {
@@ -75,23 +85,35 @@ struct Group::Impl {
   std::vector<int> ranks;
   int rank = 0;
   std::chrono::milliseconds timeout{0};
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;  // null for a group of one
+  // Both null for a group of one; nccl also null unless the communicator uses NCCL.
+  c10::intrusive_ptr<C10dBackend> gloo, nccl;
+  bool uses_nccl = false;
 
   std::string Where() const {
     return absl::StrFormat("group %s, member %d of %d (global rank %d)", name, rank,
                            ranks.size(), ranks[rank]);
   }
 
-  // Starts `start` (which returns the c10d work) and wraps it; exceptions become errors.
+  // Starts `start` (which gets the backend for `tensor`'s device and returns the c10d work)
+  // and wraps it; exceptions become errors. An undefined tensor means Gloo.
   template <typename Start>
-  Work Run(const char* op, Start&& start, std::function<void()> finish = nullptr) {
+  Work Run(const char* op, const at::Tensor& tensor, Start&& start, std::function<void()> finish = nullptr) {
     auto state = std::make_shared<Work::State>();
     state->where = Where();
     state->op = op;
     state->timeout = timeout;
     state->finish = std::move(finish);
+    C10dBackend* backend = gloo.get();
+    if (tensor.defined() && tensor.is_cuda()) {
+      if (!uses_nccl) {
+        return Work(absl::FailedPreconditionError(absl::StrFormat(
+            "%s: %s of a CUDA tensor, but this communicator has Gloo groups only (CommOptions.backend)",
+            state->where, op)));
+      }
+      backend = nccl.get();
+    }
     try {
-      if (pg) state->work = start();
+      if (backend != nullptr) state->work = start(*backend);
     } catch (const std::exception& e) {
       return Work(Failure(state->where, op, FirstLine(e)));
     }
@@ -121,12 +143,12 @@ Work Group::AllReduce(at::Tensor& tensor, ReduceOp op) {
   if (op == ReduceOp::kAvg) {
     finish = [tensor, n = size()]() mutable { tensor.div_(n); };
   }
-  return impl_->Run("all_reduce", [&] {
+  return impl_->Run("all_reduce", tensor, [&](C10dBackend& b) {
     std::vector<at::Tensor> ts{tensor};
     c10d::AllreduceOptions o;
     o.reduceOp = ToC10d(op);
     o.timeout = impl_->timeout;
-    return impl_->pg->allreduce(ts, o);
+    return b.allreduce(ts, o);
   }, std::move(finish));
 }
 
@@ -135,12 +157,12 @@ Work Group::Broadcast(at::Tensor& tensor, int root) {
     return Work(absl::InvalidArgumentError(absl::StrFormat(
         "%s: broadcast root %d is not a member index", impl_->Where(), root)));
   }
-  return impl_->Run("broadcast", [&] {
+  return impl_->Run("broadcast", tensor, [&](C10dBackend& b) {
     std::vector<at::Tensor> ts{tensor};
     c10d::BroadcastOptions o;
     o.rootRank = root;
     o.timeout = impl_->timeout;
-    return impl_->pg->broadcast(ts, o);
+    return b.broadcast(ts, o);
   });
 }
 
@@ -151,18 +173,18 @@ Work Group::AllGather(const at::Tensor& in, at::Tensor& out) {
         "%s: all_gather output has %d rows, expected %d × %d", impl_->Where(), out.size(0),
         size(), n)));
   }
-  if (!impl_->pg) {
+  if (size() == 1) {
     out.copy_(in);
     return Work();
   }
-  // c10d's Gloo all-gather writes into a list of outputs: give it views of `out`.
+  // c10d's all-gather writes into a list of outputs: give it views of `out`.
   auto outs = std::make_shared<std::vector<std::vector<at::Tensor>>>(1);
   for (int i = 0; i < size(); ++i) (*outs)[0].push_back(out.narrow(0, i * n, n));
-  return impl_->Run("all_gather", [&] {
+  return impl_->Run("all_gather", in, [&](C10dBackend& b) {
     std::vector<at::Tensor> ins{in};
     c10d::AllgatherOptions o;
     o.timeout = impl_->timeout;
-    return impl_->pg->allgather(*outs, ins, o);
+    return b.allgather(*outs, ins, o);
   }, [outs] {});
 }
 
@@ -210,6 +232,19 @@ Work Group::ReduceScatter(const at::Tensor& in, at::Tensor& out, ReduceOp op) {
         "%s: reduce_scatter input has %d rows, expected %d × %d", impl_->Where(), in.size(0),
         size(), n)));
   }
+#if defined(SY_TORCH_NCCL)
+  if (in.is_cuda() && size() > 1) {
+    std::function<void()> finish;
+    if (op == ReduceOp::kAvg) finish = [out, n = size()]() mutable { out.div_(n); };
+    return impl_->Run("reduce_scatter", in, [&](C10dBackend& b) {
+      at::Tensor o = out, i = in;
+      c10d::ReduceScatterOptions opts;
+      opts.reduceOp = ToC10d(op);
+      opts.timeout = impl_->timeout;
+      return b._reduce_scatter_base(o, i, opts);
+    }, std::move(finish));
+  }
+#endif
   // c10d's Gloo backend has no reduce-scatter: all-reduce a copy and keep this rank's block.
   at::Tensor buf = in.clone();
   Work w = AllReduce(buf, op);
@@ -235,24 +270,24 @@ Work Group::AllToAllV(const at::Tensor& in, at::Tensor& out,
         impl_->Where(), size(), in.size(0), out.size(0), absl::StrJoin(send_counts, ","),
         absl::StrJoin(recv_counts, ","))));
   }
-  if (!impl_->pg) {
+  if (size() == 1) {
     out.copy_(in);
     return Work();
   }
-  return impl_->Run("all_to_all_v", [&] {
+  return impl_->Run("all_to_all_v", in, [&](C10dBackend& b) {
     at::Tensor o = out, i = in;
     std::vector<int64_t> rc = recv_counts, sc = send_counts;
     c10d::AllToAllOptions opts;
     opts.timeout = impl_->timeout;
-    return impl_->pg->alltoall_base(o, i, rc, sc, opts);
+    return b.alltoall_base(o, i, rc, sc, opts);
   });
 }
 
 Work Group::Barrier() {
-  return impl_->Run("barrier", [&] {
+  return impl_->Run("barrier", at::Tensor(), [&](C10dBackend& b) {
     c10d::BarrierOptions o;
     o.timeout = impl_->timeout;
-    return impl_->pg->barrier(o);
+    return b.barrier(o);
   });
 }
 
@@ -261,9 +296,9 @@ Work Group::Send(const at::Tensor& tensor, int dst, int tag) {
     return Work(absl::InvalidArgumentError(
         absl::StrFormat("%s: send to member %d is not another member", impl_->Where(), dst)));
   }
-  return impl_->Run("send", [&] {
+  return impl_->Run("send", tensor, [&](C10dBackend& b) {
     std::vector<at::Tensor> ts{tensor};
-    return impl_->pg->send(ts, dst, tag);
+    return b.send(ts, dst, tag);
   });
 }
 
@@ -272,10 +307,23 @@ Work Group::Recv(at::Tensor& tensor, int src, int tag) {
     return Work(absl::InvalidArgumentError(
         absl::StrFormat("%s: recv from member %d is not another member", impl_->Where(), src)));
   }
-  return impl_->Run("recv", [&] {
+  return impl_->Run("recv", tensor, [&](C10dBackend& b) {
     std::vector<at::Tensor> ts{tensor};
-    return impl_->pg->recv(ts, src, tag);
+    return b.recv(ts, src, tag);
   });
+}
+
+absl::Status NcclAvailable() {
+#if defined(SY_TORCH_NCCL)
+  if (c10::cuda::device_count() == 0) {
+    return absl::FailedPreconditionError("NCCL: no CUDA device is visible to this process");
+  }
+  return absl::OkStatus();
+#else
+  return absl::FailedPreconditionError(
+      "NCCL: this build has no NCCL backend; build with --config=cuda against a CUDA LibTorch "
+      "(LIBTORCH_HOME=<a CUDA torch wheel's torch/ folder>; Debian's LibTorch is CPU-only)");
+#endif
 }
 
 absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::shared_ptr<Store> store,
@@ -285,6 +333,19 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::shared_p
   if (rank < 0 || rank >= layout.world_size()) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "rank %d is outside the world of %d ranks", rank, layout.world_size()));
+  }
+  const bool nccl = options.backend == Backend::kNccl;
+  if (nccl) {
+    if (absl::Status st = NcclAvailable(); !st.ok()) return st;
+#if defined(SY_TORCH_NCCL)
+    const int devices = c10::cuda::device_count();
+    if (options.device < 0 || options.device >= devices) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "rank %d: CUDA device %d does not exist (%d visible); NCCL needs one device per rank",
+          rank, options.device, devices));
+    }
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(options.device));
+#endif
   }
   std::unique_ptr<Communicator> comm(new Communicator(rank, layout));
   comm->store_ = store;
@@ -309,14 +370,25 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::shared_p
     impl->ranks = ranks;
     impl->rank = static_cast<int>(std::find(ranks.begin(), ranks.end(), rank) - ranks.begin());
     impl->timeout = options.timeout;
+    impl->uses_nccl = nccl;
     if (ranks.size() > 1) {
       try {
         auto opts = c10d::ProcessGroupGloo::Options::create(
             options.setup_timeout.count() > 0 ? options.setup_timeout : options.timeout);
         opts->devices.push_back(device);
         auto prefixed = c10::make_intrusive<c10d::PrefixStore>("sy/" + name, store->impl().store);
-        impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(
+        impl->gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
             prefixed, impl->rank, static_cast<int>(ranks.size()), opts);
+#if defined(SY_TORCH_NCCL)
+        if (nccl) {
+          // NCCL connects lazily, at the group's first CUDA collective.
+          auto nccl_opts = c10d::ProcessGroupNCCL::Options::create();
+          nccl_opts->timeout = options.timeout;
+          auto nccl_store = c10::make_intrusive<c10d::PrefixStore>("sy/nccl/" + name, store->impl().store);
+          impl->nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+              nccl_store, impl->rank, static_cast<int>(ranks.size()), nccl_opts);
+        }
+#endif
       } catch (const std::exception& e) {
         return Failure(impl->Where(), "create", FirstLine(e));
       }

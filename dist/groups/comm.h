@@ -1,4 +1,5 @@
-// Process groups and collectives: one facade over c10d (Gloo for CPU tensors).
+// Process groups and collectives: one facade over c10d (Gloo for CPU tensors; NCCL for CUDA
+// tensors when built with --config=cuda against a CUDA LibTorch and asked for).
 //
 // Every collective starts asynchronously and returns a Work to wait on; every failure
 // (a timeout, a dead peer) becomes a status that names the group, the rank and the op.
@@ -26,6 +27,13 @@
 namespace switchyard::groups {
 
 enum class ReduceOp { kSum, kMax, kMin, kAvg };
+
+// kGloo: Gloo groups only (CPU tensors). kNccl: NCCL groups for CUDA tensors as well, each
+// beside a Gloo group of the same members for CPU tensors (counts, flags, barriers).
+enum class Backend { kGloo, kNccl };
+
+// OK when this build can create NCCL groups; otherwise why not, in words for the user.
+absl::Status NcclAvailable();
 
 // A collective in flight. Wait() returns once it is done (or failed, or timed out).
 class Work {
@@ -56,10 +64,15 @@ struct CommOptions {
   std::string hostname = "127.0.0.1";
   // A network interface (e.g. "eth0"); wins over hostname when set.
   std::string interface;
+  Backend backend = Backend::kGloo;
+  // kNccl: this rank's CUDA device (made current by Create); NCCL wants one device per rank.
+  int device = -1;
 };
 
 // One process group: a list of global ranks, this rank's place in it, and the collectives.
-// Tensors must be contiguous CPU tensors. Sizes are along dim 0 for the -V variants.
+// Tensors must be contiguous; CPU tensors go over Gloo, CUDA tensors over NCCL (an error
+// naming the group when the communicator has no NCCL). Sizes are along dim 0 for the -V
+// variants. Barrier is a host-side barrier over Gloo.
 class Group {
  public:
   struct Impl;

@@ -32,6 +32,8 @@ absl::Status RunRanks(const RunOptions& options, std::function<absl::Status(Comm
       if (!absent) {
         CommOptions co;
         co.timeout = options.collective_timeout;
+        co.backend = options.backend;
+        if (options.backend == Backend::kNccl) co.device = r;  // one GPU per rank
         absl::StatusOr<std::unique_ptr<Communicator>> comm = Communicator::Create(store, r, *layout, co);
         s = comm.ok() ? fn(**comm) : comm.status();
       }

@@ -23,6 +23,8 @@ struct RunOptions {
   std::chrono::milliseconds deadline = std::chrono::seconds(120);
   // Ranks that never create their communicator (to test timeouts).
   std::vector<int> absent_ranks;
+  // kNccl: rank r uses CUDA device r.
+  Backend backend = Backend::kGloo;
 };
 
 // OK when every rank's function returned OK; otherwise an error listing each failed rank

@@ -1,0 +1,145 @@
+#include "dist/groups/testing/collective_checks.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/str_format.h"
+#include "common/status_macros.h"
+
+namespace switchyard::groups::testing {
+
+static absl::Status Expect(bool ok, const std::string& what) {
+  return ok ? absl::OkStatus() : absl::InternalError(what);
+}
+
+// Sum, max and average of (rank + 1) over this rank's group of every kind, checked against
+// the member lists the layout gives (computed here, not by the collective).
+absl::Status CheckEveryGroupKind(Communicator& comm, at::Device dev) {
+  auto opts = [dev](at::ScalarType t) { return at::TensorOptions().dtype(t).device(dev); };
+  const int me = comm.rank();
+  for (GroupKind kind : kAllGroupKinds) {
+    if (!comm.Has(kind)) {
+      SY_RETURN_IF_ERROR(Expect(comm.layout().GroupOf(kind, me).empty(), "missing group"));
+      continue;
+    }
+    Group& g = comm.Get(kind);
+    const std::vector<int>& members = comm.layout().GroupOf(kind, me);
+    SY_RETURN_IF_ERROR(Expect(g.ranks() == members, absl::StrFormat("%s members", GroupKindName(kind))));
+    double sum = 0, max = 0;
+    for (int r : members) {
+      sum += r + 1;
+      max = std::max<double>(max, r + 1);
+    }
+    at::Tensor t = at::full({3}, me + 1.0, opts(at::kDouble));
+    t[1] = 10.0 * (me + 1);
+    SY_RETURN_IF_ERROR(g.AllReduce(t, ReduceOp::kSum).Wait());
+    SY_RETURN_IF_ERROR(Expect(t[0].item<double>() == sum && t[1].item<double>() == 10 * sum,
+                              absl::StrFormat("%s sum %f != %f", g.name(), t[0].item<double>(), sum)));
+    at::Tensor m = at::full({2}, me + 1.0, opts(at::kFloat));
+    SY_RETURN_IF_ERROR(g.AllReduce(m, ReduceOp::kMax).Wait());
+    SY_RETURN_IF_ERROR(Expect(m[1].item<float>() == max, g.name() + " max"));
+    at::Tensor a = at::full({1}, me + 1.0, opts(at::kDouble));
+    SY_RETURN_IF_ERROR(g.AllReduce(a, ReduceOp::kAvg).Wait());
+    SY_RETURN_IF_ERROR(Expect(std::abs(a.item<double>() - sum / members.size()) < 1e-12, g.name() + " avg"));
+  }
+  return absl::OkStatus();
+}
+
+// Every collective on one group, with expectations computed from the member list alone.
+// Values encode (global rank, position) so a misplaced row is caught, not just a wrong sum.
+absl::Status CheckAllCollectives(Group& g, const std::vector<int>& members, int me, at::Device dev) {
+  auto opts = [dev](at::ScalarType t) { return at::TensorOptions().dtype(t).device(dev); };
+  const at::TensorOptions f32 = opts(at::kFloat);
+  const int n = static_cast<int>(members.size());
+  const int pos = g.rank();
+  auto at_pos = [&](int i) { return static_cast<float>(members[i]); };
+  SY_RETURN_IF_ERROR(Expect(members[pos] == me, g.name() + ": rank() is not my place"));
+  // all_gather: 2 rows each, row value = 100·global rank + row.
+  at::Tensor in = at::empty({2, 3}, f32);
+  for (int row = 0; row < 2; ++row) in[row].fill_(100.0f * me + row);
+  at::Tensor out = at::full({2 * n, 3}, -1.0f, f32);
+  SY_RETURN_IF_ERROR(g.AllGather(in, out).Wait());
+  for (int i = 0; i < n; ++i)
+    for (int row = 0; row < 2; ++row)
+      SY_RETURN_IF_ERROR(Expect(out[2 * i + row][2].item<float>() == 100.0f * members[i] + row,
+                                g.name() + ": all_gather"));
+  // all_gather_v: member i gives (members[i] % 3) rows (some give none).
+  std::vector<int64_t> counts(n);
+  int64_t total = 0;
+  for (int i = 0; i < n; ++i) total += counts[i] = members[i] % 3;
+  at::Tensor vin = at::full({counts[pos], 2}, at_pos(pos), f32);
+  at::Tensor vout = at::full({total, 2}, -1.0f, f32);
+  SY_RETURN_IF_ERROR(g.AllGatherV(vin, vout, counts).Wait());
+  int64_t row = 0;
+  for (int i = 0; i < n; ++i)
+    for (int64_t k = 0; k < counts[i]; ++k, ++row)
+      SY_RETURN_IF_ERROR(Expect(vout[row][1].item<float>() == at_pos(i), g.name() + ": all_gather_v"));
+  // reduce_scatter: block b of member i holds (global rank + 1) × (b + 1); sum and max.
+  at::Tensor rs_in = at::empty({3 * n, 2}, f32);
+  for (int b = 0; b < n; ++b) rs_in.narrow(0, 3 * b, 3).fill_((me + 1.0f) * (b + 1));
+  at::Tensor rs_out = at::empty({3, 2}, f32);
+  SY_RETURN_IF_ERROR(g.ReduceScatter(rs_in, rs_out, ReduceOp::kSum).Wait());
+  float sum = 0, max = 0;
+  for (int r : members) {
+    sum += (r + 1.0f) * (pos + 1);
+    max = std::max(max, (r + 1.0f) * (pos + 1));
+  }
+  SY_RETURN_IF_ERROR(Expect(rs_out[2][1].item<float>() == sum, g.name() + ": reduce_scatter sum"));
+  SY_RETURN_IF_ERROR(g.ReduceScatter(rs_in, rs_out, ReduceOp::kMax).Wait());
+  SY_RETURN_IF_ERROR(Expect(rs_out[0][0].item<float>() == max, g.name() + ": reduce_scatter max"));
+  // all_to_all_v: member i sends (i + j) % 3 rows to member j (zero-length splits included);
+  // each row says where it came from, where it goes and its index.
+  auto count = [](int src, int dst) { return static_cast<int64_t>((src + dst) % 3); };
+  std::vector<int64_t> send(n), recv(n);
+  int64_t send_total = 0, recv_total = 0;
+  for (int j = 0; j < n; ++j) {
+    send_total += send[j] = count(pos, j);
+    recv_total += recv[j] = count(j, pos);
+  }
+  at::Tensor a_in = at::empty({send_total, 3}, f32);
+  row = 0;
+  for (int j = 0; j < n; ++j)
+    for (int64_t k = 0; k < send[j]; ++k, ++row) {
+      a_in[row][0] = me; a_in[row][1] = members[j]; a_in[row][2] = k;
+    }
+  at::Tensor a_out = at::full({recv_total, 3}, -1.0f, f32);
+  SY_RETURN_IF_ERROR(g.AllToAllV(a_in, a_out, send, recv).Wait());
+  row = 0;
+  for (int j = 0; j < n; ++j)
+    for (int64_t k = 0; k < recv[j]; ++k, ++row)
+      SY_RETURN_IF_ERROR(Expect(a_out[row][0].item<float>() == members[j] &&
+                                    a_out[row][1].item<float>() == me && a_out[row][2].item<float>() == k,
+                                g.name() + ": all_to_all_v"));
+  // broadcast from the last member.
+  at::Tensor b = at::full({4}, static_cast<float>(me), f32);
+  SY_RETURN_IF_ERROR(g.Broadcast(b, n - 1).Wait());
+  SY_RETURN_IF_ERROR(Expect(b[3].item<float>() == at_pos(n - 1), g.name() + ": broadcast"));
+  // send/recv around the ring of members.
+  if (n > 1) {
+    at::Tensor msg = at::full({5}, 7.0f * me, f32), got = at::empty({5}, f32);
+    Work sw = g.Send(msg, (pos + 1) % n, 3);
+    Work rw = g.Recv(got, (pos + n - 1) % n, 3);
+    SY_RETURN_IF_ERROR(sw.Wait());
+    SY_RETURN_IF_ERROR(rw.Wait());
+    SY_RETURN_IF_ERROR(Expect(got[4].item<float>() == 7.0f * at_pos((pos + n - 1) % n), g.name() + ": send/recv"));
+  }
+  return g.Barrier().Wait();
+}
+
+absl::Status CheckAllCollectivesOnEveryKind(Communicator& comm, at::Device dev) {
+  SY_RETURN_IF_ERROR(CheckEveryGroupKind(comm, dev));  // all-reduce sum, max, avg
+  std::vector<int> everyone(comm.world_size());
+  for (int r = 0; r < comm.world_size(); ++r) everyone[r] = r;
+  SY_RETURN_IF_ERROR(CheckAllCollectives(comm.World(), everyone, comm.rank(), dev));
+  for (GroupKind kind : kAllGroupKinds) {
+    if (!comm.Has(kind)) continue;
+    SY_RETURN_IF_ERROR(CheckAllCollectives(comm.Get(kind), comm.layout().GroupOf(kind, comm.rank()), comm.rank(), dev));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace switchyard::groups::testing

@@ -18,12 +18,30 @@ using torch::autograd::variable_list;
 
 // Rows per parallel chunk: enough work per task to hide the thread pool's overhead.
 constexpr int64_t kGrain = 64;
+// Tokens ahead whose rows SumRows prefetches.
+constexpr int64_t kAhead = 2;
 
 template <typename T>
 using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// bf16 is the top half of an fp32: widen by a shift; narrow rounding to nearest even (NaN
+// stays a quiet NaN), as c10::BFloat16 does, with no branch so that loops vectorise.
+inline float WidenBf16(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+inline uint16_t NarrowToBf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+}
+
 // One row's bytes. Not memcpy: glibc switches to `rep movsb` from 2 KiB (an fp32 row of
-// H = 512), which ran at a third of this loop's speed on the AMD machines here.
+// H = 512), slower here (permuting 8192 such rows: 2.5 ms with memcpy, 1.7 ms with this loop,
+// on the 2-core AMD EPYC development machine).
 __attribute__((target_clones("avx2", "default")))
 void CopyRow(char* __restrict__ dst, const char* __restrict__ src, int64_t n) {
   int64_t i = 0;
@@ -71,27 +89,17 @@ void AxpyF32(float* __restrict__ acc, const float* __restrict__ x, float w, int6
   }
 }
 
-// bf16 is the top half of an fp32: widen by a shift.
 __attribute__((target_clones("avx2", "default")))
 void AxpyBf16(float* __restrict__ acc, const uint16_t* __restrict__ x, float w, int64_t h, bool overwrite) {
   for (int64_t c = 0; c < h; ++c) {
-    const uint32_t bits = static_cast<uint32_t>(x[c]) << 16;
-    float v;
-    std::memcpy(&v, &bits, sizeof(v));
+    const float v = WidenBf16(x[c]);
     acc[c] = overwrite ? w * v : acc[c] + w * v;
   }
 }
 
-// fp32 → bf16, round to nearest even (NaN stays a quiet NaN), as c10::BFloat16 does, in a
-// loop the compiler can vectorise.
 __attribute__((target_clones("avx2", "default")))
 void StoreBf16(uint16_t* __restrict__ out, const float* __restrict__ in, int64_t h) {
-  for (int64_t c = 0; c < h; ++c) {
-    uint32_t bits;
-    std::memcpy(&bits, &in[c], sizeof(bits));
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    out[c] = in[c] != in[c] ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
-  }
+  for (int64_t c = 0; c < h; ++c) out[c] = NarrowToBf16(in[c]);
 }
 
 template <typename T, typename A>
@@ -130,6 +138,17 @@ at::Tensor SumRows(const at::Tensor& in, const at::Tensor* w, const at::Tensor& 
       constexpr bool kDirect = std::is_same_v<scalar_t, A>;
       std::vector<A> scratch(kDirect ? 0 : h);
       for (int64_t t = b; t < e; ++t) {
+        // The rows of a token lie in different expert blocks, so the hardware prefetcher
+        // cannot see the next one coming: fetch the rows kAhead tokens ahead. (Measured on
+        // the coarse bf16 shape: unpermute 1.7 → 1.2 ms, best of 4; fp32 within noise.)
+        if (t + kAhead < e) {
+          for (int64_t j = off[t + kAhead]; j < off[t + kAhead + 1]; ++j) {
+            const char* row = reinterpret_cast<const char*>(ip + rr[j] * h);
+            for (int64_t byte = 0; byte < h * static_cast<int64_t>(sizeof(scalar_t)); byte += 64) {
+              __builtin_prefetch(row + byte);
+            }
+          }
+        }
         scalar_t* o = op + t * h;
         const int64_t first = off[t], n = off[t + 1] - first;
         if (n == 0) {
@@ -186,37 +205,25 @@ float ScaleAndDotF32(float* __restrict__ out, const float* __restrict__ g, const
   return dot;
 }
 
-// bf16: g and x widened by a shift, w·g rounded to nearest even as c10::BFloat16 does.
+// bf16: g and x widened, w·g narrowed (both above).
 __attribute__((target_clones("avx2", "default")))
 float ScaleAndDotBf16(uint16_t* __restrict__ out, const uint16_t* __restrict__ g, const uint16_t* __restrict__ x,
                       float w, int64_t h) {
   constexpr int kLanes = 8;
-  auto widen = [](uint16_t b) {
-    const uint32_t bits = static_cast<uint32_t>(b) << 16;
-    float v;
-    std::memcpy(&v, &bits, sizeof(v));
-    return v;
-  };
-  auto narrow = [](float v) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    return v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
-  };
   float part[kLanes] = {};
   int64_t c = 0;
   for (; c + kLanes <= h; c += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const float gv = widen(g[c + l]);
-      out[c + l] = narrow(w * gv);
-      part[l] += gv * widen(x[c + l]);
+      const float gv = WidenBf16(g[c + l]);
+      out[c + l] = NarrowToBf16(w * gv);
+      part[l] += gv * WidenBf16(x[c + l]);
     }
   }
   float dot = 0;
   for (; c < h; ++c) {
-    const float gv = widen(g[c]);
-    out[c] = narrow(w * gv);
-    dot += gv * widen(x[c]);
+    const float gv = WidenBf16(g[c]);
+    out[c] = NarrowToBf16(w * gv);
+    dot += gv * WidenBf16(x[c]);
   }
   for (int l = 0; l < kLanes; ++l) dot += part[l];
   return dot;

@@ -184,49 +184,45 @@ inline A ScaleAndDot(T* __restrict__ out, const T* __restrict__ g, const T* __re
   return dot;
 }
 
-__attribute__((target_clones("avx2", "default")))
-float ScaleAndDotF32(float* __restrict__ out, const float* __restrict__ g, const float* __restrict__ x,
-                     float w, int64_t h) {
+// out = w·g and returns <g, x> in fp32, keeping 8 partial sums so that the compiler can
+// vectorise it (a single running sum is a serial chain). load widens one element to fp32,
+// store narrows one back.
+template <typename T, typename Load, typename Store>
+__attribute__((always_inline)) inline float ScaleAndDotLanes(T* __restrict__ out, const T* __restrict__ g,
+                                                             const T* __restrict__ x, float w, int64_t h,
+                                                             Load load, Store store) {
   constexpr int kLanes = 8;
   float part[kLanes] = {};
   int64_t c = 0;
   for (; c + kLanes <= h; c += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      out[c + l] = w * g[c + l];
-      part[l] += g[c + l] * x[c + l];
+      const float gv = load(g[c + l]);
+      out[c + l] = store(w * gv);
+      part[l] += gv * load(x[c + l]);
     }
   }
   float dot = 0;
   for (; c < h; ++c) {
-    out[c] = w * g[c];
-    dot += g[c] * x[c];
+    const float gv = load(g[c]);
+    out[c] = store(w * gv);
+    dot += gv * load(x[c]);
   }
   for (int l = 0; l < kLanes; ++l) dot += part[l];
   return dot;
 }
 
-// bf16: g and x widened, w·g narrowed (both above).
+__attribute__((target_clones("avx2", "default")))
+float ScaleAndDotF32(float* __restrict__ out, const float* __restrict__ g, const float* __restrict__ x,
+                     float w, int64_t h) {
+  auto same = [](float v) { return v; };
+  return ScaleAndDotLanes(out, g, x, w, h, same, same);
+}
+
 __attribute__((target_clones("avx2", "default")))
 float ScaleAndDotBf16(uint16_t* __restrict__ out, const uint16_t* __restrict__ g, const uint16_t* __restrict__ x,
                       float w, int64_t h) {
-  constexpr int kLanes = 8;
-  float part[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= h; c += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float gv = WidenBf16(g[c + l]);
-      out[c + l] = NarrowToBf16(w * gv);
-      part[l] += gv * WidenBf16(x[c + l]);
-    }
-  }
-  float dot = 0;
-  for (; c < h; ++c) {
-    const float gv = WidenBf16(g[c]);
-    out[c] = NarrowToBf16(w * gv);
-    dot += gv * WidenBf16(x[c]);
-  }
-  for (int l = 0; l < kLanes; ++l) dot += part[l];
-  return dot;
+  return ScaleAndDotLanes(out, g, x, w, h, [](uint16_t b) { return WidenBf16(b); },
+                          [](float v) { return NarrowToBf16(v); });
 }
 
 template <>

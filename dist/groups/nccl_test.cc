@@ -20,6 +20,8 @@ TEST(Nccl, Available) { EXPECT_TRUE(NcclAvailable().ok()) << NcclAvailable(); }
 // --config=cuda against a CPU-only LibTorch (Debian's) builds this test without NCCL; then
 // Available fails with the reason and nothing else runs.
 #if defined(SY_TORCH_NCCL)
+// The multi-rank tests skip below 2 GPUs rather than fail: NCCL refuses two ranks of one
+// communicator on the same device, so a 1-GPU machine cannot run them at all.
 int Gpus() { return static_cast<int>(c10::cuda::device_count()); }
 
 TEST(Nccl, EveryCollectiveOnEveryGroupKind) {

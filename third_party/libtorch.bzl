@@ -66,7 +66,9 @@ def _libtorch_repository_impl(ctx):
         lib = str(root.get_child("lib"))
         # A CUDA wheel's libtorch.so needs libtorch_cuda.so; everything Switchyard calls on the
         # CPU is in libtorch_cpu and libc10.
-        linkopts = ["-L" + lib, "-Wl,-rpath," + lib, "-ltorch_cpu", "-lc10"]
+        # -fopenmp: the OpenMP runtime that code built with SY_PARALLEL_COPTS calls into. A pip
+        # wheel bundles its own libgomp.so.1 in lib/, which the rpath makes the one loaded.
+        linkopts = ["-L" + lib, "-Wl,-rpath," + lib, "-ltorch_cpu", "-lc10", "-fopenmp"]
         cuda_libs = [l for l in ["torch", "torch_cuda", "c10_cuda"] if root.get_child("lib").get_child("lib%s.so" % l).exists]
         # --no-as-needed: nothing references libtorch_cuda directly, but loading it registers
         # the CUDA kernels.
@@ -83,7 +85,7 @@ def _libtorch_repository_impl(ctx):
             if not p.exists:
                 fail("LibTorch not found: /usr/include/%s is missing. Install Debian's libtorch-dev (tools/bazel does) or set LIBTORCH_HOME." % d)
             ctx.symlink(p, "include/" + d)
-        linkopts = ["-ltorch", "-ltorch_cpu", "-lc10"]
+        linkopts = ["-ltorch", "-ltorch_cpu", "-lc10", "-fopenmp"]  # -fopenmp: as above
         cuda_linkopts = []  # Debian's LibTorch is CPU-only: no NCCL backend
         cuda_defines = []
         cuda_deps = []

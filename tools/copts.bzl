@@ -19,3 +19,10 @@ SY_OPT_COPTS = ["-O2"]
 # For the CPU kernels (permutation, activations): -O3 so GCC vectorises their inner loops
 # (GCC 12's -O2 cost model leaves most of them scalar).
 SY_KERNEL_COPTS = ["-O3"]
+
+# For code that calls at::parallel_for. LibTorch (Debian's and pytorch.org's) parallelises
+# with OpenMP, and the parallel body of at::parallel_for is inline in its headers
+# (ATen/ParallelOpenMP.h): a file compiled without -fopenmp silently gets the serial
+# fallback. Such files include common/parallel.h, which refuses to compile without it.
+# (@libtorch//:torch links the OpenMP runtime.)
+SY_PARALLEL_COPTS = ["-fopenmp"]

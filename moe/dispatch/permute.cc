@@ -4,11 +4,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
+#include "common/parallel.h"
 
 namespace switchyard::dispatch {
 namespace {
@@ -49,21 +49,38 @@ void CopyRow(char* __restrict__ dst, const char* __restrict__ src, int64_t n) {
   if (i < n) std::memcpy(dst + i, src + i, n - i);
 }
 
-// out[r] = in[src[r]] (zeros where src[r] < 0).
-at::Tensor GatherRows(const at::Tensor& in, const at::Tensor& src) {
-  const int64_t n = src.numel(), h = in.size(1);
+// Zeroes the rows of no token (empty capacity slots, row_token < 0); dropless layouts, where
+// every row is some token's copy, have none.
+void ZeroEmptyRows(char* base, int64_t row_bytes, const at::Tensor& row_token, int64_t copies) {
+  const int64_t n = row_token.numel();
+  if (copies == n) return;
+  const int64_t* tok = row_token.data_ptr<int64_t>();
+  at::parallel_for(0, n, 16 * kGrain, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      if (tok[r] < 0) std::memset(base + r * row_bytes, 0, row_bytes);
+    }
+  });
+}
+
+// out[r] = in[t] for each row r of token t, zeros in empty slots. Token-major: a thread
+// reads each of its tokens once and writes that token's rows, the same rows the token-major
+// unpermute (and its backward) of those tokens reads, so they come back from that core's cache
+// rather than another core's. (Row-major, reading in[row_token[r]], was 1.7× slower in
+// permute + unpermute on the coarse bf16 shape, where the rows stay in cache: 1.55 against
+// 0.91 ms, medians of 4 on the 2-core development machine.)
+at::Tensor ScatterRows(const at::Tensor& in, const at::Tensor& row_token, const at::Tensor& offsets,
+                       const at::Tensor& rows) {
+  const int64_t n = row_token.numel(), t_count = offsets.numel() - 1, h = in.size(1);
   at::Tensor out = at::empty({n, h}, in.options());
-  const int64_t* s = src.data_ptr<int64_t>();
   const int64_t bytes = h * in.element_size();
   const char* ip = static_cast<const char*>(in.data_ptr());
   char* op = static_cast<char*>(out.data_ptr());
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      if (s[r] < 0) {
-        std::memset(op + r * bytes, 0, bytes);
-      } else {
-        CopyRow(op + r * bytes, ip + s[r] * bytes, bytes);
-      }
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* rr = rows.data_ptr<int64_t>();
+  ZeroEmptyRows(op, bytes, row_token, rows.numel());
+  at::parallel_for(0, t_count, kGrain, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      for (int64_t j = off[t]; j < off[t + 1]; ++j) CopyRow(op + rr[j] * bytes, ip + t * bytes, bytes);
     }
   });
   return out;
@@ -238,29 +255,31 @@ inline float ScaleAndDot<float, float>(float* __restrict__ out, const float* __r
   return ScaleAndDotF32(out, g, x, w, h);
 }
 
-// The backward of the weighted sum: grad_rows[r] = w[r] · g[tok(r)], grad_w[r] = <g[tok(r)], rows[r]>.
+// The backward of the weighted sum: grad_rows[r] = w[r] · g[t], grad_w[r] = <g[t], rows[r]> for
+// each row r of token t (token-major, as ScatterRows and SumRows; zeros in empty slots).
 void WeightedSumBackward(const at::Tensor& g, const at::Tensor& rows, const at::Tensor& w,
-                         const at::Tensor& row_token, at::Tensor& grad_rows, at::Tensor& grad_w) {
-  const int64_t n = rows.size(0), h = rows.size(1);
+                         const at::Tensor& row_token, const at::Tensor& offsets, const at::Tensor& token_rows,
+                         at::Tensor& grad_rows, at::Tensor& grad_w) {
+  const int64_t n = rows.size(0), h = rows.size(1), t_count = offsets.numel() - 1;
+  const int64_t copies = token_rows.numel();
   grad_rows = at::empty_like(rows);
-  grad_w = at::empty({n}, w.options());
-  const int64_t* tok = row_token.data_ptr<int64_t>();
+  grad_w = copies == n ? at::empty({n}, w.options()) : at::zeros({n}, w.options());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* rr = token_rows.data_ptr<int64_t>();
   const float* wp = w.data_ptr<float>();
   float* gw = grad_w.data_ptr<float>();
+  ZeroEmptyRows(static_cast<char*>(grad_rows.data_ptr()), h * grad_rows.element_size(), row_token, copies);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "WeightedSumBackward", [&] {
     using A = Acc<scalar_t>;
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* rp = rows.data_ptr<scalar_t>();
     scalar_t* grp = grad_rows.data_ptr<scalar_t>();
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        scalar_t* out = grp + r * h;
-        if (tok[r] < 0) {
-          std::memset(out, 0, h * sizeof(scalar_t));
-          gw[r] = 0;
-          continue;
+    at::parallel_for(0, t_count, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        for (int64_t j = off[t]; j < off[t + 1]; ++j) {
+          const int64_t r = rr[j];
+          gw[r] = static_cast<float>(ScaleAndDot(grp + r * h, gp + t * h, rp + r * h, A(wp[r]), h));
         }
-        gw[r] = static_cast<float>(ScaleAndDot(out, gp + tok[r] * h, rp + r * h, A(wp[r]), h));
       }
     });
   });
@@ -269,12 +288,12 @@ void WeightedSumBackward(const at::Tensor& g, const at::Tensor& rows, const at::
 struct PermuteFn : torch::autograd::Function<PermuteFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& row_token,
                             const at::Tensor& offsets, const at::Tensor& rows) {
-    ctx->save_for_backward({row_token, offsets, rows});
-    return GatherRows(x, row_token);
+    ctx->save_for_backward({offsets, rows});
+    return ScatterRows(x, row_token, offsets, rows);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
-    return {SumRows(grads[0].contiguous(), nullptr, s[1], s[2]), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {SumRows(grads[0].contiguous(), nullptr, s[0], s[1]), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -282,13 +301,13 @@ struct UnpermuteFn : torch::autograd::Function<UnpermuteFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const at::Tensor& row_token, const at::Tensor& offsets,
                             const at::Tensor& rows) {
-    ctx->save_for_backward({x, w, row_token});
+    ctx->save_for_backward({x, w, row_token, offsets, rows});
     return SumRows(x, &w, offsets, rows);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
     at::Tensor grad_rows, grad_w;
-    WeightedSumBackward(grads[0].contiguous(), s[0], s[1], s[2], grad_rows, grad_w);
+    WeightedSumBackward(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], grad_rows, grad_w);
     return {grad_rows, grad_w, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

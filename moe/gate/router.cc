@@ -8,10 +8,10 @@
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
+#include "common/parallel.h"
 
 namespace switchyard::gate {
 namespace {

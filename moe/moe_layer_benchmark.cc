@@ -12,12 +12,16 @@
 //   GEMMs compute in (experts::CpuGemmComputeType: fp32 for bf16 storage on CPUs without
 //   bf16 units, where LibTorch's own bf16 GEMM is a slow fallback).
 // - BM_MoELayer: router + permute + grouped experts + unpermute, forward and backward.
+// - BM_LayerOverLimit: the two above timed in alternation, 12 pairs; `ratio` is the median of
+//   the per-pair layer ÷ limit ratios (the figure to quote on a machine whose speed drifts).
 // - BM_LoopMasks: (a) the tutorial loop, one weight tensor per expert, index_select/index_add.
 // - BM_LoopStacked: (b) the same loop over one stacked [E, H, 2F] weight indexed per expert.
 // - BM_Router: the router alone (forward + backward), to compare with the layer.
 // - BM_GroupedExperts / BM_DenseMlp: the grouped expert MLP vs one dense MLP of equal FLOPs.
 // - BM_PermuteUnpermute / BM_Memcpy: permute + weighted unpermute (forward) vs copying the
 //   same bytes (the permuted tensor's size, once each way).
+#include <algorithm>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <optional>
@@ -106,51 +110,129 @@ void Finish(benchmark::State& state, const Setup& s) {
                  (s.dtype == at::kFloat ? " fp32" : " bf16"));
 }
 
-void BM_ExpertGemms(benchmark::State& state) {
-  Setup& s = Get(state);
-  const int64_t F = s.shape.ffn, N = s.rows, E = s.shape.experts;
-  // The GEMMs the layer runs: bf16 storage computes in fp32 on CPUs without bf16 units.
-  auto o = at::TensorOptions().dtype(experts::CpuGemmComputeType(s.dtype));
-  at::Tensor x = at::randn({N, kHidden}, o), w1 = at::randn({E, kHidden, 2 * F}, o) * 0.02,
-             w2 = at::randn({E, F, kHidden}, o) * 0.02;
-  at::Tensor h = at::empty({N, 2 * F}, o), a = at::randn({N, F}, o), y = at::empty({N, kHidden}, o);
-  at::Tensor gy = at::randn({N, kHidden}, o), ga = at::empty({N, F}, o), gh = at::randn({N, 2 * F}, o),
-             gx = at::empty({N, kHidden}, o), gw1 = at::empty_like(w1), gw2 = at::empty_like(w2);
-  for (auto _ : state) {
+// The per-expert GEMMs alone, into preallocated buffers.
+class ExpertGemms {
+ public:
+  explicit ExpertGemms(const Setup& s) : s_(s) {
+    const int64_t F = s.shape.ffn, N = s.rows, E = s.shape.experts;
+    // The GEMMs the layer runs: bf16 storage computes in fp32 on CPUs without bf16 units.
+    auto o = at::TensorOptions().dtype(experts::CpuGemmComputeType(s.dtype));
+    x_ = at::randn({N, kHidden}, o), w1_ = at::randn({E, kHidden, 2 * F}, o) * 0.02;
+    w2_ = at::randn({E, F, kHidden}, o) * 0.02;
+    h_ = at::empty({N, 2 * F}, o), a_ = at::randn({N, F}, o), y_ = at::empty({N, kHidden}, o);
+    gy_ = at::randn({N, kHidden}, o), ga_ = at::empty({N, F}, o), gh_ = at::randn({N, 2 * F}, o);
+    gx_ = at::empty({N, kHidden}, o), gw1_ = at::empty_like(w1_), gw2_ = at::empty_like(w2_);
+  }
+  void operator()() {
     int64_t off = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t n = s.counts[e];
+    for (int64_t e = 0; e < s_.shape.experts; ++e) {
+      const int64_t n = s_.counts[e];
       if (n == 0) continue;
       auto rows = [&](at::Tensor& t) { return t.narrow(0, off, n); };
-      at::Tensor hh = rows(h), yy = rows(y), gaa = rows(ga), gxx = rows(gx), g1 = gw1[e], g2 = gw2[e];
-      at::mm_out(hh, rows(x), w1[e]);
-      at::mm_out(yy, rows(a), w2[e]);
-      at::mm_out(gaa, rows(gy), w2[e].t());
-      at::mm_out(g2, rows(a).t(), rows(gy));
-      at::mm_out(gxx, rows(gh), w1[e].t());
-      at::mm_out(g1, rows(x).t(), rows(gh));
+      at::Tensor hh = rows(h_), yy = rows(y_), gaa = rows(ga_), gxx = rows(gx_), g1 = gw1_[e], g2 = gw2_[e];
+      at::mm_out(hh, rows(x_), w1_[e]);
+      at::mm_out(yy, rows(a_), w2_[e]);
+      at::mm_out(gaa, rows(gy_), w2_[e].t());
+      at::mm_out(g2, rows(a_).t(), rows(gy_));
+      at::mm_out(gxx, rows(gh_), w1_[e].t());
+      at::mm_out(g1, rows(x_).t(), rows(gh_));
       off += n;
     }
-    benchmark::DoNotOptimize(gw1.data_ptr());
+    benchmark::DoNotOptimize(gw1_.data_ptr());
   }
+
+ private:
+  const Setup& s_;
+  at::Tensor x_, w1_, w2_, h_, a_, y_, gy_, ga_, gh_, gx_, gw1_, gw2_;
+};
+
+// One forward + backward of the whole layer.
+class LayerStep {
+ public:
+  explicit LayerStep(Setup& s) : s_(s) {}
+  ~LayerStep() { s_.layer->router().weight().mutable_grad().reset(); }
+  // False (and the benchmark skipped with the reason) if the layer refuses its input.
+  bool operator()(benchmark::State& state) {
+    for (TaggedParam& p : s_.layer->Parameters()) p.tensor.mutable_grad().reset();  // zero_grad(set_to_none)
+    at::Tensor x = s_.x.detach().requires_grad_(true);
+    auto out = s_.layer->Forward(x, {.training = true});
+    if (!out.ok()) {
+      state.SkipWithError(std::string(out.status().message()).c_str());
+      return false;
+    }
+    torch::autograd::backward({out->output, out->aux_loss}, {s_.grad_out, at::ones({})});
+    benchmark::DoNotOptimize(x.grad().data_ptr());
+    return true;
+  }
+
+ private:
+  Setup& s_;
+};
+
+void BM_ExpertGemms(benchmark::State& state) {
+  Setup& s = Get(state);
+  ExpertGemms gemms(s);
+  for (auto _ : state) gemms();
   Finish(state, s);
 }
 
 void BM_MoELayer(benchmark::State& state) {
   Setup& s = Get(state);
+  LayerStep layer(s);
   for (auto _ : state) {
-    for (TaggedParam& p : s.layer->Parameters()) p.tensor.mutable_grad().reset();  // zero_grad(set_to_none)
-    at::Tensor x = s.x.detach().requires_grad_(true);
-    auto out = s.layer->Forward(x, {.training = true});
-    if (!out.ok()) {
-      state.SkipWithError(std::string(out.status().message()).c_str());
-      return;
-    }
-    torch::autograd::backward({out->output, out->aux_loss}, {s.grad_out, at::ones({})});
-    benchmark::DoNotOptimize(x.grad().data_ptr());
+    if (!layer(state)) return;
   }
-  s.layer->router().weight().mutable_grad().reset();
   Finish(state, s);
+}
+
+template <typename F>
+double SecondsOf(F&& f) {
+  const auto start = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+// x ÷ the GEMM limit, timed in pairs: each iteration runs both (in alternating order) and the
+// counter `ratio` is the median of the per-pair ratios. On a machine whose speed drifts by tens
+// of percent over seconds (this one), separate runs of two benchmarks compare different
+// conditions; the two halves of a pair see nearly the same ones. step(state) returns false
+// after skipping the benchmark with an error.
+template <typename Step>
+void OverLimit(benchmark::State& state, Setup& s, Step& step) {
+  ExpertGemms gemms(s);
+  bool ok = true;
+  gemms();
+  ok = step(state);  // warm-up pair, not counted
+  std::vector<double> limit_s, step_s, ratio;
+  for (auto _ : state) {
+    if (!ok) return;
+    double g = 0, l = 0;
+    if (limit_s.size() % 2 == 0) {
+      g = SecondsOf(gemms);
+      l = SecondsOf([&] { ok = step(state); });
+    } else {
+      l = SecondsOf([&] { ok = step(state); });
+      g = SecondsOf(gemms);
+    }
+    limit_s.push_back(g), step_s.push_back(l), ratio.push_back(l / g);
+    state.SetIterationTime(l);
+  }
+  state.counters["limit_ms"] = 1e3 * Median(limit_s);
+  state.counters["ms"] = 1e3 * Median(step_s);
+  state.counters["ratio"] = Median(ratio);
+  Finish(state, s);
+}
+
+void BM_LayerOverLimit(benchmark::State& state) {
+  Setup& s = Get(state);
+  LayerStep layer(s);
+  OverLimit(state, s, layer);
 }
 
 at::Tensor Swiglu(const at::Tensor& h) {
@@ -207,26 +289,49 @@ void BM_Router(benchmark::State& state) {
   Finish(state, s);
 }
 
+// One forward + backward of the grouped expert MLP alone (or, with one expert, of the dense
+// MLP of equal FLOPs).
+class MlpStep {
+ public:
+  MlpStep(const Setup& s, bool grouped) {
+    experts::ExpertsConfig c{.hidden_size = kHidden, .ffn_hidden_size = s.shape.ffn,
+                             .num_experts = grouped ? s.shape.experts : 1, .dtype = s.dtype};
+    auto ex = experts::GroupedExperts::Create(c, 3);
+    if (!ex.ok()) std::abort();
+    ex_.emplace(*std::move(ex));
+    counts_ = grouped ? s.counts : std::vector<int64_t>{s.rows};
+    // Rows that need a gradient, as inside the layer: all six GEMMs per expert run.
+    rows_ = at::randn({s.rows, kHidden}).to(s.dtype).requires_grad_(true);
+    g_ = at::randn({s.rows, kHidden}).to(s.dtype);
+  }
+  bool operator()(benchmark::State&) {
+    ex_->fc1().mutable_grad().reset();
+    ex_->fc2().mutable_grad().reset();
+    rows_.mutable_grad().reset();
+    auto y = ex_->Forward(rows_, counts_);
+    y->backward(g_);
+    return true;
+  }
+
+ private:
+  std::optional<experts::GroupedExperts> ex_;
+  std::vector<int64_t> counts_;
+  at::Tensor rows_, g_;
+};
+
 void Mlp(benchmark::State& state, bool grouped) {
   Setup& s = Get(state);
-  experts::ExpertsConfig c{.hidden_size = kHidden, .ffn_hidden_size = s.shape.ffn,
-                           .num_experts = grouped ? s.shape.experts : 1, .dtype = s.dtype};
-  auto ex = experts::GroupedExperts::Create(c, 3);
-  if (!ex.ok()) std::abort();
-  const std::vector<int64_t> counts = grouped ? s.counts : std::vector<int64_t>{s.rows};
-  // Rows that need a gradient, as inside the layer: all six GEMMs per expert run.
-  const at::Tensor rows = at::randn({s.rows, kHidden}).to(s.dtype).requires_grad_(true);
-  const at::Tensor g = at::randn({s.rows, kHidden}).to(s.dtype);
-  for (auto _ : state) {
-    ex->fc1().mutable_grad().reset();
-    ex->fc2().mutable_grad().reset();
-    rows.mutable_grad().reset();
-    auto y = ex->Forward(rows, counts);
-    y->backward(g);
-  }
+  MlpStep step(s, grouped);
+  for (auto _ : state) step(state);
   Finish(state, s);
 }
 void BM_GroupedExperts(benchmark::State& state) { Mlp(state, true); }
+// The grouped experts ÷ the GEMM limit, in pairs (what the experts add: activation, conversions).
+void BM_ExpertsOverLimit(benchmark::State& state) {
+  Setup& s = Get(state);
+  MlpStep step(s, true);
+  OverLimit(state, s, step);
+}
 void BM_DenseMlp(benchmark::State& state) { Mlp(state, false); }
 
 void BM_PermuteUnpermute(benchmark::State& state) {
@@ -284,19 +389,22 @@ void BM_Memcpy(benchmark::State& state) {
   Finish(state, s);
 }
 
-void Shapes(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"shape", "bf16"})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(4);
+void ShapeArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"shape", "bf16"})->Unit(benchmark::kMillisecond);
   for (int shape : {0, 1}) {
     for (int dt : {0, 1}) b->Args({shape, dt});
   }
 }
+void Shapes(benchmark::internal::Benchmark* b) { ShapeArgs(b->UseRealTime()->MinTime(4)); }
 
 BENCHMARK(BM_ExpertGemms)->Apply(Shapes);
 BENCHMARK(BM_MoELayer)->Apply(Shapes);
+BENCHMARK(BM_LayerOverLimit)->Apply(ShapeArgs)->UseManualTime()->Iterations(12);
 BENCHMARK(BM_LoopMasks)->Apply(Shapes);
 BENCHMARK(BM_LoopStacked)->Apply(Shapes);
 BENCHMARK(BM_Router)->Apply(Shapes);
 BENCHMARK(BM_GroupedExperts)->Apply(Shapes);
+BENCHMARK(BM_ExpertsOverLimit)->Apply(ShapeArgs)->UseManualTime()->Iterations(12);
 BENCHMARK(BM_DenseMlp)->Apply(Shapes);
 BENCHMARK(BM_PermuteUnpermute)->Apply(Shapes);
 BENCHMARK(BM_Permute)->Apply(Shapes);

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <numeric>
 
 #include <ATen/ATen.h>
@@ -11,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/parallel.h"
 
 namespace switchyard::experts {
 namespace {
@@ -133,6 +136,161 @@ void ActivationBackward(Activation act, const at::Tensor& ga, const at::Tensor& 
   }
 }
 
+// --- Fused SwiGLU -------------------------------------------------------------------------
+// One pass per row block instead of ATen's separate silu, mul, silu_backward passes (the
+// backward needed six, computing the exponential three times). The loops are built for AVX2
+// and plain x86-64 and picked at load time; the exponential is our own so that GCC can
+// vectorise it.
+
+// bf16 is the top half of an fp32; narrowing rounds to nearest even, NaN stays a quiet NaN
+// (as c10::BFloat16 does), without a branch.
+inline float WidenBf16(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+inline uint16_t NarrowToBf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+}
+
+// e^x for the sigmoid, to within 2 ulp for |x| < 87 (Cephes' expf: x = k·ln2 + r with
+// |r| ≤ ln2/2, e^r by a degree-7 polynomial, 2^k through the exponent bits). Below −87.3
+// it returns 0 (e^x is subnormal there), above 88.7 +inf; NaN stays NaN. Branch-free, so
+// that it vectorises; the rounding of k uses the 1.5·2^23 trick instead of floor.
+inline float ExpForSigmoid(float x) {
+  constexpr float kHi = 88.7f, kLo = -87.3f;
+  float xc = x > kHi ? kHi : x;
+  xc = xc < kLo ? kLo : xc;  // comparisons with NaN are false: NaN goes on through
+  constexpr float kRound = 12582912.0f;  // 1.5·2^23
+  float k = (xc * 1.44269504088896341f + kRound) - kRound;
+  k = k > 127.0f ? 127.0f : k;
+  const float r = (xc - k * 0.693359375f) - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float e = p * scale;
+  e = x > kHi ? std::numeric_limits<float>::infinity() : e;
+  e = x < kLo ? 0.0f : e;
+  return e;
+}
+
+// h row = [gate (f) | up (f)]. Forward: a = silu(gate)·up. Low-precision storage: h comes
+// from the fp32 GEMM; each value is rounded to bf16, stored in h_store, and the rounded value
+// is what the activation (and the backward, which reads h_store) sees.
+__attribute__((target_clones("avx2", "default")))
+void SwigluForwardF32(const float* __restrict__ h, float* __restrict__ a, int64_t f) {
+  for (int64_t c = 0; c < f; ++c) {
+    const float g = h[c];
+    a[c] = g / (1.0f + ExpForSigmoid(-g)) * h[f + c];
+  }
+}
+
+__attribute__((target_clones("avx2", "default")))
+void SwigluForwardRoundBf16(const float* __restrict__ h, uint16_t* __restrict__ h_store, float* __restrict__ a,
+                            int64_t f) {
+  for (int64_t c = 0; c < f; ++c) {
+    const uint16_t gb = NarrowToBf16(h[c]), ub = NarrowToBf16(h[f + c]);
+    h_store[c] = gb, h_store[f + c] = ub;
+    const float g = WidenBf16(gb);
+    a[c] = g / (1.0f + ExpForSigmoid(-g)) * WidenBf16(ub);
+  }
+}
+
+// Backward, from h (in its storage type) and ga = dL/da: with s = sigmoid(gate),
+// d_gate = ga·up·s·(1 + gate·(1 − s)), d_up = ga·gate·s, into gh = [d_gate | d_up]; and,
+// when a is given, a = gate·s·up again (for fc2's weight gradient).
+template <typename Load>
+__attribute__((always_inline)) inline void SwigluBackwardRow(const Load& load, const float* __restrict__ ga,
+                                                             float* __restrict__ gh, float* __restrict__ a,
+                                                             int64_t f) {
+  if (a != nullptr) {
+    for (int64_t c = 0; c < f; ++c) {
+      const float g = load(c), u = load(f + c), s = 1.0f / (1.0f + ExpForSigmoid(-g)), silu = g * s;
+      a[c] = silu * u;
+      gh[c] = ga[c] * u * s * (1.0f + g * (1.0f - s));
+      gh[f + c] = ga[c] * silu;
+    }
+  } else {
+    for (int64_t c = 0; c < f; ++c) {
+      const float g = load(c), u = load(f + c), s = 1.0f / (1.0f + ExpForSigmoid(-g));
+      gh[c] = ga[c] * u * s * (1.0f + g * (1.0f - s));
+      gh[f + c] = ga[c] * g * s;
+    }
+  }
+}
+
+__attribute__((target_clones("avx2", "default")))
+void SwigluBackwardF32(const float* __restrict__ h, const float* __restrict__ ga, float* __restrict__ gh,
+                       float* __restrict__ a, int64_t f) {
+  SwigluBackwardRow([h](int64_t c) { return h[c]; }, ga, gh, a, f);
+}
+
+__attribute__((target_clones("avx2", "default")))
+void SwigluBackwardBf16(const uint16_t* __restrict__ h, const float* __restrict__ ga, float* __restrict__ gh,
+                        float* __restrict__ a, int64_t f) {
+  SwigluBackwardRow([h](int64_t c) { return WidenBf16(h[c]); }, ga, gh, a, f);
+}
+
+// Whether GroupedMlp runs SwiGLU through the fused kernels: fp32 compute with fp32 or bf16
+// storage (fp16 and fp64 keep ATen's ops).
+bool FusedSwiglu(Activation act, at::ScalarType storage) {
+  return act == Activation::kSwiglu && CpuGemmComputeType(storage) == at::kFloat &&
+         (storage == at::kFloat || storage == at::kBFloat16);
+}
+
+// Rows per parallel task: about 16K elements each.
+int64_t RowGrain(int64_t f) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(f, 1)); }
+
+// hs: [n, 2F] fp32 GEMM output; h_store: the same rows of the saved h (bf16) when storage is
+// low precision, else undefined (hs is the saved h); a: [n, F] fp32.
+void SwigluForward(const at::Tensor& hs, const at::Tensor& h_store, at::Tensor& a) {
+  const int64_t n = hs.size(0), f = a.size(1);
+  const float* hp = hs.data_ptr<float>();
+  float* ap = a.data_ptr<float>();
+  uint16_t* sp = h_store.defined() ? reinterpret_cast<uint16_t*>(h_store.data_ptr()) : nullptr;
+  at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      if (sp != nullptr) {
+        SwigluForwardRoundBf16(hp + r * 2 * f, sp + r * 2 * f, ap + r * f, f);
+      } else {
+        SwigluForwardF32(hp + r * 2 * f, ap + r * f, f);
+      }
+    }
+  });
+}
+
+// h: [n, 2F] saved pre-activation, fp32 or bf16; ga: [n, F] fp32; gh: [n, 2F] fp32; a: [n, F]
+// fp32 or undefined.
+void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, at::Tensor* a) {
+  const int64_t n = h.size(0), f = ga.size(1);
+  const bool bf16 = h.scalar_type() == at::kBFloat16;
+  const char* hp = static_cast<const char*>(h.data_ptr());
+  const float* gap = ga.data_ptr<float>();
+  float* ghp = gh.data_ptr<float>();
+  float* ap = a != nullptr ? a->data_ptr<float>() : nullptr;
+  at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      float* ar = ap != nullptr ? ap + r * f : nullptr;
+      if (bf16) {
+        SwigluBackwardBf16(reinterpret_cast<const uint16_t*>(hp) + r * 2 * f, gap + r * f, ghp + r * 2 * f, ar, f);
+      } else {
+        SwigluBackwardF32(reinterpret_cast<const float*>(hp) + r * 2 * f, gap + r * f, ghp + r * 2 * f, ar, f);
+      }
+    }
+  });
+}
+
 // y = act(x @ w1[e]) @ w2[e] per segment, one segment at a time, so that the activation and
 // its backward run on a block still in cache instead of streaming [N, F] tensors through
 // memory between separate ops. Saves x and the pre-activation h; the backward recomputes
@@ -145,6 +303,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
     const Activation act = static_cast<Activation>(act_id);
     const at::ScalarType ct = CpuGemmComputeType(x.scalar_type());
     const bool low = ct != x.scalar_type();
+    const bool fused = FusedSwiglu(act, x.scalar_type());
     const Segments sg = MakeSegments(counts, expert, w1.size(0));
     const int64_t m = sg.max_rows, H = x.size(1), F1 = w1.size(2), F = w2.size(1);
     at::Tensor h = at::empty({x.size(0), F1}, x.options()), y = at::empty({x.size(0), H}, x.options());
@@ -163,9 +322,13 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         const at::Tensor xs = low ? scratch(x_buf).copy_(rows(x)) : rows(x);
         at::Tensor hs = low ? scratch(h_buf) : rows(h);
         at::mm_out(hs, xs, w1e);
-        if (low) hs.copy_(rows(h).copy_(hs));
         at::Tensor as = scratch(a_buf);
-        ActivationForward(act, hs, as);
+        if (fused) {
+          SwigluForward(hs, low ? rows(h) : at::Tensor(), as);  // also rounds h into storage
+        } else {
+          if (low) hs.copy_(rows(h).copy_(hs));
+          ActivationForward(act, hs, as);
+        }
         at::Tensor ys = low ? scratch(y_buf) : rows(y);
         at::mm_out(ys, as, w2e);
         if (low) rows(y).copy_(ys);
@@ -186,6 +349,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
                                      ctx->saved_data["expert"].toIntVector(), w1.size(0));
     const at::ScalarType ct = CpuGemmComputeType(x.scalar_type());
     const bool low = ct != x.scalar_type();
+    const bool fused = FusedSwiglu(act, x.scalar_type());
     const at::Tensor gy = grads[0].to(x.scalar_type()).contiguous();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     const int64_t m = sg.max_rows, H = x.size(1), F1 = w1.size(2), F = w2.size(1);
@@ -193,11 +357,11 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
     at::Tensor gw1 = need_w ? at::empty_like(w1) : at::Tensor(), gw2 = need_w ? at::empty_like(w2) : at::Tensor();
     const at::TensorOptions co = x.options().dtype(ct);
     at::Tensor a_buf = at::empty({m, F}, co), ga_buf = at::empty({m, F}, co), gh_buf = at::empty({m, F1}, co);
-    at::Tensor tmp_buf = act == Activation::kSwiglu ? at::empty({m, F}, co) : at::Tensor();
+    at::Tensor tmp_buf = act == Activation::kSwiglu && !fused ? at::empty({m, F}, co) : at::Tensor();
     at::Tensor x_buf, h_buf, gy_buf, gx_buf;
     if (low) {
-      x_buf = at::empty({m, H}, co), h_buf = at::empty({m, F1}, co), gy_buf = at::empty({m, H}, co),
-      gx_buf = at::empty({m, H}, co);
+      x_buf = at::empty({m, H}, co), gy_buf = at::empty({m, H}, co), gx_buf = at::empty({m, H}, co);
+      if (!fused) h_buf = at::empty({m, F1}, co);
     }
     for (int64_t e = 0; e < w1.size(0); ++e) {
       if (sg.of_expert[e].empty()) {
@@ -216,21 +380,24 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         auto rows = [&](const at::Tensor& t) { return t.narrow(0, sg.off[s], n); };
         auto scratch = [&](const at::Tensor& t) { return t.narrow(0, 0, n); };
         const at::Tensor xs = low ? scratch(x_buf).copy_(rows(x)) : rows(x);
-        const at::Tensor hs = low ? scratch(h_buf).copy_(rows(h)) : rows(h);
         const at::Tensor gys = low ? scratch(gy_buf).copy_(rows(gy)) : rows(gy);
-        at::Tensor ga = scratch(ga_buf), gh = scratch(gh_buf);
+        at::Tensor ga = scratch(ga_buf), gh = scratch(gh_buf), as = scratch(a_buf);
         at::mm_out(ga, gys, w2e.t());
+        if (fused) {
+          SwigluBackward(rows(h), ga, gh, need_w ? &as : nullptr);  // reads h in its storage type
+        } else {
+          const at::Tensor hs = low ? scratch(h_buf).copy_(rows(h)) : rows(h);
+          if (need_w) ActivationForward(act, hs, as);
+          at::Tensor tmp = tmp_buf.defined() ? scratch(tmp_buf) : at::Tensor();
+          ActivationBackward(act, ga, hs, gh, tmp);
+        }
         if (need_w) {
-          at::Tensor as = scratch(a_buf);
-          ActivationForward(act, hs, as);
           if (first) {
             at::mm_out(gw2e, as.t(), gys);
           } else {
             gw2e.addmm_(as.t(), gys);  // a later segment of the same expert adds to its gradient
           }
         }
-        at::Tensor tmp = tmp_buf.defined() ? scratch(tmp_buf) : at::Tensor();
-        ActivationBackward(act, ga, hs, gh, tmp);
         if (need_x) {
           at::Tensor gxs = low ? scratch(gx_buf) : rows(gx);
           at::mm_out(gxs, gh, w1e.t());

@@ -8,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
+#include "common/bf16.h"
 #include "common/parallel.h"
 
 namespace switchyard::dispatch {
@@ -24,20 +25,8 @@ constexpr int64_t kAhead = 2;
 template <typename T>
 using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// bf16 is the top half of an fp32: widen by a shift; narrow rounding to nearest even (NaN
-// stays a quiet NaN), as c10::BFloat16 does, with no branch so that loops vectorise.
-inline float WidenBf16(uint16_t b) {
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-}
-inline uint16_t NarrowToBf16(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  return v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
-}
+using common::NarrowToBf16;
+using common::WidenBf16;
 
 // One row's bytes. Not memcpy: glibc switches to `rep movsb` from 2 KiB (an fp32 row of
 // H = 512), slower here (permuting 8192 such rows: 2.5 ms with memcpy, 1.7 ms with this loop,

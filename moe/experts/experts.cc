@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/bf16.h"
 #include "common/parallel.h"
 
 namespace switchyard::experts {
@@ -142,20 +143,8 @@ void ActivationBackward(Activation act, const at::Tensor& ga, const at::Tensor& 
 // and plain x86-64 and picked at load time; the exponential is our own so that GCC can
 // vectorise it.
 
-// bf16 is the top half of an fp32; narrowing rounds to nearest even, NaN stays a quiet NaN
-// (as c10::BFloat16 does), without a branch.
-inline float WidenBf16(uint16_t b) {
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-}
-inline uint16_t NarrowToBf16(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  return v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
-}
+using common::NarrowToBf16;
+using common::WidenBf16;
 
 // e^x for the sigmoid, to within 2 ulp for |x| < 87 (Cephes' expf: x = k·ln2 + r with
 // |r| ≤ ln2/2, e^r by a degree-7 polynomial, 2^k through the exponent bits). Below −87.3

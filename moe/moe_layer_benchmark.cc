@@ -14,6 +14,8 @@
 // - BM_MoELayer: router + permute + grouped experts + unpermute, forward and backward.
 // - BM_LayerOverLimit: the two above timed in alternation, 12 pairs; `ratio` is the median of
 //   the per-pair layer ÷ limit ratios (the figure to quote on a machine whose speed drifts).
+//   BM_ExpertsOverLimit and BM_ExpertsOverDense pair the grouped experts with the limit and
+//   with the dense MLP of equal FLOPs in the same way.
 // - BM_LoopMasks: (a) the tutorial loop, one weight tensor per expert, index_select/index_add.
 // - BM_LoopStacked: (b) the same loop over one stacked [E, H, 2F] weight indexed per expert.
 // - BM_Router: the router alone (forward + backward), to compare with the layer.
@@ -140,6 +142,10 @@ class ExpertGemms {
     }
     benchmark::DoNotOptimize(gw1_.data_ptr());
   }
+  bool operator()(benchmark::State&) {
+    (*this)();
+    return true;
+  }
 
  private:
   const Setup& s_;
@@ -198,35 +204,38 @@ double Median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
 }
 
-// x ÷ the GEMM limit, timed in pairs: each iteration runs both (in alternating order) and the
+// step ÷ base, timed in pairs: each iteration runs both (in alternating order) and the
 // counter `ratio` is the median of the per-pair ratios. On a machine whose speed drifts by tens
 // of percent over seconds (this one), separate runs of two benchmarks compare different
-// conditions; the two halves of a pair see nearly the same ones. step(state) returns false
-// after skipping the benchmark with an error.
-template <typename Step>
-void OverLimit(benchmark::State& state, Setup& s, Step& step) {
-  ExpertGemms gemms(s);
-  bool ok = true;
-  gemms();
-  ok = step(state);  // warm-up pair, not counted
-  std::vector<double> limit_s, step_s, ratio;
+// conditions; the two halves of a pair see nearly the same ones. A step's operator()(state)
+// returns false after skipping the benchmark with an error.
+template <typename Base, typename Step>
+void Paired(benchmark::State& state, Setup& s, Base& base, Step& step) {
+  bool ok = base(state) && step(state);  // warm-up pair, not counted
+  std::vector<double> base_s, step_s, ratio;
   for (auto _ : state) {
     if (!ok) return;
     double g = 0, l = 0;
-    if (limit_s.size() % 2 == 0) {
-      g = SecondsOf(gemms);
-      l = SecondsOf([&] { ok = step(state); });
+    if (base_s.size() % 2 == 0) {
+      g = SecondsOf([&] { ok = base(state); });
+      l = SecondsOf([&] { ok = ok && step(state); });
     } else {
       l = SecondsOf([&] { ok = step(state); });
-      g = SecondsOf(gemms);
+      g = SecondsOf([&] { ok = ok && base(state); });
     }
-    limit_s.push_back(g), step_s.push_back(l), ratio.push_back(l / g);
+    base_s.push_back(g), step_s.push_back(l), ratio.push_back(l / g);
     state.SetIterationTime(l);
   }
-  state.counters["limit_ms"] = 1e3 * Median(limit_s);
+  state.counters["base_ms"] = 1e3 * Median(base_s);
   state.counters["ms"] = 1e3 * Median(step_s);
   state.counters["ratio"] = Median(ratio);
   Finish(state, s);
+}
+
+template <typename Step>
+void OverLimit(benchmark::State& state, Setup& s, Step& step) {
+  ExpertGemms gemms(s);
+  Paired(state, s, gemms, step);
 }
 
 void BM_LayerOverLimit(benchmark::State& state) {
@@ -332,6 +341,12 @@ void BM_ExpertsOverLimit(benchmark::State& state) {
   MlpStep step(s, true);
   OverLimit(state, s, step);
 }
+// The grouped experts ÷ the dense MLP of equal FLOPs, in pairs.
+void BM_ExpertsOverDense(benchmark::State& state) {
+  Setup& s = Get(state);
+  MlpStep dense(s, false), grouped(s, true);
+  Paired(state, s, dense, grouped);
+}
 void BM_DenseMlp(benchmark::State& state) { Mlp(state, false); }
 
 void BM_PermuteUnpermute(benchmark::State& state) {
@@ -405,6 +420,7 @@ BENCHMARK(BM_LoopStacked)->Apply(Shapes);
 BENCHMARK(BM_Router)->Apply(Shapes);
 BENCHMARK(BM_GroupedExperts)->Apply(Shapes);
 BENCHMARK(BM_ExpertsOverLimit)->Apply(ShapeArgs)->UseManualTime()->Iterations(12);
+BENCHMARK(BM_ExpertsOverDense)->Apply(ShapeArgs)->UseManualTime()->Iterations(12);
 BENCHMARK(BM_DenseMlp)->Apply(Shapes);
 BENCHMARK(BM_PermuteUnpermute)->Apply(Shapes);
 BENCHMARK(BM_Permute)->Apply(Shapes);

@@ -197,25 +197,17 @@ void SwigluForwardRoundBf16(const float* __restrict__ h, uint16_t* __restrict__ 
 }
 
 // Backward, from h (in its storage type) and ga = dL/da: with s = sigmoid(gate),
-// d_gate = ga·up·s·(1 + gate·(1 − s)), d_up = ga·gate·s, into gh = [d_gate | d_up]; and,
-// when a is given, a = gate·s·up again (for fc2's weight gradient).
+// d_gate = ga·up·s·(1 + gate·(1 − s)), d_up = ga·gate·s, into gh = [d_gate | d_up]; and
+// a = gate·s·up again (for fc2's weight gradient).
 template <typename Load>
 __attribute__((always_inline)) inline void SwigluBackwardRow(const Load& load, const float* __restrict__ ga,
                                                              float* __restrict__ gh, float* __restrict__ a,
                                                              int64_t f) {
-  if (a != nullptr) {
-    for (int64_t c = 0; c < f; ++c) {
-      const float g = load(c), u = load(f + c), s = 1.0f / (1.0f + ExpForSigmoid(-g)), silu = g * s;
-      a[c] = silu * u;
-      gh[c] = ga[c] * u * s * (1.0f + g * (1.0f - s));
-      gh[f + c] = ga[c] * silu;
-    }
-  } else {
-    for (int64_t c = 0; c < f; ++c) {
-      const float g = load(c), u = load(f + c), s = 1.0f / (1.0f + ExpForSigmoid(-g));
-      gh[c] = ga[c] * u * s * (1.0f + g * (1.0f - s));
-      gh[f + c] = ga[c] * g * s;
-    }
+  for (int64_t c = 0; c < f; ++c) {
+    const float g = load(c), u = load(f + c), s = 1.0f / (1.0f + ExpForSigmoid(-g)), silu = g * s;
+    a[c] = silu * u;
+    gh[c] = ga[c] * u * s * (1.0f + g * (1.0f - s));
+    gh[f + c] = ga[c] * silu;
   }
 }
 
@@ -259,18 +251,18 @@ void SwigluForward(const at::Tensor& hs, const at::Tensor& h_store, at::Tensor& 
   });
 }
 
-// h: [n, 2F] saved pre-activation, fp32 or bf16; ga: [n, F] fp32; gh: [n, 2F] fp32; a: [n, F]
-// fp32 or undefined.
-void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, at::Tensor* a) {
+// h: [n, 2F] saved pre-activation, fp32 or bf16; ga: [n, F] fp32; gh: [n, 2F] fp32; a: [n, F] fp32
+// (the activation, recomputed for fc2's weight gradient).
+void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, at::Tensor& a) {
   const int64_t n = h.size(0), f = ga.size(1);
   const bool bf16 = h.scalar_type() == at::kBFloat16;
   const char* hp = static_cast<const char*>(h.data_ptr());
   const float* gap = ga.data_ptr<float>();
   float* ghp = gh.data_ptr<float>();
-  float* ap = a != nullptr ? a->data_ptr<float>() : nullptr;
+  float* ap = a.data_ptr<float>();
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      float* ar = ap != nullptr ? ap + r * f : nullptr;
+      float* ar = ap + r * f;
       if (bf16) {
         SwigluBackwardBf16(reinterpret_cast<const uint16_t*>(hp) + r * 2 * f, gap + r * f, ghp + r * 2 * f, ar, f);
       } else {
@@ -373,7 +365,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         at::Tensor ga = scratch(ga_buf), gh = scratch(gh_buf), as = scratch(a_buf);
         at::mm_out(ga, gys, w2e.t());
         if (fused) {
-          SwigluBackward(rows(h), ga, gh, need_w ? &as : nullptr);  // reads h in its storage type
+          SwigluBackward(rows(h), ga, gh, as);  // reads h in its storage type
         } else {
           const at::Tensor hs = low ? scratch(h_buf).copy_(rows(h)) : rows(h);
           if (need_w) ActivationForward(act, hs, as);

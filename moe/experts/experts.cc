@@ -107,6 +107,66 @@ Segments MakeSegments(const std::vector<int64_t>& counts, const std::vector<int6
   return sg;
 }
 
+// --- Storage <-> compute conversions ------------------------------------------------------
+// bf16 storage computing in fp32 converts every GEMM operand and result per expert. ATen's
+// copy_ runs one TensorIterator and one parallel region per tensor: 12 per expert over a
+// forward and backward, whose overhead at the fine-grained shape (64 experts of ~500 rows)
+// cost as much as the conversions themselves. CastAll does all the conversions that are due
+// at one point in one parallel region, with loops of our own.
+
+__attribute__((target_clones("avx2", "default")))
+void WidenBf16Span(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = common::WidenBf16(src[i]);
+}
+
+__attribute__((target_clones("avx2", "default")))
+void NarrowToBf16Span(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = common::NarrowToBf16(src[i]);
+}
+
+// A conversion dst <- src of two tensors with the same number of elements.
+struct Cast {
+  at::Tensor dst, src;
+};
+
+// Runs every cast: fp32 <-> bf16 between contiguous tensors in one parallel region, anything
+// else with copy_.
+void CastAll(std::initializer_list<Cast> casts) {
+  struct Span {
+    char* dst;
+    const char* src;
+    bool widen;
+  };
+  std::vector<Span> spans;
+  std::vector<int64_t> start = {0};  // span i covers elements [start[i], start[i + 1]) of the whole
+  for (const Cast& c : casts) {
+    at::Tensor dst = c.dst;
+    const bool widen = dst.scalar_type() == at::kFloat && c.src.scalar_type() == at::kBFloat16;
+    const bool narrow = dst.scalar_type() == at::kBFloat16 && c.src.scalar_type() == at::kFloat;
+    if (!(widen || narrow) || !dst.is_contiguous() || !c.src.is_contiguous() || dst.numel() != c.src.numel()) {
+      dst.copy_(c.src);
+      continue;
+    }
+    if (dst.numel() == 0) continue;
+    spans.push_back({static_cast<char*>(dst.data_ptr()), static_cast<const char*>(c.src.data_ptr()), widen});
+    start.push_back(start.back() + dst.numel());
+  }
+  if (spans.empty()) return;
+  at::parallel_for(0, start.back(), int64_t{1} << 15, [&](int64_t b, int64_t e) {
+    size_t i = std::upper_bound(start.begin(), start.end(), b) - start.begin() - 1;
+    for (; b < e; ++i) {
+      const int64_t lo = b - start[i], n = std::min(e, start[i + 1]) - b;
+      const Span& sp = spans[i];
+      if (sp.widen) {
+        WidenBf16Span(reinterpret_cast<const uint16_t*>(sp.src) + lo, reinterpret_cast<float*>(sp.dst) + lo, n);
+      } else {
+        NarrowToBf16Span(reinterpret_cast<const float*>(sp.src) + lo, reinterpret_cast<uint16_t*>(sp.dst) + lo, n);
+      }
+      b += n;
+    }
+  });
+}
+
 // The activation of one segment into a ([n, F]); h is [n, F], or [n, 2F] = [gate | up] for SwiGLU.
 void ActivationForward(Activation act, const at::Tensor& h, at::Tensor& a) {
   switch (act) {
@@ -289,18 +349,26 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
     const int64_t m = sg.max_rows, H = x.size(1), F1 = w1.size(2), F = w2.size(1);
     at::Tensor h = at::empty({x.size(0), F1}, x.options()), y = at::empty({x.size(0), H}, x.options());
     const at::TensorOptions co = x.options().dtype(ct);
-    at::Tensor a_buf = at::empty({m, F}, co), x_buf, h_buf, y_buf;
+    at::Tensor a_buf = at::empty({m, F}, co), x_buf, h_buf, y_buf, w1_buf, w2_buf;
     if (low) {
       x_buf = at::empty({m, H}, co), h_buf = at::empty({m, F1}, co), y_buf = at::empty({m, H}, co);
+      w1_buf = at::empty({H, F1}, co), w2_buf = at::empty({F, H}, co);
     }
     for (int64_t e = 0; e < w1.size(0); ++e) {
       if (sg.of_expert[e].empty()) continue;
-      const at::Tensor w1e = w1[e].to(ct), w2e = w2[e].to(ct);
+      const at::Tensor w1e = low ? w1_buf : w1[e], w2e = low ? w2_buf : w2[e];
+      bool first = true;
       for (int64_t s : sg.of_expert[e]) {
         const int64_t n = sg.rows[s];
         auto rows = [&](const at::Tensor& t) { return t.narrow(0, sg.off[s], n); };
         auto scratch = [&](const at::Tensor& t) { return t.narrow(0, 0, n); };
-        const at::Tensor xs = low ? scratch(x_buf).copy_(rows(x)) : rows(x);
+        const at::Tensor xs = low ? scratch(x_buf) : rows(x);
+        if (low && first) {
+          CastAll({{w1_buf, w1[e]}, {w2_buf, w2[e]}, {xs, rows(x)}});
+        } else if (low) {
+          CastAll({{xs, rows(x)}});
+        }
+        first = false;
         at::Tensor hs = low ? scratch(h_buf) : rows(h);
         at::mm_out(hs, xs, w1e);
         at::Tensor as = scratch(a_buf);
@@ -312,7 +380,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         }
         at::Tensor ys = low ? scratch(y_buf) : rows(y);
         at::mm_out(ys, as, w2e);
-        if (low) rows(y).copy_(ys);
+        if (low) CastAll({{rows(y), ys}});
       }
     }
     ctx->save_for_backward({x, w1, w2, h});
@@ -339,9 +407,11 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
     const at::TensorOptions co = x.options().dtype(ct);
     at::Tensor a_buf = at::empty({m, F}, co), ga_buf = at::empty({m, F}, co), gh_buf = at::empty({m, F1}, co);
     at::Tensor tmp_buf = act == Activation::kSwiglu && !fused ? at::empty({m, F}, co) : at::Tensor();
-    at::Tensor x_buf, h_buf, gy_buf, gx_buf;
+    at::Tensor x_buf, h_buf, gy_buf, gx_buf, w1_buf, w2_buf, gw1_buf, gw2_buf;
     if (low) {
       x_buf = at::empty({m, H}, co), gy_buf = at::empty({m, H}, co), gx_buf = at::empty({m, H}, co);
+      w1_buf = at::empty({H, F1}, co), w2_buf = at::empty({F, H}, co);
+      if (need_w) gw1_buf = at::empty({H, F1}, co), gw2_buf = at::empty({F, H}, co);
       if (!fused) h_buf = at::empty({m, F1}, co);
     }
     for (int64_t e = 0; e < w1.size(0); ++e) {
@@ -349,19 +419,24 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         if (need_w) gw1[e].zero_(), gw2[e].zero_();
         continue;
       }
-      const at::Tensor w1e = w1[e].to(ct), w2e = w2[e].to(ct);
+      const at::Tensor w1e = low ? w1_buf : w1[e], w2e = low ? w2_buf : w2[e];
       at::Tensor gw1e, gw2e;
       if (need_w) {
-        gw1e = low ? at::empty(w1e.sizes(), co) : gw1[e];
-        gw2e = low ? at::empty(w2e.sizes(), co) : gw2[e];
+        gw1e = low ? gw1_buf : gw1[e];
+        gw2e = low ? gw2_buf : gw2[e];
       }
       bool first = true;
       for (int64_t s : sg.of_expert[e]) {
         const int64_t n = sg.rows[s];
         auto rows = [&](const at::Tensor& t) { return t.narrow(0, sg.off[s], n); };
         auto scratch = [&](const at::Tensor& t) { return t.narrow(0, 0, n); };
-        const at::Tensor xs = low ? scratch(x_buf).copy_(rows(x)) : rows(x);
-        const at::Tensor gys = low ? scratch(gy_buf).copy_(rows(gy)) : rows(gy);
+        const at::Tensor xs = low ? scratch(x_buf) : rows(x);
+        const at::Tensor gys = low ? scratch(gy_buf) : rows(gy);
+        if (low && first) {
+          CastAll({{w1_buf, w1[e]}, {w2_buf, w2[e]}, {xs, rows(x)}, {gys, rows(gy)}});
+        } else if (low) {
+          CastAll({{xs, rows(x)}, {gys, rows(gy)}});
+        }
         at::Tensor ga = scratch(ga_buf), gh = scratch(gh_buf), as = scratch(a_buf);
         at::mm_out(ga, gys, w2e.t());
         if (fused) {
@@ -382,7 +457,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         if (need_x) {
           at::Tensor gxs = low ? scratch(gx_buf) : rows(gx);
           at::mm_out(gxs, gh, w1e.t());
-          if (low) rows(gx).copy_(gxs);
+          if (low) CastAll({{rows(gx), gxs}});
         }
         if (need_w) {
           if (first) {
@@ -393,7 +468,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         }
         first = false;
       }
-      if (need_w && low) gw1[e].copy_(gw1e), gw2[e].copy_(gw2e);
+      if (need_w && low) CastAll({{gw1[e], gw1e}, {gw2[e], gw2e}});
     }
     return {gx, ctx->needs_input_grad(1) ? gw1 : at::Tensor(), ctx->needs_input_grad(2) ? gw2 : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};

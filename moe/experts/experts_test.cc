@@ -5,6 +5,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -151,6 +152,61 @@ TEST(GroupedMlpTest, Bf16StorageFollowsFp32OnTheSameInputs) {
     EXPECT_LT(MaxRel(b[i], f[i]), 2e-2) << i;
   }
   EXPECT_EQ(b[2][0].abs().sum().item<double>(), 0.0);
+}
+
+// bf16 storage on a CPU without bf16 GEMMs is exactly fp32 compute on the widened operands,
+// with h, y and the gradients rounded once to bf16 (round to nearest even). The reference
+// makes the same GEMM calls on the same shapes, so the two agree bit for bit. Segments
+// big enough that the conversions span several parallel chunks, experts with several
+// segments in any order (their weights are widened once), an expert with only an empty
+// segment and one with none.
+TEST(GroupedMlpTest, Bf16StorageIsExactlyFp32ComputeOnWidenedOperands) {
+  if (CpuGemmComputeType(at::kBFloat16) != at::kFloat) GTEST_SKIP() << "this CPU has native bf16 GEMMs";
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  at::manual_seed(21);
+  const int64_t H = 64, F = 80, E = 5;
+  const std::vector<int64_t> rows = {300, 0, 170, 411, 1, 260}, expert = {2, 1, 0, 2, 3, 0};
+  const int64_t N = std::accumulate(rows.begin(), rows.end(), int64_t{0});
+  const at::Tensor x0 = at::randn({N, H}).to(at::kBFloat16), gy = at::randn({N, H}).to(at::kBFloat16);
+  const at::Tensor w10 = (at::randn({E, H, F}) * 0.3).to(at::kBFloat16);
+  const at::Tensor w20 = (at::randn({E, F, H}) * 0.3).to(at::kBFloat16);
+  at::Tensor x = x0.clone().requires_grad_(true), w1 = w10.clone().requires_grad_(true),
+             w2 = w20.clone().requires_grad_(true);
+  const at::Tensor y = GroupedMlp(x, w1, w2, Activation::kRelu, rows, expert);
+  y.backward(gy);
+
+  const at::Tensor xf = x0.to(at::kFloat), gyf = gy.to(at::kFloat);
+  at::Tensor y_want = at::empty({N, H}, at::kBFloat16), gx_want = at::empty({N, H}, at::kBFloat16);
+  at::Tensor gw1 = at::zeros({E, H, F}), gw2 = at::zeros({E, F, H});
+  std::vector<bool> seen(E, false);
+  for (int64_t e = 0; e < E; ++e) {
+    const at::Tensor w1e = w10[e].to(at::kFloat), w2e = w20[e].to(at::kFloat);
+    int64_t off = 0;
+    for (size_t s = 0; s < rows.size(); off += rows[s], ++s) {
+      if (expert[s] != e || rows[s] == 0) continue;
+      const at::Tensor xs = xf.narrow(0, off, rows[s]), gys = gyf.narrow(0, off, rows[s]);
+      const at::Tensor h = at::mm(xs, w1e).to(at::kBFloat16).to(at::kFloat);  // h is stored in bf16
+      const at::Tensor a = at::relu(h);
+      y_want.narrow(0, off, rows[s]).copy_(at::mm(a, w2e));
+      const at::Tensor gh = at::threshold_backward(at::mm(gys, w2e.t()), h, 0);
+      gx_want.narrow(0, off, rows[s]).copy_(at::mm(gh, w1e.t()));
+      if (seen[e]) {
+        gw2[e].addmm_(a.t(), gys), gw1[e].addmm_(xs.t(), gh);
+      } else {
+        gw2[e].copy_(at::mm(a.t(), gys)), gw1[e].copy_(at::mm(xs.t(), gh));
+        seen[e] = true;
+      }
+    }
+  }
+  at::set_num_threads(threads);
+  EXPECT_TRUE(at::equal(y, y_want));
+  EXPECT_TRUE(at::equal(x.grad(), gx_want));
+  EXPECT_TRUE(at::equal(w1.grad(), gw1.to(at::kBFloat16)));
+  EXPECT_TRUE(at::equal(w2.grad(), gw2.to(at::kBFloat16)));
+  EXPECT_EQ(w1.grad()[1].abs().sum().item<double>(), 0.0);  // only an empty segment
+  EXPECT_EQ(w2.grad()[4].abs().sum().item<double>(), 0.0);  // no segment
+  EXPECT_GT(w1.grad()[2].abs().sum().item<double>(), 0.0);
 }
 
 TEST(GroupedExpertsTest, EveryActivationMatchesPerExpertMlp) {

@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "common/bf16.h"
+#include "common/cpu_clones.h"
 #include "common/parallel.h"
 
 namespace switchyard::dispatch {
@@ -31,7 +32,7 @@ using common::WidenBf16;
 // One row's bytes. Not memcpy: glibc switches to `rep movsb` from 2 KiB (an fp32 row of
 // H = 512), slower here (permuting 8192 such rows: 2.5 ms with memcpy, 1.7 ms with this loop,
 // on the 2-core AMD EPYC development machine).
-__attribute__((target_clones("avx2", "default")))
+SY_CPU_CLONES
 void CopyRow(char* __restrict__ dst, const char* __restrict__ src, int64_t n) {
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) __builtin_memcpy(dst + i, src + i, 32);
@@ -76,7 +77,7 @@ at::Tensor ScatterRows(const at::Tensor& in, const at::Tensor& row_token, const 
 }
 
 // acc = w·x (overwrite) or acc += w·x; acc and x never overlap. The fp32 and bf16 loops are
-// built for AVX2 and plain x86-64 and picked at load time (target_clones).
+// built for AVX-512, AVX2 and plain x86-64 and picked at load time (SY_CPU_CLONES).
 template <typename A, typename T>
 inline void AxpyRow(A* __restrict__ acc, const T* __restrict__ x, A w, int64_t h, bool overwrite) {
   if (overwrite) {
@@ -86,7 +87,7 @@ inline void AxpyRow(A* __restrict__ acc, const T* __restrict__ x, A w, int64_t h
   }
 }
 
-__attribute__((target_clones("avx2", "default")))
+SY_CPU_CLONES
 void AxpyF32(float* __restrict__ acc, const float* __restrict__ x, float w, int64_t h, bool overwrite) {
   if (overwrite) {
     for (int64_t c = 0; c < h; ++c) acc[c] = w * x[c];
@@ -95,7 +96,7 @@ void AxpyF32(float* __restrict__ acc, const float* __restrict__ x, float w, int6
   }
 }
 
-__attribute__((target_clones("avx2", "default")))
+SY_CPU_CLONES
 void AxpyBf16(float* __restrict__ acc, const uint16_t* __restrict__ x, float w, int64_t h, bool overwrite) {
   for (int64_t c = 0; c < h; ++c) {
     const float v = WidenBf16(x[c]);
@@ -103,7 +104,7 @@ void AxpyBf16(float* __restrict__ acc, const uint16_t* __restrict__ x, float w, 
   }
 }
 
-__attribute__((target_clones("avx2", "default")))
+SY_CPU_CLONES
 void StoreBf16(uint16_t* __restrict__ out, const float* __restrict__ in, int64_t h) {
   for (int64_t c = 0; c < h; ++c) out[c] = NarrowToBf16(in[c]);
 }
@@ -217,14 +218,14 @@ __attribute__((always_inline)) inline float ScaleAndDotLanes(T* __restrict__ out
   return dot;
 }
 
-__attribute__((target_clones("avx2", "default")))
+SY_CPU_CLONES
 float ScaleAndDotF32(float* __restrict__ out, const float* __restrict__ g, const float* __restrict__ x,
                      float w, int64_t h) {
   auto same = [](float v) { return v; };
   return ScaleAndDotLanes(out, g, x, w, h, same, same);
 }
 
-__attribute__((target_clones("avx2", "default")))
+SY_CPU_CLONES
 float ScaleAndDotBf16(uint16_t* __restrict__ out, const uint16_t* __restrict__ g, const uint16_t* __restrict__ x,
                       float w, int64_t h) {
   return ScaleAndDotLanes(out, g, x, w, h, [](uint16_t b) { return WidenBf16(b); },

@@ -1,6 +1,7 @@
 #include "moe/experts/experts.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -14,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/bf16.h"
+#include "common/cpu_clones.h"
 #include "common/parallel.h"
 
 namespace switchyard::experts {
@@ -114,12 +116,12 @@ Segments MakeSegments(const std::vector<int64_t>& counts, const std::vector<int6
 // cost as much as the conversions themselves. CastAll does all the conversions that are due
 // at one point in one parallel region, with loops of our own.
 
-__attribute__((target_clones("avx2", "default")))
+SY_CPU_CLONES
 void WidenBf16Span(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = common::WidenBf16(src[i]);
 }
 
-__attribute__((target_clones("avx2", "default")))
+SY_CPU_CLONES
 void NarrowToBf16Span(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = common::NarrowToBf16(src[i]);
 }
@@ -199,9 +201,9 @@ void ActivationBackward(Activation act, const at::Tensor& ga, const at::Tensor& 
 
 // --- Fused SwiGLU -------------------------------------------------------------------------
 // One pass per row block instead of ATen's separate silu, mul, silu_backward passes (the
-// backward needed six, computing the exponential three times). The loops are built for AVX2
-// and plain x86-64 and picked at load time; the exponential is our own so that GCC can
-// vectorise it.
+// backward needed six, computing the exponential three times). The arithmetic is fp32
+// whatever the storage; the loops are built for AVX-512, AVX2 and plain x86-64 and picked at
+// load time; the exponential is our own so that GCC can vectorise it.
 
 using common::NarrowToBf16;
 using common::WidenBf16;
@@ -234,20 +236,35 @@ inline float ExpForSigmoid(float x) {
   return e;
 }
 
-// h row = [gate (f) | up (f)]. Forward: a = silu(gate)·up. Low-precision storage: h comes
-// from the fp32 GEMM; each value is rounded to bf16, stored in h_store, and the rounded value
-// is what the activation (and the backward, which reads h_store) sees.
-__attribute__((target_clones("avx2", "default")))
-void SwigluForwardF32(const float* __restrict__ h, float* __restrict__ a, int64_t f) {
+// Element access in fp32 for the two storage types the kernels take (bf16 as its bits).
+inline float Load(const float* p, int64_t i) { return p[i]; }
+inline float Load(const uint16_t* p, int64_t i) { return WidenBf16(p[i]); }
+inline void Store(float* p, int64_t i, float v) { p[i] = v; }
+inline void Store(uint16_t* p, int64_t i, float v) { p[i] = NarrowToBf16(v); }
+
+// h row = [gate (f) | up (f)]. Forward: a = silu(gate)·up, rounded once into a's type.
+template <typename H, typename A>
+__attribute__((always_inline)) inline void SwigluForwardRow(const H* __restrict__ h, A* __restrict__ a, int64_t f) {
   for (int64_t c = 0; c < f; ++c) {
-    const float g = h[c];
-    a[c] = g / (1.0f + ExpForSigmoid(-g)) * h[f + c];
+    const float g = Load(h, c);
+    Store(a, c, g / (1.0f + ExpForSigmoid(-g)) * Load(h, f + c));
   }
 }
 
-__attribute__((target_clones("avx2", "default")))
-void SwigluForwardRoundBf16(const float* __restrict__ h, uint16_t* __restrict__ h_store, float* __restrict__ a,
-                            int64_t f) {
+SY_CPU_CLONES void SwigluForwardF32(const float* __restrict__ h, float* __restrict__ a, int64_t f) {
+  SwigluForwardRow(h, a, f);
+}
+
+// bf16 GEMMs (CPUs with bf16 units): h comes from the GEMM in bf16, a goes to the next in bf16.
+SY_CPU_CLONES void SwigluForwardBf16(const uint16_t* __restrict__ h, uint16_t* __restrict__ a, int64_t f) {
+  SwigluForwardRow(h, a, f);
+}
+
+// bf16 storage with fp32 GEMMs: h comes from the fp32 GEMM; each value is rounded to bf16,
+// stored in h_store, and the rounded value is what the activation (and the backward, which
+// reads h_store) sees.
+SY_CPU_CLONES void SwigluForwardRoundBf16(const float* __restrict__ h, uint16_t* __restrict__ h_store,
+                                          float* __restrict__ a, int64_t f) {
   for (int64_t c = 0; c < f; ++c) {
     const uint16_t gb = NarrowToBf16(h[c]), ub = NarrowToBf16(h[f + c]);
     h_store[c] = gb, h_store[f + c] = ub;
@@ -256,77 +273,89 @@ void SwigluForwardRoundBf16(const float* __restrict__ h, uint16_t* __restrict__ 
   }
 }
 
-// Backward, from h (in its storage type) and ga = dL/da: with s = sigmoid(gate),
-// d_gate = ga·up·s·(1 + gate·(1 − s)), d_up = ga·gate·s, into gh = [d_gate | d_up]; and
-// a = gate·s·up again (for fc2's weight gradient).
-template <typename Load>
-__attribute__((always_inline)) inline void SwigluBackwardRow(const Load& load, const float* __restrict__ ga,
-                                                             float* __restrict__ gh, float* __restrict__ a,
-                                                             int64_t f) {
+// Backward, from h and ga = dL/da: with s = sigmoid(gate), d_gate = ga·up·s·(1 + gate·(1 − s)),
+// d_up = ga·gate·s, into gh = [d_gate | d_up]; and a = gate·s·up again (for fc2's weight
+// gradient). gh and a are stored in ga's type (the type of the GEMMs that read them).
+template <typename H, typename G>
+__attribute__((always_inline)) inline void SwigluBackwardRow(const H* __restrict__ h, const G* __restrict__ ga,
+                                                             G* __restrict__ gh, G* __restrict__ a, int64_t f) {
   for (int64_t c = 0; c < f; ++c) {
-    const float g = load(c), u = load(f + c), s = 1.0f / (1.0f + ExpForSigmoid(-g)), silu = g * s;
-    a[c] = silu * u;
-    gh[c] = ga[c] * u * s * (1.0f + g * (1.0f - s));
-    gh[f + c] = ga[c] * silu;
+    const float g = Load(h, c), u = Load(h, f + c), s = 1.0f / (1.0f + ExpForSigmoid(-g)), silu = g * s;
+    const float d = Load(ga, c);
+    Store(a, c, silu * u);
+    Store(gh, c, d * u * s * (1.0f + g * (1.0f - s)));
+    Store(gh, f + c, d * silu);
   }
 }
 
-__attribute__((target_clones("avx2", "default")))
-void SwigluBackwardF32(const float* __restrict__ h, const float* __restrict__ ga, float* __restrict__ gh,
-                       float* __restrict__ a, int64_t f) {
-  SwigluBackwardRow([h](int64_t c) { return h[c]; }, ga, gh, a, f);
+SY_CPU_CLONES void SwigluBackwardF32(const float* __restrict__ h, const float* __restrict__ ga,
+                                     float* __restrict__ gh, float* __restrict__ a, int64_t f) {
+  SwigluBackwardRow(h, ga, gh, a, f);
 }
 
-__attribute__((target_clones("avx2", "default")))
-void SwigluBackwardBf16(const uint16_t* __restrict__ h, const float* __restrict__ ga, float* __restrict__ gh,
-                        float* __restrict__ a, int64_t f) {
-  SwigluBackwardRow([h](int64_t c) { return WidenBf16(h[c]); }, ga, gh, a, f);
+SY_CPU_CLONES void SwigluBackwardBf16F32(const uint16_t* __restrict__ h, const float* __restrict__ ga,
+                                         float* __restrict__ gh, float* __restrict__ a, int64_t f) {
+  SwigluBackwardRow(h, ga, gh, a, f);
 }
 
-// Whether GroupedMlp runs SwiGLU through the fused kernels: fp32 compute with fp32 or bf16
-// storage (fp16 and fp64 keep ATen's ops).
+SY_CPU_CLONES void SwigluBackwardBf16(const uint16_t* __restrict__ h, const uint16_t* __restrict__ ga,
+                                      uint16_t* __restrict__ gh, uint16_t* __restrict__ a, int64_t f) {
+  SwigluBackwardRow(h, ga, gh, a, f);
+}
+
+// Whether GroupedMlp runs SwiGLU through the fused kernels: fp32 or bf16 storage, computed
+// in fp32 or (where the CPU has bf16 units) bf16 GEMMs. fp16 and fp64 keep ATen's ops.
 bool FusedSwiglu(Activation act, at::ScalarType storage) {
-  return act == Activation::kSwiglu && CpuGemmComputeType(storage) == at::kFloat &&
-         (storage == at::kFloat || storage == at::kBFloat16);
+  return act == Activation::kSwiglu && (storage == at::kFloat || storage == at::kBFloat16);
 }
 
 // Rows per parallel task: about 16K elements each.
 int64_t RowGrain(int64_t f) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(f, 1)); }
 
-// hs: [n, 2F] fp32 GEMM output; h_store: the same rows of the saved h (bf16) when storage is
-// low precision, else undefined (hs is the saved h); a: [n, F] fp32.
+template <typename T>
+T* Data(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+// hs: [n, 2F] GEMM output, fp32 or bf16; a: [n, F] in the GEMMs' compute type. h_store: with
+// bf16 storage and fp32 GEMMs, the same rows of the saved h (bf16), into which hs is rounded;
+// else undefined (hs is the saved h).
 void SwigluForward(const at::Tensor& hs, const at::Tensor& h_store, at::Tensor& a) {
   const int64_t n = hs.size(0), f = a.size(1);
-  const float* hp = hs.data_ptr<float>();
-  float* ap = a.data_ptr<float>();
-  uint16_t* sp = h_store.defined() ? reinterpret_cast<uint16_t*>(h_store.data_ptr()) : nullptr;
+  const bool bf16 = hs.scalar_type() == at::kBFloat16;
+  TORCH_INTERNAL_ASSERT(a.scalar_type() == hs.scalar_type());
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      if (sp != nullptr) {
-        SwigluForwardRoundBf16(hp + r * 2 * f, sp + r * 2 * f, ap + r * f, f);
+      if (bf16) {
+        SwigluForwardBf16(Data<uint16_t>(hs) + r * 2 * f, Data<uint16_t>(a) + r * f, f);
+      } else if (h_store.defined()) {
+        SwigluForwardRoundBf16(Data<float>(hs) + r * 2 * f, Data<uint16_t>(h_store) + r * 2 * f,
+                               Data<float>(a) + r * f, f);
       } else {
-        SwigluForwardF32(hp + r * 2 * f, ap + r * f, f);
+        SwigluForwardF32(Data<float>(hs) + r * 2 * f, Data<float>(a) + r * f, f);
       }
     }
   });
 }
 
-// h: [n, 2F] saved pre-activation, fp32 or bf16; ga: [n, F] fp32; gh: [n, 2F] fp32; a: [n, F] fp32
-// (the activation, recomputed for fc2's weight gradient).
+// h: [n, 2F] saved pre-activation, fp32 or bf16; ga: [n, F] in the GEMMs' compute type, and
+// gh ([n, 2F]) and a ([n, F], the activation recomputed for fc2's weight gradient) in it too.
 void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, at::Tensor& a) {
   const int64_t n = h.size(0), f = ga.size(1);
-  const bool bf16 = h.scalar_type() == at::kBFloat16;
-  const char* hp = static_cast<const char*>(h.data_ptr());
-  const float* gap = ga.data_ptr<float>();
-  float* ghp = gh.data_ptr<float>();
-  float* ap = a.data_ptr<float>();
+  const bool h_bf16 = h.scalar_type() == at::kBFloat16, g_bf16 = ga.scalar_type() == at::kBFloat16;
+  TORCH_INTERNAL_ASSERT(gh.scalar_type() == ga.scalar_type() && a.scalar_type() == ga.scalar_type() &&
+                        (h_bf16 || !g_bf16));
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      float* ar = ap + r * f;
-      if (bf16) {
-        SwigluBackwardBf16(reinterpret_cast<const uint16_t*>(hp) + r * 2 * f, gap + r * f, ghp + r * 2 * f, ar, f);
+      const int64_t hr = r * 2 * f, gr = r * f;
+      if (g_bf16) {
+        SwigluBackwardBf16(Data<uint16_t>(h) + hr, Data<uint16_t>(ga) + gr, Data<uint16_t>(gh) + hr,
+                           Data<uint16_t>(a) + gr, f);
+      } else if (h_bf16) {
+        SwigluBackwardBf16F32(Data<uint16_t>(h) + hr, Data<float>(ga) + gr, Data<float>(gh) + hr,
+                              Data<float>(a) + gr, f);
       } else {
-        SwigluBackwardF32(reinterpret_cast<const float*>(hp) + r * 2 * f, gap + r * f, ghp + r * 2 * f, ar, f);
+        SwigluBackwardF32(Data<float>(h) + hr, Data<float>(ga) + gr, Data<float>(gh) + hr, Data<float>(a) + gr, f);
       }
     }
   });
@@ -485,12 +514,22 @@ uint64_t ExpertSeed(uint64_t seed, int expert) {
 
 }  // namespace
 
+namespace {
+std::atomic<Bf16Gemms> bf16_gemms{Bf16Gemms::kAuto};
+}  // namespace
+
+void SetBf16Gemms(Bf16Gemms choice) { bf16_gemms.store(choice); }
+
 at::ScalarType CpuGemmComputeType(at::ScalarType storage) {
   if (storage == at::kBFloat16) {
     // oneDNN's bf16 GEMM needs AVX512-BF16 (or AMX); without it LibTorch falls back to a
     // scalar loop (measured on an AVX2 machine: 4.5 GFLOP/s bf16 against 100 fp32).
     static const bool native = __builtin_cpu_supports("avx512bf16");
-    return native ? storage : at::kFloat;
+    switch (bf16_gemms.load()) {
+      case Bf16Gemms::kFp32: return at::kFloat;
+      case Bf16Gemms::kBf16: return storage;
+      case Bf16Gemms::kAuto: return native ? storage : at::kFloat;
+    }
   }
   if (storage == at::kHalf) return at::kFloat;
   return storage;

@@ -40,7 +40,14 @@ struct ExpertsConfig {
 
 // The dtype CPU GEMMs on `storage` tensors compute in: bf16 in fp32 unless the CPU has native
 // bf16 dot products (AVX512-BF16), fp16 always in fp32; results are rounded back to storage.
+// Either way products accumulate in fp32 and activations are computed in fp32.
 at::ScalarType CpuGemmComputeType(at::ScalarType storage);
+
+// Which GEMMs bf16 storage uses, process-wide: kAuto as above; kFp32 and kBf16 force one, so
+// that tests check both paths on every CPU (bf16 GEMMs without bf16 units are right, but
+// LibTorch's fallback for them is ~20x slower than fp32).
+enum class Bf16Gemms { kAuto, kFp32, kBf16 };
+void SetBf16Gemms(Bf16Gemms choice);
 
 // out[segment s] = x[segment s] @ w[expert(s)]: x is cut into consecutive segments of
 // rows_per_segment rows (summing to N); segment s belongs to expert segment_expert[s], or to

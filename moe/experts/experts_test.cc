@@ -21,6 +21,15 @@ double MaxRel(const at::Tensor& a, const at::Tensor& b) {
   return ((x - y).abs().max() / (y.abs().max() + 1e-12)).item<double>();
 }
 
+// Forces the GEMMs bf16 storage uses for one test, whatever this CPU has.
+class Bf16GemmsScope {
+ public:
+  explicit Bf16GemmsScope(Bf16Gemms choice) { SetBf16Gemms(choice); }
+  ~Bf16GemmsScope() { SetBf16Gemms(Bf16Gemms::kAuto); }
+};
+
+const char* Name(Bf16Gemms g) { return g == Bf16Gemms::kFp32 ? "fp32 GEMMs" : "bf16 GEMMs"; }
+
 at::Tensor Act(const at::Tensor& h, Activation a) {
   switch (a) {
     case Activation::kGelu: return at::gelu(h);
@@ -154,14 +163,14 @@ TEST(GroupedMlpTest, Bf16StorageFollowsFp32OnTheSameInputs) {
   EXPECT_EQ(b[2][0].abs().sum().item<double>(), 0.0);
 }
 
-// bf16 storage on a CPU without bf16 GEMMs is exactly fp32 compute on the widened operands,
-// with h, y and the gradients rounded once to bf16 (round to nearest even). The reference
-// makes the same GEMM calls on the same shapes, so the two agree bit for bit. Segments
-// big enough that the conversions span several parallel chunks, experts with several
-// segments in any order (their weights are widened once), an expert with only an empty
-// segment and one with none.
+// bf16 storage with fp32 GEMMs (CPUs without bf16 units) is exactly fp32 compute on the
+// widened operands, with h, y and the gradients rounded once to bf16 (round to nearest even).
+// The reference makes the same GEMM calls on the same shapes, so the two agree bit for bit.
+// Segments big enough that the conversions span several parallel chunks, experts with
+// several segments in any order (their weights are widened once), an expert with only an
+// empty segment and one with none.
 TEST(GroupedMlpTest, Bf16StorageIsExactlyFp32ComputeOnWidenedOperands) {
-  if (CpuGemmComputeType(at::kBFloat16) != at::kFloat) GTEST_SKIP() << "this CPU has native bf16 GEMMs";
+  Bf16GemmsScope fp32_gemms(Bf16Gemms::kFp32);
   const int threads = at::get_num_threads();
   at::set_num_threads(2);
   at::manual_seed(21);
@@ -204,6 +213,57 @@ TEST(GroupedMlpTest, Bf16StorageIsExactlyFp32ComputeOnWidenedOperands) {
   EXPECT_TRUE(at::equal(x.grad(), gx_want));
   EXPECT_TRUE(at::equal(w1.grad(), gw1.to(at::kBFloat16)));
   EXPECT_TRUE(at::equal(w2.grad(), gw2.to(at::kBFloat16)));
+  EXPECT_EQ(w1.grad()[1].abs().sum().item<double>(), 0.0);  // only an empty segment
+  EXPECT_EQ(w2.grad()[4].abs().sum().item<double>(), 0.0);  // no segment
+  EXPECT_GT(w1.grad()[2].abs().sum().item<double>(), 0.0);
+}
+
+// bf16 storage with bf16 GEMMs (CPUs with bf16 units: products accumulate in fp32 inside
+// the GEMM, each result is rounded once to bf16) is exactly LibTorch's bf16 at::mm on each
+// segment, the activation between them on the bf16 values, and a later segment of an expert
+// adding to its bf16 weight gradient with addmm_. The same segments as above.
+TEST(GroupedMlpTest, Bf16GemmsAreLibTorchBf16MatmulsPerSegment) {
+  Bf16GemmsScope bf16_gemms(Bf16Gemms::kBf16);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  at::manual_seed(22);
+  const int64_t H = 64, F = 80, E = 5;
+  const std::vector<int64_t> rows = {300, 0, 170, 411, 1, 260}, expert = {2, 1, 0, 2, 3, 0};
+  const int64_t N = std::accumulate(rows.begin(), rows.end(), int64_t{0});
+  const at::Tensor x0 = at::randn({N, H}).to(at::kBFloat16), gy = at::randn({N, H}).to(at::kBFloat16);
+  const at::Tensor w10 = (at::randn({E, H, F}) * 0.3).to(at::kBFloat16);
+  const at::Tensor w20 = (at::randn({E, F, H}) * 0.3).to(at::kBFloat16);
+  at::Tensor x = x0.clone().requires_grad_(true), w1 = w10.clone().requires_grad_(true),
+             w2 = w20.clone().requires_grad_(true);
+  const at::Tensor y = GroupedMlp(x, w1, w2, Activation::kRelu, rows, expert);
+  y.backward(gy);
+
+  at::Tensor y_want = at::empty({N, H}, at::kBFloat16), gx_want = at::empty({N, H}, at::kBFloat16);
+  at::Tensor gw1 = at::zeros({E, H, F}, at::kBFloat16), gw2 = at::zeros({E, F, H}, at::kBFloat16);
+  std::vector<bool> seen(E, false);
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t off = 0;
+    for (size_t s = 0; s < rows.size(); off += rows[s], ++s) {
+      if (expert[s] != e || rows[s] == 0) continue;
+      const at::Tensor xs = x0.narrow(0, off, rows[s]), gys = gy.narrow(0, off, rows[s]);
+      const at::Tensor h = at::mm(xs, w10[e]), a = at::relu(h);
+      y_want.narrow(0, off, rows[s]).copy_(at::mm(a, w20[e]));
+      const at::Tensor gh = at::threshold_backward(at::mm(gys, w20[e].t()), h, 0);
+      gx_want.narrow(0, off, rows[s]).copy_(at::mm(gh, w10[e].t()));
+      if (seen[e]) {
+        gw2[e].addmm_(a.t(), gys), gw1[e].addmm_(xs.t(), gh);
+      } else {
+        gw2[e].copy_(at::mm(a.t(), gys)), gw1[e].copy_(at::mm(xs.t(), gh));
+        seen[e] = true;
+      }
+    }
+  }
+  at::set_num_threads(threads);
+  EXPECT_EQ(y.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::equal(y, y_want));
+  EXPECT_TRUE(at::equal(x.grad(), gx_want));
+  EXPECT_TRUE(at::equal(w1.grad(), gw1));
+  EXPECT_TRUE(at::equal(w2.grad(), gw2));
   EXPECT_EQ(w1.grad()[1].abs().sum().item<double>(), 0.0);  // only an empty segment
   EXPECT_EQ(w2.grad()[4].abs().sum().item<double>(), 0.0);  // no segment
   EXPECT_GT(w1.grad()[2].abs().sum().item<double>(), 0.0);
@@ -336,7 +396,13 @@ TEST(GroupedMlpTest, FusedSwigluMatchesAtenOverTheWholeRange) {
   const std::vector<std::pair<int64_t, float>> special = {{0, inf}, {1, -inf}, {2, nan}, {3, 88.5f},
                                                           {4, -88.5f}, {5, 87.2f}, {6, -87.2f}, {7, 0.0f}};
   for (auto [r, v] : special) h[r][r] = v, h[r][f + r + 1] = v;
-  for (at::ScalarType dt : {at::kFloat, at::kBFloat16}) {
+  // bf16 storage both ways: fp32 GEMMs (h rounded into storage by the forward kernel) and
+  // bf16 GEMMs (h, a, ga and gh all bf16, the kernels computing in fp32 between them).
+  const std::vector<std::pair<at::ScalarType, Bf16Gemms>> cases = {
+      {at::kFloat, Bf16Gemms::kAuto}, {at::kBFloat16, Bf16Gemms::kFp32}, {at::kBFloat16, Bf16Gemms::kBf16}};
+  for (auto [dt, gemms] : cases) {
+    Bf16GemmsScope scope(gemms);
+    SCOPED_TRACE(dt == at::kFloat ? "fp32" : Name(gemms));
     const at::Tensor w1 = at::eye(2 * f).unsqueeze(0).to(dt), w2 = at::eye(f, 2 * f).unsqueeze(0).to(dt);
     const at::Tensor R = at::randn({n, 2 * f}).to(dt);
     at::Tensor x = h.clone().to(dt).requires_grad_(true);
@@ -351,7 +417,8 @@ TEST(GroupedMlpTest, FusedSwigluMatchesAtenOverTheWholeRange) {
     (yr * R.to(at::kFloat)).sum().backward();
     // fp32: ATen's silu is within 1 ulp; ours measured 2e-7 (y) and 6e-7 (gradient) here, and
     // an error of 1e-5 in one coefficient of our exponential's polynomial gives 1.7e-6.
-    // bf16: y and x.grad are rounded once.
+    // bf16: y and x.grad are rounded once with fp32 GEMMs; with bf16 GEMMs a and gh are
+    // rounded too, which the identity GEMMs then pass on exactly: still one rounding each.
     const double rel = dt == at::kFloat ? 1e-6 : 8e-3;
     // d_gate = ga·up·s·(1 + gate·(1 − s)) has a zero near gate = −1.28, where both sides lose
     // the leading digits of 1 + gate·(1 − s) (seen: 1.7e-6 relative to a value 1e-5 of its

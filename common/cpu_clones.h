@@ -1,0 +1,13 @@
+#ifndef SWITCHYARD_COMMON_CPU_CLONES_H_
+#define SWITCHYARD_COMMON_CPU_CLONES_H_
+
+// Hand-written CPU loops (permutation, fused activations, conversions) are compiled three
+// times: for AVX-512 (x86-64-v4: 16 floats a vector, byte and word ops included), for AVX2,
+// and for plain x86-64; the loader picks the best one this CPU runs (GCC's target_clones,
+// through an ifunc). A default build thus runs on any x86-64 and still uses the wide units
+// where they exist.
+//
+//   SY_CPU_CLONES void Axpy(float* __restrict__ y, const float* __restrict__ x, float a, int64_t n);
+#define SY_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+
+#endif  // SWITCHYARD_COMMON_CPU_CLONES_H_

@@ -163,17 +163,17 @@ TEST(GroupedMlpTest, Bf16StorageFollowsFp32OnTheSameInputs) {
   EXPECT_EQ(b[2][0].abs().sum().item<double>(), 0.0);
 }
 
-// bf16 storage with fp32 GEMMs (CPUs without bf16 units) is exactly fp32 compute on the
-// widened operands, with h, y and the gradients rounded once to bf16 (round to nearest even).
-// The reference makes the same GEMM calls on the same shapes, so the two agree bit for bit.
-// Segments big enough that the conversions span several parallel chunks, experts with
-// several segments in any order (their weights are widened once), an expert with only an
-// empty segment and one with none.
-TEST(GroupedMlpTest, Bf16StorageIsExactlyFp32ComputeOnWidenedOperands) {
-  Bf16GemmsScope fp32_gemms(Bf16Gemms::kFp32);
+// bf16 GroupedMlp (ReLU) against a reference that makes the same GEMM calls on the same
+// shapes, segment by segment, computing in `gemms`' dtype with h stored in bf16: the two must
+// agree bit for bit. Segments big enough that conversions span several parallel chunks,
+// experts with several segments in any order (later ones add to the expert's weight
+// gradient), an expert with only an empty segment and one with none.
+void ExpectBf16MlpIsPerSegmentGemms(Bf16Gemms gemms, uint64_t seed) {
+  Bf16GemmsScope scope(gemms);
+  const at::ScalarType ct = gemms == Bf16Gemms::kFp32 ? at::kFloat : at::kBFloat16;
   const int threads = at::get_num_threads();
   at::set_num_threads(2);
-  at::manual_seed(21);
+  at::manual_seed(seed);
   const int64_t H = 64, F = 80, E = 5;
   const std::vector<int64_t> rows = {300, 0, 170, 411, 1, 260}, expert = {2, 1, 0, 2, 3, 0};
   const int64_t N = std::accumulate(rows.begin(), rows.end(), int64_t{0});
@@ -185,17 +185,17 @@ TEST(GroupedMlpTest, Bf16StorageIsExactlyFp32ComputeOnWidenedOperands) {
   const at::Tensor y = GroupedMlp(x, w1, w2, Activation::kRelu, rows, expert);
   y.backward(gy);
 
-  const at::Tensor xf = x0.to(at::kFloat), gyf = gy.to(at::kFloat);
+  const at::Tensor xc = x0.to(ct), gyc = gy.to(ct);
   at::Tensor y_want = at::empty({N, H}, at::kBFloat16), gx_want = at::empty({N, H}, at::kBFloat16);
-  at::Tensor gw1 = at::zeros({E, H, F}), gw2 = at::zeros({E, F, H});
+  at::Tensor gw1 = at::zeros({E, H, F}, ct), gw2 = at::zeros({E, F, H}, ct);
   std::vector<bool> seen(E, false);
   for (int64_t e = 0; e < E; ++e) {
-    const at::Tensor w1e = w10[e].to(at::kFloat), w2e = w20[e].to(at::kFloat);
+    const at::Tensor w1e = w10[e].to(ct), w2e = w20[e].to(ct);
     int64_t off = 0;
     for (size_t s = 0; s < rows.size(); off += rows[s], ++s) {
       if (expert[s] != e || rows[s] == 0) continue;
-      const at::Tensor xs = xf.narrow(0, off, rows[s]), gys = gyf.narrow(0, off, rows[s]);
-      const at::Tensor h = at::mm(xs, w1e).to(at::kBFloat16).to(at::kFloat);  // h is stored in bf16
+      const at::Tensor xs = xc.narrow(0, off, rows[s]), gys = gyc.narrow(0, off, rows[s]);
+      const at::Tensor h = at::mm(xs, w1e).to(at::kBFloat16).to(ct);  // h is stored in bf16
       const at::Tensor a = at::relu(h);
       y_want.narrow(0, off, rows[s]).copy_(at::mm(a, w2e));
       const at::Tensor gh = at::threshold_backward(at::mm(gys, w2e.t()), h, 0);
@@ -209,6 +209,7 @@ TEST(GroupedMlpTest, Bf16StorageIsExactlyFp32ComputeOnWidenedOperands) {
     }
   }
   at::set_num_threads(threads);
+  EXPECT_EQ(y.scalar_type(), at::kBFloat16);
   EXPECT_TRUE(at::equal(y, y_want));
   EXPECT_TRUE(at::equal(x.grad(), gx_want));
   EXPECT_TRUE(at::equal(w1.grad(), gw1.to(at::kBFloat16)));
@@ -218,55 +219,18 @@ TEST(GroupedMlpTest, Bf16StorageIsExactlyFp32ComputeOnWidenedOperands) {
   EXPECT_GT(w1.grad()[2].abs().sum().item<double>(), 0.0);
 }
 
-// bf16 storage with bf16 GEMMs (CPUs with bf16 units: products accumulate in fp32 inside
-// the GEMM, each result is rounded once to bf16) is exactly LibTorch's bf16 at::mm on each
-// segment, the activation between them on the bf16 values, and a later segment of an expert
-// adding to its bf16 weight gradient with addmm_. The same segments as above.
-TEST(GroupedMlpTest, Bf16GemmsAreLibTorchBf16MatmulsPerSegment) {
-  Bf16GemmsScope bf16_gemms(Bf16Gemms::kBf16);
-  const int threads = at::get_num_threads();
-  at::set_num_threads(2);
-  at::manual_seed(22);
-  const int64_t H = 64, F = 80, E = 5;
-  const std::vector<int64_t> rows = {300, 0, 170, 411, 1, 260}, expert = {2, 1, 0, 2, 3, 0};
-  const int64_t N = std::accumulate(rows.begin(), rows.end(), int64_t{0});
-  const at::Tensor x0 = at::randn({N, H}).to(at::kBFloat16), gy = at::randn({N, H}).to(at::kBFloat16);
-  const at::Tensor w10 = (at::randn({E, H, F}) * 0.3).to(at::kBFloat16);
-  const at::Tensor w20 = (at::randn({E, F, H}) * 0.3).to(at::kBFloat16);
-  at::Tensor x = x0.clone().requires_grad_(true), w1 = w10.clone().requires_grad_(true),
-             w2 = w20.clone().requires_grad_(true);
-  const at::Tensor y = GroupedMlp(x, w1, w2, Activation::kRelu, rows, expert);
-  y.backward(gy);
+// With fp32 GEMMs (CPUs without bf16 units), bf16 storage is exactly fp32 compute on the
+// widened operands, with h, y and the gradients rounded once to bf16 (round to nearest even);
+// an expert's weight gradient sums its segments in fp32 before its one rounding.
+TEST(GroupedMlpTest, Bf16StorageIsExactlyFp32ComputeOnWidenedOperands) {
+  ExpectBf16MlpIsPerSegmentGemms(Bf16Gemms::kFp32, 21);
+}
 
-  at::Tensor y_want = at::empty({N, H}, at::kBFloat16), gx_want = at::empty({N, H}, at::kBFloat16);
-  at::Tensor gw1 = at::zeros({E, H, F}, at::kBFloat16), gw2 = at::zeros({E, F, H}, at::kBFloat16);
-  std::vector<bool> seen(E, false);
-  for (int64_t e = 0; e < E; ++e) {
-    int64_t off = 0;
-    for (size_t s = 0; s < rows.size(); off += rows[s], ++s) {
-      if (expert[s] != e || rows[s] == 0) continue;
-      const at::Tensor xs = x0.narrow(0, off, rows[s]), gys = gy.narrow(0, off, rows[s]);
-      const at::Tensor h = at::mm(xs, w10[e]), a = at::relu(h);
-      y_want.narrow(0, off, rows[s]).copy_(at::mm(a, w20[e]));
-      const at::Tensor gh = at::threshold_backward(at::mm(gys, w20[e].t()), h, 0);
-      gx_want.narrow(0, off, rows[s]).copy_(at::mm(gh, w10[e].t()));
-      if (seen[e]) {
-        gw2[e].addmm_(a.t(), gys), gw1[e].addmm_(xs.t(), gh);
-      } else {
-        gw2[e].copy_(at::mm(a.t(), gys)), gw1[e].copy_(at::mm(xs.t(), gh));
-        seen[e] = true;
-      }
-    }
-  }
-  at::set_num_threads(threads);
-  EXPECT_EQ(y.scalar_type(), at::kBFloat16);
-  EXPECT_TRUE(at::equal(y, y_want));
-  EXPECT_TRUE(at::equal(x.grad(), gx_want));
-  EXPECT_TRUE(at::equal(w1.grad(), gw1));
-  EXPECT_TRUE(at::equal(w2.grad(), gw2));
-  EXPECT_EQ(w1.grad()[1].abs().sum().item<double>(), 0.0);  // only an empty segment
-  EXPECT_EQ(w2.grad()[4].abs().sum().item<double>(), 0.0);  // no segment
-  EXPECT_GT(w1.grad()[2].abs().sum().item<double>(), 0.0);
+// With bf16 GEMMs (CPUs with bf16 units: products accumulate in fp32 inside the GEMM and
+// each result is rounded once to bf16), it is exactly LibTorch's bf16 at::mm per segment, the
+// activation on the bf16 values, and a later segment adding to the bf16 weight gradient by addmm_.
+TEST(GroupedMlpTest, Bf16GemmsAreLibTorchBf16MatmulsPerSegment) {
+  ExpectBf16MlpIsPerSegmentGemms(Bf16Gemms::kBf16, 22);
 }
 
 TEST(GroupedExpertsTest, EveryActivationMatchesPerExpertMlp) {

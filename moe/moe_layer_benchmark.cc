@@ -19,6 +19,8 @@
 //   with the dense MLP of equal FLOPs in the same way.
 // - BM_LoopMasks: (a) the tutorial loop, one weight tensor per expert, index_select/index_add.
 // - BM_LoopStacked: (b) the same loop over one stacked [E, H, 2F] weight indexed per expert.
+//   BM_LoopMasksOverLayer and BM_LoopStackedOverLayer pair each loop with the layer (8 pairs;
+//   `ratio` = loop ÷ layer, how many times faster the layer is).
 // - BM_Router: the router alone (forward + backward), to compare with the layer.
 // - BM_GroupedExperts / BM_DenseMlp: the grouped expert MLP vs one dense MLP of equal FLOPs.
 // - BM_PermuteUnpermute / BM_Memcpy: permute + weighted unpermute (forward) vs copying the
@@ -211,6 +213,7 @@ double Median(std::vector<double> v) {
 // conditions; the two halves of a pair see nearly the same ones. A step's operator()(state)
 // returns false after skipping the benchmark with an error.
 constexpr int kPairs = 20;
+constexpr int kLoopPairs = 8;  // the loops take up to 2 s each in fp32
 
 template <typename Base, typename Step>
 void Paired(benchmark::State& state, Setup& s, Base& base, Step& step) {
@@ -256,43 +259,66 @@ at::Tensor Swiglu(const at::Tensor& h) {
   return at::silu(h.narrow(1, 0, f)) * h.narrow(1, f, f);
 }
 
-// (a) and (b): the loop users write. `stacked`: one [E, H, 2F] weight indexed per expert.
-void Loop(benchmark::State& state, bool stacked) {
-  Setup& s = Get(state);
-  const int E = s.shape.experts;
-  const int64_t F = s.shape.ffn;
-  auto o = at::TensorOptions().dtype(s.dtype);
-  std::vector<at::Tensor> w1, w2;
-  at::Tensor W1, W2;
-  if (stacked) {
-    W1 = (at::randn({E, kHidden, 2 * F}, o) * 0.02).requires_grad_(true);
-    W2 = (at::randn({E, F, kHidden}, o) * 0.02).requires_grad_(true);
-  } else {
-    for (int e = 0; e < E; ++e) {
-      w1.push_back((at::randn({kHidden, 2 * F}, o) * 0.02).requires_grad_(true));
-      w2.push_back((at::randn({F, kHidden}, o) * 0.02).requires_grad_(true));
+// (a) and (b): the loop users write, one forward + backward. `stacked`: one [E, H, 2F] weight
+// indexed per expert (its backward writes a full-size gradient per expert).
+class LoopStep {
+ public:
+  LoopStep(const Setup& s, bool stacked) : s_(s), stacked_(stacked) {
+    const int E = s.shape.experts;
+    const int64_t F = s.shape.ffn;
+    auto o = at::TensorOptions().dtype(s.dtype);
+    if (stacked) {
+      W1_ = (at::randn({E, kHidden, 2 * F}, o) * 0.02).requires_grad_(true);
+      W2_ = (at::randn({E, F, kHidden}, o) * 0.02).requires_grad_(true);
+    } else {
+      for (int e = 0; e < E; ++e) {
+        w1_.push_back((at::randn({kHidden, 2 * F}, o) * 0.02).requires_grad_(true));
+        w2_.push_back((at::randn({F, kHidden}, o) * 0.02).requires_grad_(true));
+      }
     }
   }
-  for (auto _ : state) {
-    at::Tensor x = s.x.detach().requires_grad_(true);
+  bool operator()(benchmark::State&) {
+    at::Tensor x = s_.x.detach().requires_grad_(true);
     at::Tensor out = at::zeros_like(x);
-    for (int e = 0; e < E; ++e) {
-      const at::Tensor where = (s.topk_idx == e).nonzero();  // [n, 2]: token, slot
+    for (int e = 0; e < s_.shape.experts; ++e) {
+      const at::Tensor where = (s_.topk_idx == e).nonzero();  // [n, 2]: token, slot
       if (where.size(0) == 0) continue;
       const at::Tensor tok = where.select(1, 0), slot = where.select(1, 1);
       const at::Tensor xe = x.index_select(0, tok);
-      const at::Tensor a = stacked ? Swiglu(xe.mm(W1[e])) : Swiglu(xe.mm(w1[e]));
-      const at::Tensor ye = stacked ? a.mm(W2[e]) : a.mm(w2[e]);
-      const at::Tensor we = s.topk_w.index({tok, slot}).unsqueeze(1).to(s.dtype);
+      const at::Tensor a = stacked_ ? Swiglu(xe.mm(W1_[e])) : Swiglu(xe.mm(w1_[e]));
+      const at::Tensor ye = stacked_ ? a.mm(W2_[e]) : a.mm(w2_[e]);
+      const at::Tensor we = s_.topk_w.index({tok, slot}).unsqueeze(1).to(s_.dtype);
       out = out.index_add(0, tok, ye * we);
     }
-    out.backward(s.grad_out);
+    out.backward(s_.grad_out);
     benchmark::DoNotOptimize(x.grad().data_ptr());
+    return true;
   }
+
+ private:
+  const Setup& s_;
+  const bool stacked_;
+  std::vector<at::Tensor> w1_, w2_;
+  at::Tensor W1_, W2_;
+};
+
+void Loop(benchmark::State& state, bool stacked) {
+  Setup& s = Get(state);
+  LoopStep loop(s, stacked);
+  for (auto _ : state) loop(state);
   Finish(state, s);
 }
 void BM_LoopMasks(benchmark::State& state) { Loop(state, false); }
 void BM_LoopStacked(benchmark::State& state) { Loop(state, true); }
+// How many times faster the layer is than (a) and (b), in pairs: `ratio` = loop ÷ layer.
+void LoopOverLayer(benchmark::State& state, bool stacked) {
+  Setup& s = Get(state);
+  LayerStep layer(s);
+  LoopStep loop(s, stacked);
+  Paired(state, s, layer, loop);
+}
+void BM_LoopMasksOverLayer(benchmark::State& state) { LoopOverLayer(state, false); }
+void BM_LoopStackedOverLayer(benchmark::State& state) { LoopOverLayer(state, true); }
 
 void BM_Router(benchmark::State& state) {
   Setup& s = Get(state);
@@ -424,6 +450,8 @@ BENCHMARK(BM_MoELayer)->Apply(Shapes);
 BENCHMARK(BM_LayerOverLimit)->Apply(ShapeArgs)->UseManualTime()->Iterations(kPairs);
 BENCHMARK(BM_LoopMasks)->Apply(Shapes);
 BENCHMARK(BM_LoopStacked)->Apply(Shapes);
+BENCHMARK(BM_LoopMasksOverLayer)->Apply(ShapeArgs)->UseManualTime()->Iterations(kLoopPairs);
+BENCHMARK(BM_LoopStackedOverLayer)->Apply(ShapeArgs)->UseManualTime()->Iterations(kLoopPairs);
 BENCHMARK(BM_Router)->Apply(Shapes);
 BENCHMARK(BM_GroupedExperts)->Apply(Shapes);
 BENCHMARK(BM_ExpertsOverLimit)->Apply(ShapeArgs)->UseManualTime()->Iterations(kPairs);

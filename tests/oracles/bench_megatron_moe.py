@@ -16,10 +16,11 @@ Needs tests/oracles/.venv with torch and megatron-core (see PEERS.md for the ins
 One line per configuration: shape, dtype, threads, median ms per forward+backward, tokens/s.
 --shapes coarse,fine and --dtypes fp32,bf16 pick a subset; --warmup / --iters (default 3 / 10).
 
-bf16 runs, but on a CPU without native bf16 (this one has AVX2 only;
-torch.ops.mkldnn._is_mkldnn_bf16_supported() is False) torch's bf16 matmul falls back to a
-slow kernel (about 1 GFLOP/s against about 65 in fp32 on one thread), so bf16 times here
-measure that fallback, not Megatron. The router runs in the input dtype (Megatron's default,
+bf16 needs a CPU with native bf16 (AVX512-BF16; torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+without it (an AVX2 machine, 2026-11-23) torch's bf16 matmul falls back to a slow kernel (about
+1 GFLOP/s against about 65 in fp32 on one thread), so bf16 times there measure that fallback,
+not Megatron; with it (a Zen 5 machine, 2026-12-01) bf16 goes through oneDNN as ours does.
+The router runs in the input dtype (Megatron's default,
 moe_router_dtype=None; it warns about that for 64 experts).
 """
 import argparse

@@ -1,5 +1,6 @@
 #include "moe/gate/testing/fixtures.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <fstream>
@@ -93,9 +94,11 @@ bool BoolOption(const FixtureCase& c, const std::string& key, bool fallback) {
 double MaxRelErr(const at::Tensor& a, const at::Tensor& b) {
   EXPECT_EQ(a.sizes(), b.sizes());
   if (a.sizes() != b.sizes()) return INFINITY;
+  if (a.numel() == 0) return 0.0;
   const at::Tensor d = (a.to(at::kDouble) - b.to(at::kDouble)).abs();
-  const at::Tensor scale = b.to(at::kDouble).abs().clamp_min(1e-6);
-  return d.numel() == 0 ? 0.0 : (d / scale).max().item<double>();
+  const at::Tensor mag = b.to(at::kDouble).abs();
+  const at::Tensor scale = mag.clamp_min(std::max(1e-6, 1e-1 * mag.max().item<double>()));
+  return (d / scale).max().item<double>();
 }
 
 }  // namespace switchyard::gate::testing

@@ -312,11 +312,6 @@ bool FusedSwiglu(Activation act, at::ScalarType storage) {
 // Rows per parallel task: about 16K elements each.
 int64_t RowGrain(int64_t f) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(f, 1)); }
 
-template <typename T>
-T* Data(const at::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
-}
-
 // hs: [n, 2F] GEMM output, fp32 or bf16; a: [n, F] in the GEMMs' compute type. h_store: with
 // bf16 storage and fp32 GEMMs, the same rows of the saved h (bf16), into which hs is rounded;
 // else undefined (hs is the saved h).
@@ -324,15 +319,18 @@ void SwigluForward(const at::Tensor& hs, const at::Tensor& h_store, at::Tensor& 
   const int64_t n = hs.size(0), f = a.size(1);
   const bool bf16 = hs.scalar_type() == at::kBFloat16;
   TORCH_INTERNAL_ASSERT(a.scalar_type() == hs.scalar_type());
+  void* hp = hs.data_ptr();
+  void* ap = a.data_ptr();
+  uint16_t* sp = h_store.defined() ? static_cast<uint16_t*>(h_store.data_ptr()) : nullptr;
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
+      const int64_t hr = r * 2 * f, ar = r * f;
       if (bf16) {
-        SwigluForwardBf16(Data<uint16_t>(hs) + r * 2 * f, Data<uint16_t>(a) + r * f, f);
-      } else if (h_store.defined()) {
-        SwigluForwardRoundBf16(Data<float>(hs) + r * 2 * f, Data<uint16_t>(h_store) + r * 2 * f,
-                               Data<float>(a) + r * f, f);
+        SwigluForwardBf16(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(ap) + ar, f);
+      } else if (sp != nullptr) {
+        SwigluForwardRoundBf16(static_cast<float*>(hp) + hr, sp + hr, static_cast<float*>(ap) + ar, f);
       } else {
-        SwigluForwardF32(Data<float>(hs) + r * 2 * f, Data<float>(a) + r * f, f);
+        SwigluForwardF32(static_cast<float*>(hp) + hr, static_cast<float*>(ap) + ar, f);
       }
     }
   });
@@ -345,17 +343,19 @@ void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, a
   const bool h_bf16 = h.scalar_type() == at::kBFloat16, g_bf16 = ga.scalar_type() == at::kBFloat16;
   TORCH_INTERNAL_ASSERT(gh.scalar_type() == ga.scalar_type() && a.scalar_type() == ga.scalar_type() &&
                         (h_bf16 || !g_bf16));
+  void *hp = h.data_ptr(), *gap = ga.data_ptr(), *ghp = gh.data_ptr(), *ap = a.data_ptr();
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t hr = r * 2 * f, gr = r * f;
       if (g_bf16) {
-        SwigluBackwardBf16(Data<uint16_t>(h) + hr, Data<uint16_t>(ga) + gr, Data<uint16_t>(gh) + hr,
-                           Data<uint16_t>(a) + gr, f);
+        SwigluBackwardBf16(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(gap) + gr,
+                           static_cast<uint16_t*>(ghp) + hr, static_cast<uint16_t*>(ap) + gr, f);
       } else if (h_bf16) {
-        SwigluBackwardBf16F32(Data<uint16_t>(h) + hr, Data<float>(ga) + gr, Data<float>(gh) + hr,
-                              Data<float>(a) + gr, f);
+        SwigluBackwardBf16F32(static_cast<uint16_t*>(hp) + hr, static_cast<float*>(gap) + gr,
+                              static_cast<float*>(ghp) + hr, static_cast<float*>(ap) + gr, f);
       } else {
-        SwigluBackwardF32(Data<float>(h) + hr, Data<float>(ga) + gr, Data<float>(gh) + hr, Data<float>(a) + gr, f);
+        SwigluBackwardF32(static_cast<float*>(hp) + hr, static_cast<float*>(gap) + gr, static_cast<float*>(ghp) + hr,
+                          static_cast<float*>(ap) + gr, f);
       }
     }
   });
@@ -512,10 +512,8 @@ uint64_t ExpertSeed(uint64_t seed, int expert) {
   return z ^ (z >> 31);
 }
 
-}  // namespace
-
-namespace {
 std::atomic<Bf16Gemms> bf16_gemms{Bf16Gemms::kAuto};
+
 }  // namespace
 
 void SetBf16Gemms(Bf16Gemms choice) { bf16_gemms.store(choice); }

@@ -179,8 +179,11 @@ TEST(Router, MatchesMegatronCoreSequenceLossAndBiasUpdate) {
 // token index) and take the first `capacity` tokens.
 TEST(Router, ExpertChoiceMatchesPlainLoop) {
   at::manual_seed(7);
-  for (auto [T, E, cf] : {std::tuple<int64_t, int64_t, double>{16, 4, 1.0}, {10, 8, 2.0}, {5, 4, 8.0}}) {
-    at::Tensor logits = at::randn({T, E}).requires_grad_(true);
+  // The last two: capacities 60 and 240 (past the top-k's rounds, into its partial sort), on
+  // integer logits full of ties.
+  for (auto [T, E, cf] : {std::tuple<int64_t, int64_t, double>{16, 4, 1.0}, {10, 8, 2.0}, {5, 4, 8.0},
+                          {240, 4, 1.0}, {240, 2, 2.0}}) {
+    at::Tensor logits = (T > 16 ? at::randint(0, 3, {T, E}).to(at::kFloat) : at::randn({T, E})).requires_grad_(true);
     absl::StatusOr<Routing> r = ExpertChoiceRoute(logits, cf);
     ASSERT_TRUE(r.ok()) << r.status();
     const int64_t cap = std::min<int64_t>(T, static_cast<int64_t>(std::ceil(T * cf / E)));
@@ -293,13 +296,16 @@ TEST(Router, ExpertBiasAndPrecision) {
 namespace switchyard::gate {
 namespace {
 
-// The one-pass top-k against a stable descending sort, on scores full of exact ties.
+// The top-k (by rounds up to k = 32, by a partial sort beyond) against a stable descending
+// sort, on scores full of exact ties, -0.0 among them (equal to 0.0, so tied by index).
 TEST(Router, TopKWithTiesEqualsStableSort) {
   at::manual_seed(5);
   for (int64_t E : {1, 3, 8, 64, 256}) {
-    for (int64_t k : {int64_t{1}, int64_t{2}, std::min<int64_t>(8, E), E}) {
+    for (int64_t k : {int64_t{1}, int64_t{2}, std::min<int64_t>(8, E), std::min<int64_t>(32, E),
+                      std::min<int64_t>(33, E), E}) {
       if (k > E) continue;
-      const at::Tensor logits = at::randint(0, 4, {257, E}).to(at::kFloat);
+      at::Tensor logits = at::randint(0, 5, {257, E}).to(at::kFloat);
+      logits = logits.masked_fill(logits == 4, -0.0);
       absl::StatusOr<Routing> r = TopKRoute(logits, {.top_k = static_cast<int>(k)});
       ASSERT_TRUE(r.ok()) << r.status();
       const at::Tensor want =

@@ -55,14 +55,15 @@ void OrderKeys(const float* __restrict__ v, int64_t n, int32_t* __restrict__ key
 // Small k: k rounds of (largest key, then its first index), each a vectorised pass over the
 // row's keys. (At 4096 × 64, k = 8 this replaced an insertion into a sorted best-k list,
 // whose data-dependent branches cost ~8 ns an element on the 2-core development machine.)
+// (32-bit indices: with 64-bit ones GCC 12 left the first-index pass scalar.)
 SY_CPU_CLONES
-void TopKByRounds(int32_t* __restrict__ key, int64_t n, int64_t k, int64_t* __restrict__ idx) {
+void TopKByRounds(int32_t* __restrict__ key, int32_t n, int64_t k, int64_t* __restrict__ idx) {
   for (int64_t i = 0; i < k; ++i) {
     int32_t m = kTaken;
-    for (int64_t j = 0; j < n; ++j) m = key[j] > m ? key[j] : m;
-    int32_t first = static_cast<int32_t>(n);
-    for (int64_t j = 0; j < n; ++j) {
-      const int32_t c = key[j] == m ? static_cast<int32_t>(j) : first;
+    for (int32_t j = 0; j < n; ++j) m = key[j] > m ? key[j] : m;
+    int32_t first = n;
+    for (int32_t j = 0; j < n; ++j) {
+      const int32_t c = key[j] == m ? j : n;
       first = c < first ? c : first;
     }
     idx[i] = first;
@@ -92,7 +93,7 @@ at::Tensor TopKRows(const at::Tensor& scores_in, int64_t k) {
       int64_t* idx = o + r * k;
       OrderKeys(row, n, key.data());
       if (k <= kRoundsMaxK) {
-        TopKByRounds(key.data(), n, k, idx);
+        TopKByRounds(key.data(), static_cast<int32_t>(n), k, idx);
         continue;
       }
       std::iota(order.begin(), order.end(), int64_t{0});

@@ -122,9 +122,15 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
                                     .num_experts = config_.router.num_experts};
     dispatch::DispatchState st;
     SY_ASSIGN_OR_RETURN(at::Tensor local_rows, dispatch::DispatchToExperts(rows, plan.rows_per_expert, eg, &st));
-    SY_ASSIGN_OR_RETURN(at::Tensor expert_out, experts_->Forward(local_rows, st.rows_per_segment, st.segment_expert));
+    // The routing weights travel with the rows and scale fc2's input inside the experts,
+    // where the rows are in cache (their gradient too); the combine is then a plain sum, whose
+    // backward need not read the expert outputs again.
+    SY_ASSIGN_OR_RETURN(at::Tensor local_w,
+                        dispatch::DispatchRowWeights(dispatch::RowWeights(routing.probs, plan), st, eg));
+    SY_ASSIGN_OR_RETURN(at::Tensor expert_out,
+                        experts_->Forward(local_rows, st.rows_per_segment, st.segment_expert, local_w));
     SY_ASSIGN_OR_RETURN(at::Tensor back, dispatch::CombineFromExperts(expert_out, st, eg));
-    at::Tensor y = dispatch::Unpermute(back, routing.probs, plan);
+    at::Tensor y = dispatch::Unpermute(back, plan);
     if (shared_) {
       SY_ASSIGN_OR_RETURN(at::Tensor s, shared_->Forward(xe, {xe.size(0)}));
       y = y + s;

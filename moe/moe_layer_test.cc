@@ -278,6 +278,55 @@ TEST(MoELayerEquivalenceTest, TopK8WithCapacityUnderEtpAndEp) {
            .dp_tokens = {12, 12}});
 }
 
+// The single-process layer against the mixture written with plain ATen ops and autograd:
+// y = Σ_e probs[:, e] ⊙ mlp_e(x) over every expert (probs are 0 where a token did not go)
+// plus the shared expert, on the layer's own weights and routing function; output and the
+// gradients of x and every parameter, with capacity drops and without, k = 1, 2 and 8.
+TEST(MoELayerTest, MatchesPlainOpsMixture) {
+  for (auto [k, cf] : {std::pair<int, double>{2, 0.0}, {1, 0.0}, {8, 0.0}, {2, 1.0}}) {
+    SCOPED_TRACE(absl::StrFormat("k = %d, capacity factor %g", k, cf));
+    Case c{.top_k = k, .capacity_factor = cf, .shared_experts = 1};
+    const MoEConfig cfg = Config(c);
+    auto layer = MoELayer::Create(cfg, kSeed);
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    at::manual_seed(5);
+    const at::Tensor x0 = at::randn({40, kHidden}), R = at::randn({40, kHidden});
+    at::Tensor x = x0.clone().requires_grad_(true);
+    auto out = layer->Forward(x, {.training = true});
+    ASSERT_TRUE(out.ok()) << out.status();
+    ((out->output * R).sum() + out->aux_loss).backward();
+
+    auto leaf = [](const at::Tensor& t) { return t.detach().clone().requires_grad_(true); };
+    at::Tensor xr = leaf(x0), wr = leaf(layer->router().weight());
+    at::Tensor fc1 = leaf(layer->routed_experts().fc1()), fc2 = leaf(layer->routed_experts().fc2());
+    at::Tensor sfc1 = leaf(layer->shared_experts()->fc1()), sfc2 = leaf(layer->shared_experts()->fc2());
+    auto mlp = [](const at::Tensor& h, const at::Tensor& w1, const at::Tensor& w2) {
+      const at::Tensor a = at::mm(h, w1);
+      const int64_t f = a.size(1) / 2;
+      return at::mm(at::silu(a.narrow(1, 0, f)) * a.narrow(1, f, f), w2);
+    };
+    const at::Tensor logits = at::mm(xr, wr.t());
+    absl::StatusOr<gate::Routing> r = gate::TopKRoute(logits, cfg.router.topk);
+    ASSERT_TRUE(r.ok()) << r.status();
+    at::Tensor y = mlp(xr, sfc1[0], sfc2[0]);
+    for (int e = 0; e < kExperts; ++e) y = y + r->probs.narrow(1, e, 1) * mlp(xr, fc1[e], fc2[e]);
+    absl::StatusOr<gate::AuxLossInputs> in = gate::AuxLossScores(logits, k, cfg.router.topk.score);
+    ASSERT_TRUE(in.ok());
+    const at::Tensor aux = gate::LoadBalancingLoss(in->scores, in->tokens_per_expert, 40, k, cfg.router.aux_loss_coeff);
+    ((y * R).sum() + aux).backward();
+
+    EXPECT_GT(out->dropped, cf > 0 && k > 1 ? 0 : -1);
+    EXPECT_LT(RelErr(out->output, y.detach()), 1e-5);
+    EXPECT_NEAR(out->aux_loss_value, aux.item<double>(), 1e-7);
+    EXPECT_LT(RelErr(x.grad(), xr.grad()), 1e-5);
+    EXPECT_LT(RelErr(layer->router().weight().grad(), wr.grad()), 1e-5);
+    EXPECT_LT(RelErr(layer->routed_experts().fc1().grad(), fc1.grad()), 1e-5);
+    EXPECT_LT(RelErr(layer->routed_experts().fc2().grad(), fc2.grad()), 1e-5);
+    EXPECT_LT(RelErr(layer->shared_experts()->fc1().grad(), sfc1.grad()), 1e-5);
+    EXPECT_LT(RelErr(layer->shared_experts()->fc2().grad(), sfc2.grad()), 1e-5);
+  }
+}
+
 TEST(MoELayerTest, TagsEveryParameter) {
   MoEConfig c = Config({.shared_experts = 1});
   c.name = "layers.3.mlp";

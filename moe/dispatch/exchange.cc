@@ -246,6 +246,20 @@ absl::StatusOr<at::Tensor> DispatchToExperts(const at::Tensor& permuted,
   });
 }
 
+absl::StatusOr<at::Tensor> DispatchRowWeights(const at::Tensor& weights, const DispatchState& st,
+                                              const ExpertGroups& groups) {
+  if (!weights.defined() || weights.dim() != 1 || weights.size(0) != Sum(st.send_counts)) {
+    return absl::InvalidArgumentError(absl::StrFormat("dispatch: row weights must be [%d], one per permuted row",
+                                                      Sum(st.send_counts)));
+  }
+  return Guard("dispatch row weights", [&] {
+    at::Tensor w = weights;
+    if (Active(groups.ep)) w = AllToAllVRows(w, *groups.ep, st.send_counts, st.recv_counts);
+    if (Active(groups.etp)) w = AllGatherVRows(w, *groups.etp, st.etp_counts);
+    return w;
+  });
+}
+
 absl::StatusOr<at::Tensor> CombineFromExperts(const at::Tensor& expert_out, const DispatchState& st,
                                               const ExpertGroups& groups) {
   return Guard("combine", [&] {

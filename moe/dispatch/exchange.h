@@ -72,6 +72,11 @@ struct DispatchState {
 absl::StatusOr<at::Tensor> DispatchToExperts(const at::Tensor& permuted,
                                              const std::vector<int64_t>& rows_per_expert,
                                              const ExpertGroups& groups, DispatchState* state);
+// Per-row values riding with the rows (the routing weights, fp32 [N] in `permuted` order):
+// moved by the same exchanges as DispatchToExperts moved the rows, so that they line up with
+// its output. Backward: the reverse exchanges, the ETP step summing the members' gradients.
+absl::StatusOr<at::Tensor> DispatchRowWeights(const at::Tensor& weights, const DispatchState& state,
+                                              const ExpertGroups& groups);
 // expert_out: the experts' output for DispatchToExperts' rows (a partial sum over F slices
 // when ETP > 1). Returns rows in the order of `permuted`.
 absl::StatusOr<at::Tensor> CombineFromExperts(const at::Tensor& expert_out, const DispatchState& state,

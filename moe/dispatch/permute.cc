@@ -302,6 +302,19 @@ struct UnpermuteFn : torch::autograd::Function<UnpermuteFn> {
   }
 };
 
+// The plain sum of each token's rows; backward: each token's gradient copied to its rows.
+struct SumFn : torch::autograd::Function<SumFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& row_token,
+                            const at::Tensor& offsets, const at::Tensor& rows) {
+    ctx->save_for_backward({row_token, offsets, rows});
+    return SumRows(x, nullptr, offsets, rows);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    return {ScatterRows(grads[0].contiguous(), s[0], s[1], s[2]), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 void CheckRows(const at::Tensor& x, int64_t rows, const char* what) {
   TORCH_CHECK(x.defined() && x.dim() == 2 && x.size(0) == rows, what, ": expected [", rows,
               ", hidden] rows, got ", x.defined() ? x.sizes() : at::IntArrayRef{});
@@ -379,11 +392,22 @@ at::Tensor Permute(const at::Tensor& tokens, const PermutePlan& plan) {
 
 at::Tensor Unpermute(const at::Tensor& rows, const at::Tensor& probs, const PermutePlan& plan) {
   CheckRows(rows, plan.num_rows(), "Unpermute");
+  return UnpermuteFn::apply(rows.contiguous(), RowWeights(probs, plan), plan.row_token, plan.token_offsets,
+                            plan.token_rows);
+}
+
+at::Tensor Unpermute(const at::Tensor& rows, const PermutePlan& plan) {
+  CheckRows(rows, plan.num_rows(), "Unpermute");
+  return SumFn::apply(rows.contiguous(), plan.row_token, plan.token_offsets, plan.token_rows);
+}
+
+at::Tensor RowWeights(const at::Tensor& probs, const PermutePlan& plan) {
   TORCH_CHECK(probs.defined() && probs.dim() == 2 && probs.size(0) == plan.num_tokens &&
                   probs.size(1) == plan.num_experts,
-              "Unpermute: probs must be [", plan.num_tokens, ", ", plan.num_experts, "]");
+              "routing probs must be [", plan.num_tokens, ", ", plan.num_experts, "]");
   const at::Tensor w = probs.to(at::kFloat).reshape({-1}).index_select(0, plan.row_prob_index);
-  return UnpermuteFn::apply(rows.contiguous(), w, plan.row_token, plan.token_offsets, plan.token_rows);
+  if (plan.token_rows.numel() == plan.num_rows()) return w;  // dropless: no empty slots
+  return w * plan.row_token.ge(0);
 }
 
 }  // namespace switchyard::dispatch

@@ -5,6 +5,9 @@
 //   absl::StatusOr<PermutePlan> plan = MakePlan(routing.routing_map, /*capacity=*/-1);
 //   at::Tensor rows = Permute(hidden, *plan);            // [N, H], expert 0's rows first
 //   at::Tensor out = Unpermute(expert_out, routing.probs, *plan);  // [T, H], weighted sum of copies
+//   // or, with the weights applied by the experts (what MoELayer does):
+//   at::Tensor y = experts.Forward(rows, plan->rows_per_expert, {}, RowWeights(routing.probs, *plan));
+//   at::Tensor out = Unpermute(y, *plan);                // [T, H], sum of copies
 //
 // Rows inside an expert's block are in token order. Two block layouts:
 //  - dropless (capacity < 0): expert e's block has exactly its routed tokens;
@@ -50,6 +53,17 @@ at::Tensor Permute(const at::Tensor& tokens, const PermutePlan& plan);
 // out[t] = Σ over t's rows r of probs[t, expert(r)] · rows[r], accumulated in fp32; out has
 // rows' dtype. Gradients flow to rows and to probs.
 at::Tensor Unpermute(const at::Tensor& rows, const at::Tensor& probs, const PermutePlan& plan);
+
+// The same without weights, for rows that already carry them (the experts applied
+// RowWeights): out[t] = Σ over t's rows r of rows[r]. Its backward copies each token's
+// gradient to its rows (no pass over the rows themselves, which the weighted one needs for
+// the weights' gradient).
+at::Tensor Unpermute(const at::Tensor& rows, const PermutePlan& plan);
+
+// Each permuted row's routing weight, probs[t, expert(r)], fp32 [N] (0 in empty capacity
+// slots); differentiable to probs. With experts::GroupedMlp's row_weights and the unweighted
+// Unpermute this gives the weighted Unpermute's output.
+at::Tensor RowWeights(const at::Tensor& probs, const PermutePlan& plan);
 
 }  // namespace switchyard::dispatch
 

@@ -67,22 +67,28 @@ TEST(PermuteTest, DroplessMatchesNaiveForwardAndBackward) {
 
     auto plan = MakePlan(map);
     ASSERT_TRUE(plan.ok()) << plan.status();
-    at::Tensor x = x0.clone().requires_grad_(true), p = p0.clone().requires_grad_(true);
-    at::Tensor rows = Permute(x, *plan);
-    ASSERT_TRUE(at::equal(rows, ref.rows)) << "k=" << k;
-    at::Tensor out = Unpermute(expert(rows), p, *plan);
-    EXPECT_LT(MaxRel(out, ref.out), 1e-6) << "k=" << k;
-    (out * R).sum().backward();
-    EXPECT_LT(MaxRel(x.grad(), xr.grad()), 1e-6) << "k=" << k;
-    EXPECT_LT(MaxRel(p.grad(), pr.grad()), 1e-6) << "k=" << k;
+    // The weighted unpermute, then the weights applied to the rows first (RowWeights, as the
+    // experts do in MoELayer) and the plain sum.
+    for (bool weights_first : {false, true}) {
+      SCOPED_TRACE(weights_first ? "RowWeights + unweighted Unpermute" : "weighted Unpermute");
+      at::Tensor x = x0.clone().requires_grad_(true), p = p0.clone().requires_grad_(true);
+      at::Tensor rows = Permute(x, *plan);
+      ASSERT_TRUE(at::equal(rows, ref.rows)) << "k=" << k;
+      at::Tensor out = weights_first ? Unpermute(expert(rows) * RowWeights(p, *plan).unsqueeze(1), *plan)
+                                     : Unpermute(expert(rows), p, *plan);
+      EXPECT_LT(MaxRel(out, ref.out), 1e-6) << "k=" << k;
+      (out * R).sum().backward();
+      EXPECT_LT(MaxRel(x.grad(), xr.grad()), 1e-6) << "k=" << k;
+      EXPECT_LT(MaxRel(p.grad(), pr.grad()), 1e-6) << "k=" << k;
+      EXPECT_EQ(out[4].abs().sum().item<double>(), 0.0);
+      EXPECT_EQ(x.grad()[4].abs().sum().item<double>(), 0.0);
+    }
     // Counts per expert, the empty expert and the dropped token.
     const at::Tensor counts = map.sum(0);
     for (int64_t e = 0; e < E; ++e) EXPECT_EQ(plan->rows_per_expert[e], counts[e].item<int64_t>());
     if (k < 8) {
       EXPECT_EQ(plan->rows_per_expert[3], 0);
     }
-    EXPECT_EQ(out[4].abs().sum().item<double>(), 0.0);
-    EXPECT_EQ(x.grad()[4].abs().sum().item<double>(), 0.0);
   }
 }
 
@@ -115,6 +121,20 @@ TEST(PermuteTest, CapacityLayoutHasZeroSlots) {
   EXPECT_TRUE(at::allclose(out, x * any));
   out.sum().backward();
   EXPECT_TRUE(at::equal(x.grad(), any.to(at::kFloat).expand({T, H})));
+  // Unweighted: the same sums, each token's gradient copied to its rows; RowWeights is 0 in the
+  // empty slots and each filled slot's weight elsewhere.
+  const at::Tensor x2 = x.detach().clone().requires_grad_(true);
+  const at::Tensor rows2 = Permute(x2, *plan);
+  const at::Tensor out2 = Unpermute(rows2, *plan);
+  EXPECT_TRUE(at::equal(out2, out.detach()));
+  out2.sum().backward();
+  EXPECT_TRUE(at::equal(x2.grad(), x.grad()));
+  const at::Tensor w = RowWeights(probs * 0.5, *plan).view({E, C});
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = kept.select(1, e).sum().item<int64_t>();
+    EXPECT_TRUE(at::equal(w[e].narrow(0, 0, n), at::full({n}, 0.5f))) << e;
+    EXPECT_EQ(w[e].narrow(0, n, C - n).abs().sum().item<double>(), 0.0) << e;
+  }
 
   at::Tensor over = at::zeros({C + 1, E}, at::kBool);
   over.select(1, 0).fill_(true);

@@ -242,65 +242,89 @@ inline float Load(const uint16_t* p, int64_t i) { return WidenBf16(p[i]); }
 inline void Store(float* p, int64_t i, float v) { p[i] = v; }
 inline void Store(uint16_t* p, int64_t i, float v) { p[i] = NarrowToBf16(v); }
 
-// h row = [gate (f) | up (f)]. Forward: a = silu(gate)·up, rounded once into a's type.
+// h row = [gate (f) | up (f)]. Forward: a = w·silu(gate)·up, rounded once into a's type; w
+// is the row's routing weight (1 without one: then a is exactly silu(gate)·up).
 template <typename H, typename A>
-__attribute__((always_inline)) inline void SwigluForwardRow(const H* __restrict__ h, A* __restrict__ a, int64_t f) {
+__attribute__((always_inline)) inline void SwigluForwardRow(const H* __restrict__ h, A* __restrict__ a, int64_t f,
+                                                            float w) {
   for (int64_t c = 0; c < f; ++c) {
     const float g = Load(h, c);
-    Store(a, c, g / (1.0f + ExpForSigmoid(-g)) * Load(h, f + c));
+    Store(a, c, w * (g / (1.0f + ExpForSigmoid(-g)) * Load(h, f + c)));
   }
 }
 
-SY_CPU_CLONES void SwigluForwardF32(const float* __restrict__ h, float* __restrict__ a, int64_t f) {
-  SwigluForwardRow(h, a, f);
+SY_CPU_CLONES void SwigluForwardF32(const float* __restrict__ h, float* __restrict__ a, int64_t f, float w) {
+  SwigluForwardRow(h, a, f, w);
 }
 
 // bf16 GEMMs (CPUs with bf16 units): h comes from the GEMM in bf16, a goes to the next in bf16.
-SY_CPU_CLONES void SwigluForwardBf16(const uint16_t* __restrict__ h, uint16_t* __restrict__ a, int64_t f) {
-  SwigluForwardRow(h, a, f);
+SY_CPU_CLONES void SwigluForwardBf16(const uint16_t* __restrict__ h, uint16_t* __restrict__ a, int64_t f, float w) {
+  SwigluForwardRow(h, a, f, w);
 }
 
 // bf16 storage with fp32 GEMMs: h comes from the fp32 GEMM; each value is rounded to bf16,
 // stored in h_store, and the rounded value is what the activation (and the backward, which
 // reads h_store) sees.
 SY_CPU_CLONES void SwigluForwardRoundBf16(const float* __restrict__ h, uint16_t* __restrict__ h_store,
-                                          float* __restrict__ a, int64_t f) {
+                                          float* __restrict__ a, int64_t f, float w) {
   for (int64_t c = 0; c < f; ++c) {
     const uint16_t gb = NarrowToBf16(h[c]), ub = NarrowToBf16(h[f + c]);
     h_store[c] = gb, h_store[f + c] = ub;
     const float g = WidenBf16(gb);
-    a[c] = g / (1.0f + ExpForSigmoid(-g)) * WidenBf16(ub);
+    a[c] = w * (g / (1.0f + ExpForSigmoid(-g)) * WidenBf16(ub));
   }
 }
 
-// Backward, from h and ga = dL/da: with s = sigmoid(gate), d_gate = ga·up·s·(1 + gate·(1 − s)),
-// d_up = ga·gate·s, into gh = [d_gate | d_up]; and a = gate·s·up again (for fc2's weight
-// gradient). gh and a are stored in ga's type (the type of the GEMMs that read them).
+// Backward of a = w·silu(gate)·up, from h and gw = dL/d(w·act) (the fc2 input's gradient):
+// with s = sigmoid(gate) and d = w·gw, d_gate = d·up·s·(1 + gate·(1 − s)), d_up = d·gate·s,
+// into gh = [d_gate | d_up]; a = w·gate·s·up again (fc2's input, for its weight gradient);
+// writes the products gw·silu(gate)·up into prod (when not null), whose sum is dL/dw. gh and
+// a are stored in gw's type (the type of the GEMMs that read them). (Summing in this loop
+// instead, over 16 partial sums, cost it its AVX-512 vectorisation: experts ÷ GEMM limit
+// 1.065 → 1.09–1.10 at both bf16 shapes.)
 template <typename H, typename G>
-__attribute__((always_inline)) inline void SwigluBackwardRow(const H* __restrict__ h, const G* __restrict__ ga,
-                                                             G* __restrict__ gh, G* __restrict__ a, int64_t f) {
+__attribute__((always_inline)) inline void SwigluBackwardRow(const H* __restrict__ h, const G* __restrict__ gw,
+                                                             G* __restrict__ gh, G* __restrict__ a, int64_t f,
+                                                             float w, float* __restrict__ prod) {
   for (int64_t c = 0; c < f; ++c) {
     const float g = Load(h, c), u = Load(h, f + c), s = 1.0f / (1.0f + ExpForSigmoid(-g)), silu = g * s;
-    const float d = Load(ga, c);
-    Store(a, c, silu * u);
+    const float dw = Load(gw, c), d = w * dw, act = silu * u;
+    Store(a, c, w * act);
     Store(gh, c, d * u * s * (1.0f + g * (1.0f - s)));
     Store(gh, f + c, d * silu);
+    if (prod != nullptr) prod[c] = dw * act;
   }
 }
 
-SY_CPU_CLONES void SwigluBackwardF32(const float* __restrict__ h, const float* __restrict__ ga,
-                                     float* __restrict__ gh, float* __restrict__ a, int64_t f) {
-  SwigluBackwardRow(h, ga, gh, a, f);
+SY_CPU_CLONES void SwigluBackwardF32(const float* __restrict__ h, const float* __restrict__ gw, float* __restrict__ gh,
+                                     float* __restrict__ a, int64_t f, float w, float* __restrict__ prod) {
+  SwigluBackwardRow(h, gw, gh, a, f, w, prod);
 }
 
-SY_CPU_CLONES void SwigluBackwardBf16F32(const uint16_t* __restrict__ h, const float* __restrict__ ga,
-                                         float* __restrict__ gh, float* __restrict__ a, int64_t f) {
-  SwigluBackwardRow(h, ga, gh, a, f);
+SY_CPU_CLONES void SwigluBackwardBf16F32(const uint16_t* __restrict__ h, const float* __restrict__ gw,
+                                         float* __restrict__ gh, float* __restrict__ a, int64_t f, float w,
+                                         float* __restrict__ prod) {
+  SwigluBackwardRow(h, gw, gh, a, f, w, prod);
 }
 
-SY_CPU_CLONES void SwigluBackwardBf16(const uint16_t* __restrict__ h, const uint16_t* __restrict__ ga,
-                                      uint16_t* __restrict__ gh, uint16_t* __restrict__ a, int64_t f) {
-  SwigluBackwardRow(h, ga, gh, a, f);
+SY_CPU_CLONES void SwigluBackwardBf16(const uint16_t* __restrict__ h, const uint16_t* __restrict__ gw,
+                                      uint16_t* __restrict__ gh, uint16_t* __restrict__ a, int64_t f, float w,
+                                      float* __restrict__ prod) {
+  SwigluBackwardRow(h, gw, gh, a, f, w, prod);
+}
+
+// Σ v, over 16 partial sums so that it vectorises (one running sum is a serial chain).
+SY_CPU_CLONES float SumF32(const float* __restrict__ v, int64_t n) {
+  constexpr int kLanes = 16;
+  float part[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int l = 0; l < kLanes; ++l) part[l] += v[c + l];
+  }
+  float sum = 0;
+  for (; c < n; ++c) sum += v[c];
+  for (int l = 0; l < kLanes; ++l) sum += part[l];
+  return sum;
 }
 
 // Whether GroupedMlp runs SwiGLU through the fused kernels: fp32 or bf16 storage, computed
@@ -314,8 +338,8 @@ int64_t RowGrain(int64_t f) { return std::max<int64_t>(1, (int64_t{1} << 14) / s
 
 // hs: [n, 2F] GEMM output, fp32 or bf16; a: [n, F] in the GEMMs' compute type. h_store: with
 // bf16 storage and fp32 GEMMs, the same rows of the saved h (bf16), into which hs is rounded;
-// else undefined (hs is the saved h).
-void SwigluForward(const at::Tensor& hs, const at::Tensor& h_store, at::Tensor& a) {
+// else undefined (hs is the saved h). w: the rows' routing weights, or null (all 1).
+void SwigluForward(const at::Tensor& hs, const at::Tensor& h_store, at::Tensor& a, const float* w) {
   const int64_t n = hs.size(0), f = a.size(1);
   const bool bf16 = hs.scalar_type() == at::kBFloat16;
   TORCH_INTERNAL_ASSERT(a.scalar_type() == hs.scalar_type());
@@ -325,51 +349,70 @@ void SwigluForward(const at::Tensor& hs, const at::Tensor& h_store, at::Tensor& 
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t hr = r * 2 * f, ar = r * f;
+      const float wr = w != nullptr ? w[r] : 1.0f;
       if (bf16) {
-        SwigluForwardBf16(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(ap) + ar, f);
+        SwigluForwardBf16(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(ap) + ar, f, wr);
       } else if (sp != nullptr) {
-        SwigluForwardRoundBf16(static_cast<float*>(hp) + hr, sp + hr, static_cast<float*>(ap) + ar, f);
+        SwigluForwardRoundBf16(static_cast<float*>(hp) + hr, sp + hr, static_cast<float*>(ap) + ar, f, wr);
       } else {
-        SwigluForwardF32(static_cast<float*>(hp) + hr, static_cast<float*>(ap) + ar, f);
+        SwigluForwardF32(static_cast<float*>(hp) + hr, static_cast<float*>(ap) + ar, f, wr);
       }
     }
   });
 }
 
-// h: [n, 2F] saved pre-activation, fp32 or bf16; ga: [n, F] in the GEMMs' compute type, and
-// gh ([n, 2F]) and a ([n, F], the activation recomputed for fc2's weight gradient) in it too.
-void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, at::Tensor& a) {
+// h: [n, 2F] saved pre-activation, fp32 or bf16; ga: [n, F] (the fc2 input's gradient) in the
+// GEMMs' compute type, and gh ([n, 2F]) and a ([n, F], fc2's input recomputed for its weight
+// gradient) in it too. w: the rows' routing weights, or null (all 1); dw: where their
+// gradients go, or null.
+void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, at::Tensor& a, const float* w,
+                    float* dw) {
   const int64_t n = h.size(0), f = ga.size(1);
   const bool h_bf16 = h.scalar_type() == at::kBFloat16, g_bf16 = ga.scalar_type() == at::kBFloat16;
   TORCH_INTERNAL_ASSERT(gh.scalar_type() == ga.scalar_type() && a.scalar_type() == ga.scalar_type() &&
                         (h_bf16 || !g_bf16));
   void *hp = h.data_ptr(), *gap = ga.data_ptr(), *ghp = gh.data_ptr(), *ap = a.data_ptr();
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
+    std::vector<float> scratch(dw != nullptr ? f : 0);
+    float* prod = dw != nullptr ? scratch.data() : nullptr;
     for (int64_t r = b; r < e; ++r) {
       const int64_t hr = r * 2 * f, gr = r * f;
+      const float wr = w != nullptr ? w[r] : 1.0f;
       if (g_bf16) {
         SwigluBackwardBf16(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(gap) + gr,
-                           static_cast<uint16_t*>(ghp) + hr, static_cast<uint16_t*>(ap) + gr, f);
+                           static_cast<uint16_t*>(ghp) + hr, static_cast<uint16_t*>(ap) + gr, f, wr, prod);
       } else if (h_bf16) {
         SwigluBackwardBf16F32(static_cast<uint16_t*>(hp) + hr, static_cast<float*>(gap) + gr,
-                              static_cast<float*>(ghp) + hr, static_cast<float*>(ap) + gr, f);
+                              static_cast<float*>(ghp) + hr, static_cast<float*>(ap) + gr, f, wr, prod);
       } else {
         SwigluBackwardF32(static_cast<float*>(hp) + hr, static_cast<float*>(gap) + gr, static_cast<float*>(ghp) + hr,
-                          static_cast<float*>(ap) + gr, f);
+                          static_cast<float*>(ap) + gr, f, wr, prod);
       }
+      if (dw != nullptr) dw[r] = SumF32(prod, f);
     }
   });
 }
 
-// y = act(x @ w1[e]) @ w2[e] per segment, one segment at a time, so that the activation and
-// its backward run on a block still in cache instead of streaming [N, F] tensors through
-// memory between separate ops. Saves x and the pre-activation h; the backward recomputes
-// act(h) per segment for the fc2 weight gradient. Low-precision storage computes in
-// CpuGemmComputeType per segment: h is rounded to storage once and the activation reads the
-// rounded value, so forward and backward see the same h.
+// Whether GroupedMlpFn has row weights: [N] for N > 0 rows (none: an empty tensor).
+bool Weighted(const at::Tensor& rw, const at::Tensor& x) { return x.size(0) > 0 && rw.numel() == x.size(0); }
+
+// The row weights from row `first` on, or null (no weights: all 1).
+const float* RowWeights(const at::Tensor& rw, int64_t first) {
+  return rw.numel() > 0 ? rw.data_ptr<float>() + first : nullptr;
+}
+
+// y = (rw ⊙ act(x @ w1[e])) @ w2[e] per segment, one segment at a time, so that the
+// activation and its backward run on a block still in cache instead of streaming [N, F]
+// tensors through memory between separate ops. rw: optional fp32 [N] row weights (the
+// routing weights, applied to fc2's input as Megatron-Core's fused permute does; their
+// gradient <dL/d(fc2 input), act> comes from the block in cache too). Saves x and the
+// pre-activation h; the backward recomputes act(h) per segment for the fc2 weight gradient.
+// Low-precision storage computes in CpuGemmComputeType per segment: h is rounded to storage
+// once and the activation reads the rounded value, so forward and backward see the same h.
 struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
-                            const std::vector<int64_t>& counts, const std::vector<int64_t>& expert, int64_t act_id) {
+                            const at::Tensor& rw, const std::vector<int64_t>& counts, const std::vector<int64_t>& expert,
+                            int64_t act_id) {
     const Activation act = static_cast<Activation>(act_id);
     const at::ScalarType ct = CpuGemmComputeType(x.scalar_type());
     const bool low = ct != x.scalar_type();
@@ -402,17 +445,18 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         at::mm_out(hs, xs, w1e);
         at::Tensor as = scratch(a_buf);
         if (fused) {
-          SwigluForward(hs, low ? rows(h) : at::Tensor(), as);  // also rounds h into storage
+          SwigluForward(hs, low ? rows(h) : at::Tensor(), as, RowWeights(rw, sg.off[s]));  // also rounds h into storage
         } else {
           if (low) hs.copy_(rows(h).copy_(hs));
           ActivationForward(act, hs, as);
+          if (Weighted(rw, x)) as.mul_(rows(rw).unsqueeze(1));
         }
         at::Tensor ys = low ? scratch(y_buf) : rows(y);
         at::mm_out(ys, as, w2e);
         if (low) CastAll({{rows(y), ys}});
       }
     }
-    ctx->save_for_backward({x, w1, w2, h});
+    ctx->save_for_backward({x, w1, w2, h, rw});
     ctx->saved_data["counts"] = counts;
     ctx->saved_data["expert"] = expert;
     ctx->saved_data["act"] = act_id;
@@ -421,7 +465,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w1 = saved[1], &w2 = saved[2], &h = saved[3];
+    const at::Tensor &x = saved[0], &w1 = saved[1], &w2 = saved[2], &h = saved[3], &rw = saved[4];
     const Activation act = static_cast<Activation>(ctx->saved_data["act"].toInt());
     const Segments sg = MakeSegments(ctx->saved_data["counts"].toIntVector(),
                                      ctx->saved_data["expert"].toIntVector(), w1.size(0));
@@ -433,6 +477,9 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
     const int64_t m = sg.max_rows, H = x.size(1), F1 = w1.size(2), F = w2.size(1);
     at::Tensor gx = need_x ? at::empty_like(x) : at::Tensor();
     at::Tensor gw1 = need_w ? at::empty_like(w1) : at::Tensor(), gw2 = need_w ? at::empty_like(w2) : at::Tensor();
+    // The row weights' gradient (rows of experts with no segment: none; every row has one).
+    const bool weighted = Weighted(rw, x), need_rw = weighted && ctx->needs_input_grad(3);
+    at::Tensor grw = need_rw ? at::empty_like(rw) : at::Tensor();
     const at::TensorOptions co = x.options().dtype(ct);
     at::Tensor a_buf = at::empty({m, F}, co), ga_buf = at::empty({m, F}, co), gh_buf = at::empty({m, F1}, co);
     at::Tensor tmp_buf = act == Activation::kSwiglu && !fused ? at::empty({m, F}, co) : at::Tensor();
@@ -467,12 +514,19 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
           CastAll({{xs, rows(x)}, {gys, rows(gy)}});
         }
         at::Tensor ga = scratch(ga_buf), gh = scratch(gh_buf), as = scratch(a_buf);
-        at::mm_out(ga, gys, w2e.t());
+        at::mm_out(ga, gys, w2e.t());  // the gradient of fc2's input (rw ⊙ act)
         if (fused) {
-          SwigluBackward(rows(h), ga, gh, as);  // reads h in its storage type
+          SwigluBackward(rows(h), ga, gh, as, RowWeights(rw, sg.off[s]),
+                         need_rw ? grw.data_ptr<float>() + sg.off[s] : nullptr);  // reads h in its storage type
         } else {
           const at::Tensor hs = low ? scratch(h_buf).copy_(rows(h)) : rows(h);
-          if (need_w) ActivationForward(act, hs, as);
+          if (need_w || weighted) ActivationForward(act, hs, as);
+          if (weighted) {
+            const at::Tensor rws = rows(rw).unsqueeze(1);
+            if (need_rw) rows(grw).copy_((ga.to(at::kFloat) * as.to(at::kFloat)).sum(1));
+            ga.mul_(rws);
+            as.mul_(rws);
+          }
           at::Tensor tmp = tmp_buf.defined() ? scratch(tmp_buf) : at::Tensor();
           ActivationBackward(act, ga, hs, gh, tmp);
         }
@@ -499,7 +553,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
       }
       if (need_w && low) CastAll({{gw1[e], gw1e}, {gw2[e], gw2e}});
     }
-    return {gx, ctx->needs_input_grad(1) ? gw1 : at::Tensor(), ctx->needs_input_grad(2) ? gw2 : at::Tensor(),
+    return {gx, ctx->needs_input_grad(1) ? gw1 : at::Tensor(), ctx->needs_input_grad(2) ? gw2 : at::Tensor(), grw,
             at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -574,7 +628,8 @@ at::Tensor GroupedMatmul(const at::Tensor& x, const at::Tensor& w,
 }
 
 at::Tensor GroupedMlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, Activation activation,
-                      const std::vector<int64_t>& rows_per_segment, const std::vector<int64_t>& segment_expert) {
+                      const std::vector<int64_t>& rows_per_segment, const std::vector<int64_t>& segment_expert,
+                      const at::Tensor& row_weights) {
   const int64_t f1 = w2.dim() == 3 ? (activation == Activation::kSwiglu ? 2 : 1) * w2.size(1) : -1;
   TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && w2.dim() == 3 && x.size(1) == w1.size(1) &&
                   w1.size(0) == w2.size(0) && w1.size(2) == f1 && w2.size(2) == x.size(1),
@@ -584,7 +639,12 @@ at::Tensor GroupedMlp(const at::Tensor& x, const at::Tensor& w1, const at::Tenso
       SegmentExperts("GroupedMlp", x.size(0), w1.size(0), rows_per_segment, segment_expert);
   TORCH_CHECK(x.scalar_type() == w1.scalar_type() && x.scalar_type() == w2.scalar_type(),
               "GroupedMlp: x, w1 and w2 dtypes differ");
-  return GroupedMlpFn::apply(x.contiguous(), w1.contiguous(), w2.contiguous(), rows_per_segment, expert,
+  TORCH_CHECK(!row_weights.defined() || (row_weights.dim() == 1 && row_weights.size(0) == x.size(0)),
+              "GroupedMlp: row_weights must be [", x.size(0), "] (one per row of x); got ",
+              row_weights.defined() ? row_weights.sizes() : at::IntArrayRef{});
+  // No weights: an empty tensor (LibTorch 1.13's custom functions take no undefined inputs).
+  const at::Tensor rw = row_weights.defined() ? row_weights.to(at::kFloat).contiguous() : at::empty({0}, at::kFloat);
+  return GroupedMlpFn::apply(x.contiguous(), w1.contiguous(), w2.contiguous(), rw, rows_per_segment, expert,
                              static_cast<int64_t>(activation));
 }
 
@@ -633,7 +693,8 @@ absl::StatusOr<GroupedExperts> GroupedExperts::Create(const ExpertsConfig& c, ui
 
 absl::StatusOr<at::Tensor> GroupedExperts::Forward(const at::Tensor& rows,
                                                    const std::vector<int64_t>& rows_per_segment,
-                                                   const std::vector<int64_t>& segment_expert) {
+                                                   const std::vector<int64_t>& segment_expert,
+                                                   const at::Tensor& row_weights) {
   if (!rows.defined() || rows.dim() != 2 || rows.size(1) != config_.hidden_size) {
     return absl::InvalidArgumentError(absl::StrFormat("experts: rows must be [N, %d]", config_.hidden_size));
   }
@@ -642,7 +703,8 @@ absl::StatusOr<at::Tensor> GroupedExperts::Forward(const at::Tensor& rows,
         "experts: %d row counts for %d local experts", rows_per_segment.size(), num_local_experts()));
   }
   try {
-    return GroupedMlp(rows.to(config_.dtype), fc1_, fc2_, config_.activation, rows_per_segment, segment_expert);
+    return GroupedMlp(rows.to(config_.dtype), fc1_, fc2_, config_.activation, rows_per_segment, segment_expert,
+                      row_weights);
   } catch (const c10::Error& e) {
     return absl::InvalidArgumentError(absl::StrCat("experts: ", e.what_without_backtrace()));
   }

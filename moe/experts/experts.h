@@ -63,10 +63,15 @@ at::Tensor GroupedMatmul(const at::Tensor& x, const at::Tensor& w,
 // takes them; w1: [E, H, F] ([E, H, 2F] = [gate | up] for SwiGLU), w2: [E, F, H]. Each
 // segment runs start to end while its [n, F] block is in cache, forward and backward, rather
 // than as three passes over [N, F] tensors; act(x @ w1) is recomputed per segment in the
-// backward instead of being kept. Autograd to x, w1 and w2.
+// backward instead of being kept. row_weights (optional, [N], any float dtype, computed in
+// fp32): y[r] = row_weights[r] · (act(x[r] @ w1) @ w2), applied to fc2's input, so the
+// routing weights ride with the rows through the dispatcher and the combine is a plain sum
+// (Megatron-Core's fused permute applies them in the activation likewise). Autograd to x, w1,
+// w2 and row_weights.
 at::Tensor GroupedMlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, Activation activation,
                       const std::vector<int64_t>& rows_per_segment,
-                      const std::vector<int64_t>& segment_expert = {});
+                      const std::vector<int64_t>& segment_expert = {},
+                      const at::Tensor& row_weights = {});
 
 class GroupedExperts {
  public:
@@ -74,9 +79,11 @@ class GroupedExperts {
 
   // rows: [N, H] in segments as GroupedMatmul takes them (segment_expert: local expert
   // indices; empty: one segment per local expert, in order).
+  // row_weights: as GroupedMlp takes them (undefined: none).
   // Returns [N, H] in rows' dtype (a partial sum over F slices when etp_size > 1).
   absl::StatusOr<at::Tensor> Forward(const at::Tensor& rows, const std::vector<int64_t>& rows_per_segment,
-                                     const std::vector<int64_t>& segment_expert = {});
+                                     const std::vector<int64_t>& segment_expert = {},
+                                     const at::Tensor& row_weights = {});
 
   const ExpertsConfig& config() const { return config_; }
   int num_local_experts() const { return config_.num_experts / config_.ep_size; }

@@ -140,6 +140,64 @@ TEST(GroupedMlpTest, MatchesComposedOpsWithSegmentsInAnyOrder) {
   EXPECT_THROW(GroupedMlp(x.to(at::kDouble), w1, w2, Activation::kSwiglu, rows, expert), c10::Error);
 }
 
+// Row weights (the routing weights MoELayer passes) scale each row's fc2 input: y[r] =
+// w[r] · mlp(x[r]), with gradients to x, w1, w2 and w, against composed ops in fp64, on every
+// path: the fused SwiGLU in fp32 and in bf16 with either GEMMs, ATen's activations (GELU,
+// and SwiGLU in fp64), segments in any order, an empty segment, weights 0 among them.
+TEST(GroupedMlpTest, RowWeightsScaleEachRowOnEveryPath) {
+  const std::vector<int64_t> rows = {40, 3, 0, 51, 2, 64}, expert = {2, 0, 1, 2, 0, 3};
+  const int64_t N = 160, H = 24, f = 40;
+  struct Path {
+    Activation act;
+    at::ScalarType dtype;
+    Bf16Gemms gemms;
+    double tol;
+  };
+  for (const Path& p : {Path{Activation::kSwiglu, at::kFloat, Bf16Gemms::kAuto, 1e-6},
+                        Path{Activation::kSwiglu, at::kDouble, Bf16Gemms::kAuto, 1e-12},
+                        Path{Activation::kGelu, at::kFloat, Bf16Gemms::kAuto, 1e-6},
+                        Path{Activation::kSwiglu, at::kBFloat16, Bf16Gemms::kFp32, 2e-2},
+                        Path{Activation::kSwiglu, at::kBFloat16, Bf16Gemms::kBf16, 2e-2},
+                        Path{Activation::kGelu, at::kBFloat16, Bf16Gemms::kFp32, 2e-2}}) {
+    Bf16GemmsScope scope(p.gemms);
+    SCOPED_TRACE(::testing::Message() << "act " << static_cast<int>(p.act) << ", " << p.dtype << ", "
+                                      << (p.dtype == at::kBFloat16 ? Name(p.gemms) : ""));
+    at::manual_seed(31);
+    const int64_t f1 = p.act == Activation::kSwiglu ? 2 * f : f;
+    // bf16-representable inputs, so that every path starts from the same numbers.
+    auto bf = [](const at::Tensor& t) { return t.to(at::kBFloat16).to(at::kDouble); };
+    const at::Tensor x0 = bf(at::randn({N, H})), w10 = bf(at::randn({4, H, f1}) * 0.3),
+                     w20 = bf(at::randn({4, f, H}) * 0.3), R = bf(at::randn({N, H}));
+    at::Tensor rw0 = at::rand({N}, at::kDouble);
+    rw0[5] = 0.0;
+    auto leaf = [&](const at::Tensor& t, at::ScalarType dt) { return t.to(dt).clone().requires_grad_(true); };
+    at::Tensor x = leaf(x0, p.dtype), w1 = leaf(w10, p.dtype), w2 = leaf(w20, p.dtype), rw = leaf(rw0, at::kFloat);
+    const at::Tensor y = GroupedMlp(x, w1, w2, p.act, rows, expert, rw);
+    EXPECT_EQ(y.scalar_type(), p.dtype);
+    (y.to(at::kDouble) * R).sum().backward();
+
+    at::Tensor xr = leaf(x0, at::kDouble), w1r = leaf(w10, at::kDouble), w2r = leaf(w20, at::kDouble),
+               rwr = leaf(rw.detach(), at::kDouble);
+    std::vector<at::Tensor> parts;
+    int64_t off = 0;
+    for (size_t s = 0; s < rows.size(); off += rows[s], ++s) {
+      parts.push_back(ReferenceMlp(xr.narrow(0, off, rows[s]), w1r[expert[s]], w2r[expert[s]], p.act));
+    }
+    ((at::cat(parts) * rwr.unsqueeze(1)) * R).sum().backward();
+    EXPECT_LT(MaxRel(y, (at::cat(parts) * rwr.unsqueeze(1)).detach()), p.tol);
+    EXPECT_LT(MaxRel(x.grad(), xr.grad()), p.tol);
+    EXPECT_LT(MaxRel(w1.grad(), w1r.grad()), p.tol);
+    EXPECT_LT(MaxRel(w2.grad(), w2r.grad()), p.tol);
+    ASSERT_TRUE(rw.grad().defined());
+    EXPECT_EQ(rw.grad().scalar_type(), at::kFloat);
+    EXPECT_LT(MaxRel(rw.grad(), rwr.grad()), std::max(p.tol, 1e-6));  // fp32, as the weights
+    EXPECT_EQ(y[5].abs().sum().item<double>(), 0.0);  // weight 0: the row contributes nothing
+    EXPECT_NE(rw.grad()[5].item<double>(), 0.0);      // but its weight still has a gradient
+  }
+  const at::Tensor x = at::randn({N, H}), w1 = at::randn({4, H, 2 * f}), w2 = at::randn({4, f, H});
+  EXPECT_THROW(GroupedMlp(x, w1, w2, Activation::kSwiglu, rows, expert, at::ones({N - 1})), c10::Error);
+}
+
 // bf16 storage: every product accumulates in fp32 per segment and h is rounded to bf16 once,
 // so the result is the fp32 computation on the bf16 inputs up to bf16 rounding of h, y and the
 // gradients; gradients come back in bf16.

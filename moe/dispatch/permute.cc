@@ -334,16 +334,30 @@ absl::StatusOr<PermutePlan> MakePlan(const at::Tensor& routing_map, int64_t capa
   p.num_tokens = T;
   p.num_experts = E;
   p.rows_per_expert.assign(E, 0);
-  std::vector<int64_t> per_token(T, 0);
-  int64_t copies = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t e = 0; e < E; ++e) {
-      if (m[t * E + e]) {
-        ++p.rows_per_expert[e];
-        ++per_token[t];
+  // The experts of token t, in order: the map is mostly false (k of E), so 8 entries are
+  // tested at a time and all-false words skipped (serial, this was ~1 ms at 4096 × 64 on the
+  // development machine when tested one by one).
+  auto for_each_expert = [&](int64_t t, auto&& f) {
+    const bool* row = m + t * E;
+    int64_t e = 0;
+    for (; e + 8 <= E; e += 8) {
+      uint64_t word;
+      std::memcpy(&word, row + e, sizeof(word));
+      if (word == 0) continue;
+      for (int64_t j = 0; j < 8; ++j) {
+        if (row[e + j]) f(e + j);
       }
     }
-    copies += per_token[t];
+    for (; e < E; ++e) {
+      if (row[e]) f(e);
+    }
+  };
+  int64_t copies = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    for_each_expert(t, [&](int64_t e) {
+      ++p.rows_per_expert[e];
+      ++copies;
+    });
   }
   if (capacity >= 0) {
     for (int64_t e = 0; e < E; ++e) {
@@ -373,13 +387,12 @@ absl::StatusOr<PermutePlan> MakePlan(const at::Tensor& routing_map, int64_t capa
   int64_t k = 0;
   for (int64_t t = 0; t < T; ++t) {
     off[t] = k;
-    for (int64_t e = 0; e < E; ++e) {
-      if (!m[t * E + e]) continue;
+    for_each_expert(t, [&](int64_t e) {
       const int64_t r = cursor[e]++;
       rt[r] = t;
       rp[r] = t * E + e;
       tr[k++] = r;
-    }
+    });
   }
   off[T] = k;
   return p;

@@ -21,6 +21,20 @@ namespace {
 
 absl::Status Invalid(const std::string& m) { return absl::InvalidArgumentError(m); }
 
+// No NaN or inf in v: one vectorised pass (ATen's isfinite(x).all() makes a bool tensor
+// first, ~0.3 ms at 4096 × 64 here, paid twice per routing with the aux loss).
+SY_CPU_CLONES
+bool AllFiniteF32(const float* __restrict__ v, int64_t n) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= !(std::fabs(v[i]) <= std::numeric_limits<float>::max());
+  return bad == 0;
+}
+
+bool AllFinite(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return AllFiniteF32(t.data_ptr<float>(), t.numel());
+  return at::isfinite(t).all().item<bool>();
+}
+
 absl::Status CheckLogits(const at::Tensor& logits) {
   if (!logits.defined() || logits.dim() != 2) {
     return Invalid("router: logits must be a 2-D [tokens, experts] tensor");
@@ -29,7 +43,7 @@ absl::Status CheckLogits(const at::Tensor& logits) {
     return Invalid("router: logits must be floating point");
   }
   if (logits.size(1) < 1) return Invalid("router: logits have no experts (second dimension 0)");
-  if (logits.numel() > 0 && !at::isfinite(logits).all().item<bool>()) {
+  if (logits.numel() > 0 && !AllFinite(logits)) {
     return Invalid("router: logits contain NaN or inf; refusing to route (check the model for "
                    "overflow upstream)");
   }

@@ -265,6 +265,15 @@ TEST(Router, EdgeCases) {
   at::Tensor inf = at::zeros({2, 4});
   inf[0][0] = INFINITY;
   EXPECT_THAT(err(TopKRoute(inf, {.top_k = 1})), HasSubstr("NaN or inf"));
+  // In the vectorised body of the check too, and -inf; a bf16 tensor takes ATen's check.
+  for (auto [t, e, v] : {std::tuple<int, int, float>{299, 63, -INFINITY}, {150, 17, NAN}, {0, 40, INFINITY}}) {
+    at::Tensor big = at::randn({300, 64});
+    big[t][e] = v;
+    EXPECT_THAT(err(TopKRoute(big, {.top_k = 2})), HasSubstr("NaN or inf")) << t << " " << e;
+    EXPECT_THAT(err(TopKRoute(big.to(at::kBFloat16), {.top_k = 2})), HasSubstr("NaN or inf")) << t << " " << e;
+    EXPECT_FALSE(AuxLossScores(big, 2, ScoreFunction::kSoftmax).ok());
+  }
+  EXPECT_TRUE(TopKRoute(at::randn({300, 64}) * 1e30, {.top_k = 2}).ok());
   EXPECT_THAT(err(TopKRoute(at::zeros({2, 4}), {.top_k = 5})), HasSubstr("top_k = 5 must be between 1 and the number of experts 4"));
   EXPECT_THAT(err(TopKRoute(at::zeros({2, 4}), {.top_k = 0})), HasSubstr("top_k = 0"));
   EXPECT_THAT(err(TopKRoute(at::zeros({2, 4}), {.top_k = 1, .capacity_factor = -1})), HasSubstr("capacity_factor = -1 must be >= 0"));

@@ -397,7 +397,7 @@ void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, a
 bool Weighted(const at::Tensor& rw, const at::Tensor& x) { return x.size(0) > 0 && rw.numel() == x.size(0); }
 
 // The row weights from row `first` on, or null (no weights: all 1).
-const float* RowWeights(const at::Tensor& rw, int64_t first) {
+const float* WeightsFrom(const at::Tensor& rw, int64_t first) {
   return rw.numel() > 0 ? rw.data_ptr<float>() + first : nullptr;
 }
 
@@ -445,7 +445,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         at::mm_out(hs, xs, w1e);
         at::Tensor as = scratch(a_buf);
         if (fused) {
-          SwigluForward(hs, low ? rows(h) : at::Tensor(), as, RowWeights(rw, sg.off[s]));  // also rounds h into storage
+          SwigluForward(hs, low ? rows(h) : at::Tensor(), as, WeightsFrom(rw, sg.off[s]));  // also rounds h into storage
         } else {
           if (low) hs.copy_(rows(h).copy_(hs));
           ActivationForward(act, hs, as);
@@ -516,7 +516,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         at::Tensor ga = scratch(ga_buf), gh = scratch(gh_buf), as = scratch(a_buf);
         at::mm_out(ga, gys, w2e.t());  // the gradient of fc2's input (rw ⊙ act)
         if (fused) {
-          SwigluBackward(rows(h), ga, gh, as, RowWeights(rw, sg.off[s]),
+          SwigluBackward(rows(h), ga, gh, as, WeightsFrom(rw, sg.off[s]),
                          need_rw ? grw.data_ptr<float>() + sg.off[s] : nullptr);  // reads h in its storage type
         } else {
           const at::Tensor hs = low ? scratch(h_buf).copy_(rows(h)) : rows(h);

@@ -139,6 +139,15 @@ absl::StatusOr<at::Tensor> Guard(const char* what, F&& f) {
 
 bool Active(groups::Group* g) { return g != nullptr && g->size() > 1; }
 
+// Rows (or per-row values) in `permuted` order to the experts' order, by the exchanges that
+// DispatchToExperts counted: all_to_all_v over EP, then all_gather_v over ETP.
+at::Tensor ToExperts(const at::Tensor& x, const DispatchState& st, const ExpertGroups& groups) {
+  at::Tensor y = x;
+  if (Active(groups.ep)) y = AllToAllVRows(y, *groups.ep, st.send_counts, st.recv_counts);
+  if (Active(groups.etp)) y = AllGatherVRows(y, *groups.etp, st.etp_counts);
+  return y;
+}
+
 }  // namespace
 
 std::vector<int64_t> EvenSplit(int64_t n, int parts) {
@@ -218,8 +227,6 @@ absl::StatusOr<at::Tensor> DispatchToExperts(const at::Tensor& permuted,
         mine[i * local + l] = c[i * E + me * local + l];
       }
     }
-    at::Tensor x = ep > 1 ? AllToAllVRows(permuted, *groups.ep, st->send_counts, st->recv_counts) : permuted;
-
     const int etp = Active(groups.etp) ? groups.etp->size() : 1;
     at::Tensor blocks = at::tensor(mine, at::kLong).reshape({1, ep * local});  // [etp member][source × local]
     if (etp > 1) {
@@ -232,7 +239,7 @@ absl::StatusOr<at::Tensor> DispatchToExperts(const at::Tensor& permuted,
     for (int m = 0; m < etp; ++m) {
       for (int j = 0; j < ep * local; ++j) st->etp_counts[m] += b[m * ep * local + j];
     }
-    if (etp > 1) x = AllGatherVRows(x, *groups.etp, st->etp_counts);
+    at::Tensor x = ToExperts(permuted, *st, groups);
 
     // The rows stay in (member, source, local expert) blocks: the grouped GEMM takes each
     // block as a segment of its expert, so nothing is copied to regroup them.
@@ -252,12 +259,7 @@ absl::StatusOr<at::Tensor> DispatchRowWeights(const at::Tensor& weights, const D
     return absl::InvalidArgumentError(absl::StrFormat("dispatch: row weights must be [%d], one per permuted row",
                                                       Sum(st.send_counts)));
   }
-  return Guard("dispatch row weights", [&] {
-    at::Tensor w = weights;
-    if (Active(groups.ep)) w = AllToAllVRows(w, *groups.ep, st.send_counts, st.recv_counts);
-    if (Active(groups.etp)) w = AllGatherVRows(w, *groups.etp, st.etp_counts);
-    return w;
-  });
+  return Guard("dispatch row weights", [&] { return ToExperts(weights, st, groups); });
 }
 
 absl::StatusOr<at::Tensor> CombineFromExperts(const at::Tensor& expert_out, const DispatchState& st,

@@ -477,7 +477,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
     const int64_t m = sg.max_rows, H = x.size(1), F1 = w1.size(2), F = w2.size(1);
     at::Tensor gx = need_x ? at::empty_like(x) : at::Tensor();
     at::Tensor gw1 = need_w ? at::empty_like(w1) : at::Tensor(), gw2 = need_w ? at::empty_like(w2) : at::Tensor();
-    // The row weights' gradient (rows of experts with no segment: none; every row has one).
+    // The row weights' gradient: every row lies in some segment, so every entry is written.
     const bool weighted = Weighted(rw, x), need_rw = weighted && ctx->needs_input_grad(3);
     at::Tensor grw = need_rw ? at::empty_like(rw) : at::Tensor();
     const at::TensorOptions co = x.options().dtype(ct);

@@ -4,6 +4,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/ops/mkldnn_linear.h>
+#include <ATen/ops/mkldnn_linear_backward_input.h>
+#include <ATen/ops/mkldnn_linear_backward_weights.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
@@ -13,6 +17,51 @@ namespace switchyard::gate {
 at::Tensor ApplyJitter(const at::Tensor& hidden, float eps, at::Generator& gen) {
   const at::Tensor u = at::empty(hidden.sizes(), hidden.options()).uniform_(1.0 - eps, 1.0 + eps, gen);
   return hidden * u;
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// logits = x · Wᵀ in fp32 through oneDNN's inner product, forward and both backward products.
+// x (fp32 or bf16) is converted to fp32 in oneDNN's own layout in the same pass that copies
+// it, and that copy is what the weight gradient reads; the input gradient comes back in x's
+// dtype in one pass too.
+struct OneDnnLogitsFn : torch::autograd::Function<OneDnnLogitsFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
+    const at::Tensor xm = x.contiguous().to_mkldnn(at::kFloat);
+    ctx->saved_data["x"] = xm;
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
+    ctx->save_for_backward({w});
+    return at::mkldnn_linear(xm, w.contiguous(), {}).to_dense();
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor w = ctx->get_saved_variables()[0].contiguous();
+    const at::Tensor gm = grads[0].to(at::kFloat).contiguous().to_mkldnn();
+    at::Tensor gx, gw;
+    if (ctx->needs_input_grad(0)) {
+      const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+      gx = at::mkldnn_linear_backward_input(ctx->saved_data["x_sizes"].toIntVector(), gm, w).to_dense(dtype);
+    }
+    if (ctx->needs_input_grad(1)) {
+      gw = std::get<0>(at::mkldnn_linear_backward_weights(gm, ctx->saved_data["x"].toTensor(), w, false));
+      if (gw.is_mkldnn()) gw = gw.to_dense();
+    }
+    return {gx, gw};
+  }
+};
+
+}  // namespace
+
+at::Tensor RouterLogits(const at::Tensor& hidden, const at::Tensor& weight) {
+  const bool onednn = at::hasMKLDNN() && hidden.device().is_cpu() && weight.device().is_cpu() &&
+                      hidden.dim() == 2 && hidden.size(0) > 0 && weight.scalar_type() == at::kFloat &&
+                      (hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kBFloat16);
+  if (!onednn) return at::matmul(hidden.to(at::kFloat), weight.t());
+  return OneDnnLogitsFn::apply(hidden, weight);
 }
 
 absl::StatusOr<Router> Router::Create(const RouterConfig& c, uint64_t seed) {
@@ -45,12 +94,18 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
     return absl::InvalidArgumentError(absl::StrFormat(
         "router: hidden states must be [tokens, %d]", config_.hidden_size));
   }
-  at::Tensor x = hidden.to(at::kFloat);  // router math in fp32 whatever the model's dtype
-  if (args.training && config_.jitter_eps > 0) x = ApplyJitter(x, config_.jitter_eps, generator_);
   RouterOutput out;
-  out.logits = at::matmul(x, weight_.t());
+  const bool jitter = args.training && config_.jitter_eps > 0, noisy = args.training && config_.noisy_gating;
+  at::Tensor x;  // router math in fp32 whatever the model's dtype
+  if (jitter || noisy) {
+    x = hidden.to(at::kFloat);
+    if (jitter) x = ApplyJitter(x, config_.jitter_eps, generator_);
+    out.logits = RouterLogits(x, weight_);
+  } else {
+    out.logits = RouterLogits(hidden, weight_);
+  }
   at::Tensor logits = out.logits;
-  if (args.training && config_.noisy_gating) {
+  if (noisy) {
     const at::Tensor scale = at::softplus(at::matmul(x, noise_weight_.t()));
     logits = logits + at::empty(logits.sizes(), logits.options()).normal_(0.0, 1.0, generator_) * scale;
   }

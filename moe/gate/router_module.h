@@ -80,6 +80,13 @@ class Router {
 };
 
 // hidden × U(1 − eps, 1 + eps), elementwise, drawn from `gen`.
+// hidden · weightᵀ in fp32 with autograd: hidden [T, H] in any float dtype, weight [E, H] fp32.
+// On CPUs it runs oneDNN's fp32 inner product (forward and both backward products) where
+// LibTorch has oneDNN: 2–3× faster than the BLAS path at router shapes on this project's
+// machines (AVX-512 kernels; Debian's OpenBLAS is pinned to its AVX2 ones there). Elsewhere,
+// and for zero tokens, at::matmul of hidden in fp32. The input gradient comes back in hidden's dtype.
+at::Tensor RouterLogits(const at::Tensor& hidden, const at::Tensor& weight);
+
 at::Tensor ApplyJitter(const at::Tensor& hidden, float eps, at::Generator& gen);
 
 }  // namespace switchyard::gate

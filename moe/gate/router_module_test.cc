@@ -105,6 +105,40 @@ TEST(RouterModule, ExpertBiasSteersTheChoiceAfterUpdates) {
   EXPECT_TRUE(at::allclose(after->routing.probs.detach(), s * after->routing.routing_map));
 }
 
+// RouterLogits (oneDNN's fp32 inner product where LibTorch has it) against fp64 products: the
+// logits and both gradients, for fp32 and bf16 hidden states, at router-like and odd sizes,
+// and for zero tokens.
+TEST(RouterModule, LogitsAndTheirGradientsMatchFp64) {
+  for (at::ScalarType dt : {at::kFloat, at::kBFloat16}) {
+    for (auto [T, H, E] : {std::tuple<int64_t, int64_t, int64_t>{512, 256, 64}, {37, 24, 5}, {0, 16, 4}}) {
+      SCOPED_TRACE(testing::Message() << at::toString(dt) << " T=" << T << " H=" << H << " E=" << E);
+      const at::Tensor x = Hidden(T, H, 8).to(dt).requires_grad_(true);
+      const at::Tensor w = (Hidden(E, H, 9) * 0.1).requires_grad_(true);
+      const at::Tensor g = Hidden(T, E, 10);
+      const at::Tensor logits = RouterLogits(x, w);
+      ASSERT_EQ(logits.scalar_type(), at::kFloat);
+      ASSERT_EQ(logits.sizes(), (std::vector<int64_t>{T, E}));
+      logits.backward(g);
+      ASSERT_EQ(x.grad().scalar_type(), dt);
+      const at::Tensor xd = x.detach().to(at::kDouble), wd = w.detach().to(at::kDouble), gd = g.to(at::kDouble);
+      auto rel = [](const at::Tensor& got, const at::Tensor& want) {
+        return want.numel() == 0 ? 0.0
+                                 : (got.to(at::kDouble) - want).abs().max().item<double>() /
+                                       std::max(want.abs().max().item<double>(), 1e-30);
+      };
+      EXPECT_LT(rel(logits.detach(), xd.mm(wd.t())), 5e-6);  // fp32 rounding, not bf16 (~4e-3)
+      EXPECT_LT(rel(w.grad(), gd.t().mm(xd)), 5e-6);
+      // The input gradient is rounded once, to x's dtype.
+      EXPECT_LT(rel(x.grad(), gd.mm(wd)), dt == at::kFloat ? 5e-6 : 4e-3);
+      if (T > 0) EXPECT_GT(w.grad().abs().max().item<double>(), 0);
+    }
+  }
+  // Only the weight needs a gradient (the router's usual case in inference-free tests).
+  const at::Tensor w = Hidden(4, 8, 11).requires_grad_(true);
+  RouterLogits(Hidden(6, 8, 12), w).sum().backward();
+  EXPECT_TRUE(at::allclose(w.grad(), Hidden(6, 8, 12).sum(0).expand({4, 8}), 1e-5, 1e-6));
+}
+
 TEST(RouterModule, ExpertChoiceAndBadInput) {
   absl::StatusOr<Router> r = Router::Create({.hidden_size = 8, .num_experts = 4,
                                              .type = RoutingType::kExpertChoice,

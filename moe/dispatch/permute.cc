@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include <immintrin.h>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -39,6 +41,50 @@ void CopyRow(char* __restrict__ dst, const char* __restrict__ src, int64_t n) {
   if (i < n) std::memcpy(dst + i, src + i, n - i);
 }
 
+// CopyRow with non-temporal stores, for rows written once and read much later (the permuted
+// copies, [N, H] with N = k × T, pass through memory either way): no read of the destination
+// lines first. Needs a 64-byte aligned dst and whole 64-byte lines; StreamFence() after.
+__attribute__((target("avx512f"))) void StreamRow512(char* __restrict__ dst, const char* __restrict__ src,
+                                                     int64_t n) {
+  for (int64_t i = 0; i < n; i += 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
+  }
+}
+
+__attribute__((target("avx2"))) void StreamRow256(char* __restrict__ dst, const char* __restrict__ src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+  }
+}
+
+enum class Stream { kNone, kAvx2, kAvx512 };
+
+Stream StreamKind() {
+  static const Stream kind = __builtin_cpu_supports("avx512f") ? Stream::kAvx512
+                             : __builtin_cpu_supports("avx2")  ? Stream::kAvx2
+                                                               : Stream::kNone;
+  return kind;
+}
+
+// Copies rows of `bytes` bytes into a base; streams where the CPU and the layout allow.
+struct RowWriter {
+  RowWriter(char* base, int64_t bytes)
+      : kind(reinterpret_cast<uintptr_t>(base) % 64 == 0 && bytes % 64 == 0 ? StreamKind() : Stream::kNone) {}
+  void operator()(char* __restrict__ dst, const char* __restrict__ src, int64_t n) const {
+    switch (kind) {
+      case Stream::kAvx512: return StreamRow512(dst, src, n);
+      case Stream::kAvx2: return StreamRow256(dst, src, n);
+      case Stream::kNone: return CopyRow(dst, src, n);
+    }
+  }
+  // Orders this thread's streamed stores before what follows the parallel region.
+  void Fence() const {
+    if (kind != Stream::kNone) _mm_sfence();
+  }
+  Stream kind;
+};
+
 // Zeroes the rows of no token (empty capacity slots, row_token < 0); dropless layouts, where
 // every row is some token's copy, have none.
 void ZeroEmptyRows(char* base, int64_t row_bytes, const at::Tensor& row_token, int64_t copies) {
@@ -68,10 +114,12 @@ at::Tensor ScatterRows(const at::Tensor& in, const at::Tensor& row_token, const 
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* rr = rows.data_ptr<int64_t>();
   ZeroEmptyRows(op, bytes, row_token, rows.numel());
+  const RowWriter write(op, bytes);
   at::parallel_for(0, t_count, kGrain, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      for (int64_t j = off[t]; j < off[t + 1]; ++j) CopyRow(op + rr[j] * bytes, ip + t * bytes, bytes);
+      for (int64_t j = off[t]; j < off[t + 1]; ++j) write(op + rr[j] * bytes, ip + t * bytes, bytes);
     }
+    write.Fence();
   });
   return out;
 }

@@ -53,8 +53,10 @@ Reference Naive(const at::Tensor& x, const at::Tensor& map, const at::Tensor& pr
 }
 
 TEST(PermuteTest, DroplessMatchesNaiveForwardAndBackward) {
-  for (int k : {1, 2, 8}) {
-    const int64_t T = 37, E = 8, H = 5;
+  // H = 5: rows of 20 bytes, copied; H = 48: whole 64-byte lines, written with streaming stores.
+  for (auto [k, H] : {std::pair<int, int64_t>{1, 5}, {2, 5}, {8, 5}, {2, 48}, {8, 48}}) {
+    SCOPED_TRACE(::testing::Message() << "H = " << H);
+    const int64_t T = 37, E = 8;
     const at::Tensor map = RandomMap(T, E, k, /*empty_expert=*/k < 8 ? 3 : -1, /*empty_token=*/4, 100 + k);
     at::manual_seed(7);
     const at::Tensor x0 = at::randn({T, H}), p0 = at::rand({T, E}) * map, R = at::randn({T, H});
@@ -79,7 +81,7 @@ TEST(PermuteTest, DroplessMatchesNaiveForwardAndBackward) {
       EXPECT_LT(MaxRel(out, ref.out), 1e-6) << "k=" << k;
       (out * R).sum().backward();
       EXPECT_LT(MaxRel(x.grad(), xr.grad()), 1e-6) << "k=" << k;
-      EXPECT_LT(MaxRel(p.grad(), pr.grad()), 1e-6) << "k=" << k;
+      EXPECT_LT(MaxRel(p.grad(), pr.grad()), 4e-6) << "k=" << k;  // dots of H fp32 products
       EXPECT_EQ(out[4].abs().sum().item<double>(), 0.0);
       EXPECT_EQ(x.grad()[4].abs().sum().item<double>(), 0.0);
     }
@@ -93,7 +95,9 @@ TEST(PermuteTest, DroplessMatchesNaiveForwardAndBackward) {
 }
 
 TEST(PermuteTest, CapacityLayoutHasZeroSlots) {
-  const int64_t T = 12, E = 4, H = 3, C = 5;
+ for (const int64_t H : {3, 16}) {  // 12-byte rows, copied; 64-byte rows, streamed
+  SCOPED_TRACE(::testing::Message() << "H = " << H);
+  const int64_t T = 12, E = 4, C = 5;
   const at::Tensor map = RandomMap(T, E, 1, /*empty_expert=*/2, -1, 5);
   // Drop to capacity: keep each expert's first C tokens.
   at::Tensor kept = map.clone();
@@ -135,7 +139,9 @@ TEST(PermuteTest, CapacityLayoutHasZeroSlots) {
     EXPECT_TRUE(at::equal(w[e].narrow(0, 0, n), at::full({n}, 0.5f))) << e;
     EXPECT_EQ(w[e].narrow(0, n, C - n).abs().sum().item<double>(), 0.0) << e;
   }
+ }
 
+  const int64_t E = 4, C = 5;
   at::Tensor over = at::zeros({C + 1, E}, at::kBool);
   over.select(1, 0).fill_(true);
   auto bad = MakePlan(over, C);

@@ -7,6 +7,8 @@
 #include <limits>
 #include <numeric>
 
+#include <immintrin.h>
+
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -313,6 +315,100 @@ SY_CPU_CLONES void SwigluBackwardBf16(const uint16_t* __restrict__ h, const uint
   SwigluBackwardRow(h, gw, gh, a, f, w, prod);
 }
 
+// --- SwiGLU with bf16 GEMMs, written for AVX-512 + AVX512-BF16 --------------------------
+// The CPUs that run bf16 GEMMs natively all have these units. Here: e^(−|gate|) through
+// vscalefps (which gives 0 and denormals where the exponent runs out, so no clamps), sigmoid =
+// 1/(1 + e) or e/(1 + e) by rcp14 and one Newton step on 1 + e ∈ [1, 2], and vcvtneps2bf16 for
+// the rounding (to nearest even, as NarrowToBf16; it flushes denormal results to zero). Same
+// special values as ATen's silu: silu(+inf) = inf, silu(−inf) = NaN, NaN stays NaN. On rows
+// in cache (512 × 256, 2-core AMD EPYC Zen 5) forward 0.27 against 0.43 ns an element for
+// the portable loop, backward 0.47 against 0.80; inside the experts, where the backward reads
+// the saved h from memory, the experts' forward + backward gains 1.5–2.5%. Full vectors are
+// loaded unmasked: with masked loads for every vector the backward ran 2× slower there.
+#define SY_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
+
+// 16 bf16 values, or the first n < 16 of them (the rest zero).
+SY_AVX512BF16 inline __m512 LoadBf16x16(const uint16_t* p, int64_t n) {
+  const __m256i v = n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                            : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+SY_AVX512BF16 inline void StoreBf16x16(uint16_t* p, __m512 v, int64_t n) {
+  const __m256i b = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  if (n >= 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), b);
+  } else {
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), b);
+  }
+}
+
+// sigmoid(g) for 16 lanes.
+SY_AVX512BF16 inline __m512 Sigmoid16(__m512 g) {
+  // x = −|g| ≤ 0 (NaN stays NaN: max_ps returns its second operand then).
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(-0.693359375f), x);
+  r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512 e = _mm512_scalef_ps(p, k);  // e^x ∈ [0, 1]
+  const __m512 d = _mm512_add_ps(e, _mm512_set1_ps(1.0f));
+  const __m512 r0 = _mm512_rcp14_ps(d);
+  const __m512 inv = _mm512_mul_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(2.0f)));
+  const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_mask_mul_ps(inv, neg, inv, e);  // gate < 0: e^gate / (1 + e^gate)
+}
+
+SY_AVX512BF16 void SwigluForwardBf16Avx512(const uint16_t* __restrict__ h, uint16_t* __restrict__ a, int64_t f,
+                                           float w) {
+  const __m512 wv = _mm512_set1_ps(w);
+  for (int64_t c = 0; c < f; c += 16) {
+    const int64_t m = f - c;
+    const __m512 g = LoadBf16x16(h + c, m), u = LoadBf16x16(h + f + c, m);
+    const __m512 silu = _mm512_mul_ps(g, Sigmoid16(g));
+    StoreBf16x16(a + c, _mm512_mul_ps(wv, _mm512_mul_ps(silu, u)), m);
+  }
+}
+
+// As SwigluBackwardRow; returns Σ gw·silu(gate)·up (the row weight's gradient).
+SY_AVX512BF16 float SwigluBackwardBf16Avx512(const uint16_t* __restrict__ h, const uint16_t* __restrict__ gw,
+                                             uint16_t* __restrict__ gh, uint16_t* __restrict__ a, int64_t f,
+                                             float w) {
+  const __m512 wv = _mm512_set1_ps(w), one = _mm512_set1_ps(1.0f);
+  __m512 dot = _mm512_setzero_ps();
+  for (int64_t c = 0; c < f; c += 16) {
+    const int64_t m = f - c;
+    const __m512 g = LoadBf16x16(h + c, m), u = LoadBf16x16(h + f + c, m), dw = LoadBf16x16(gw + c, m);
+    const __m512 s = Sigmoid16(g), silu = _mm512_mul_ps(g, s), act = _mm512_mul_ps(silu, u);
+    const __m512 d = _mm512_mul_ps(wv, dw);
+    StoreBf16x16(a + c, _mm512_mul_ps(wv, act), m);
+    // d·up·s·(1 + gate·(1 − s))
+    const __m512 t = _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one);
+    StoreBf16x16(gh + c, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(d, u), s), t), m);
+    StoreBf16x16(gh + f + c, _mm512_mul_ps(d, silu), m);
+    dot = _mm512_add_ps(dot, _mm512_mul_ps(dw, act));  // lanes past the end: dw = 0
+  }
+  return _mm512_reduce_add_ps(dot);
+}
+
+#undef SY_AVX512BF16
+
+std::atomic<SwigluKernels> swiglu_kernels{SwigluKernels::kAuto};
+
+// Whether the bf16-GEMM SwiGLU runs the AVX512-BF16 kernels.
+bool UseAvx512Bf16Swiglu() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return has && swiglu_kernels.load() == SwigluKernels::kAuto;
+}
+
 // Σ v, over 16 partial sums so that it vectorises (one running sum is a serial chain).
 SY_CPU_CLONES float SumF32(const float* __restrict__ v, int64_t n) {
   constexpr int kLanes = 16;
@@ -346,11 +442,14 @@ void SwigluForward(const at::Tensor& hs, const at::Tensor& h_store, at::Tensor& 
   void* hp = hs.data_ptr();
   void* ap = a.data_ptr();
   uint16_t* sp = h_store.defined() ? static_cast<uint16_t*>(h_store.data_ptr()) : nullptr;
+  const bool avx512 = bf16 && UseAvx512Bf16Swiglu();
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t hr = r * 2 * f, ar = r * f;
       const float wr = w != nullptr ? w[r] : 1.0f;
-      if (bf16) {
+      if (bf16 && avx512) {
+        SwigluForwardBf16Avx512(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(ap) + ar, f, wr);
+      } else if (bf16) {
         SwigluForwardBf16(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(ap) + ar, f, wr);
       } else if (sp != nullptr) {
         SwigluForwardRoundBf16(static_cast<float*>(hp) + hr, sp + hr, static_cast<float*>(ap) + ar, f, wr);
@@ -372,12 +471,20 @@ void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, a
   TORCH_INTERNAL_ASSERT(gh.scalar_type() == ga.scalar_type() && a.scalar_type() == ga.scalar_type() &&
                         (h_bf16 || !g_bf16));
   void *hp = h.data_ptr(), *gap = ga.data_ptr(), *ghp = gh.data_ptr(), *ap = a.data_ptr();
+  const bool avx512 = g_bf16 && UseAvx512Bf16Swiglu();
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
-    std::vector<float> scratch(dw != nullptr ? f : 0);
+    std::vector<float> scratch(dw != nullptr && !avx512 ? f : 0);
     float* prod = dw != nullptr ? scratch.data() : nullptr;
     for (int64_t r = b; r < e; ++r) {
       const int64_t hr = r * 2 * f, gr = r * f;
       const float wr = w != nullptr ? w[r] : 1.0f;
+      if (avx512) {
+        const float dot =
+            SwigluBackwardBf16Avx512(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(gap) + gr,
+                                     static_cast<uint16_t*>(ghp) + hr, static_cast<uint16_t*>(ap) + gr, f, wr);
+        if (dw != nullptr) dw[r] = dot;
+        continue;
+      }
       if (g_bf16) {
         SwigluBackwardBf16(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(gap) + gr,
                            static_cast<uint16_t*>(ghp) + hr, static_cast<uint16_t*>(ap) + gr, f, wr, prod);
@@ -571,6 +678,8 @@ std::atomic<Bf16Gemms> bf16_gemms{Bf16Gemms::kAuto};
 }  // namespace
 
 void SetBf16Gemms(Bf16Gemms choice) { bf16_gemms.store(choice); }
+
+void SetSwigluKernels(SwigluKernels choice) { swiglu_kernels.store(choice); }
 
 at::ScalarType CpuGemmComputeType(at::ScalarType storage) {
   if (storage == at::kBFloat16) {

@@ -49,6 +49,12 @@ at::ScalarType CpuGemmComputeType(at::ScalarType storage);
 enum class Bf16Gemms { kAuto, kFp32, kBf16 };
 void SetBf16Gemms(Bf16Gemms choice);
 
+// Which loops the fused SwiGLU runs with bf16 GEMMs, process-wide: kAuto takes the AVX-512
+// + AVX512-BF16 kernels where the CPU has them; kPortable the loops built for any x86-64, so
+// that tests check both on CPUs that have the units.
+enum class SwigluKernels { kAuto, kPortable };
+void SetSwigluKernels(SwigluKernels choice);
+
 // out[segment s] = x[segment s] @ w[expert(s)]: x is cut into consecutive segments of
 // rows_per_segment rows (summing to N); segment s belongs to expert segment_expert[s], or to
 // expert s when segment_expert is empty (then one segment per expert). An expert may own

@@ -28,6 +28,12 @@ class Bf16GemmsScope {
   ~Bf16GemmsScope() { SetBf16Gemms(Bf16Gemms::kAuto); }
 };
 
+class SwigluKernelsScope {
+ public:
+  explicit SwigluKernelsScope(SwigluKernels choice) { SetSwigluKernels(choice); }
+  ~SwigluKernelsScope() { SetSwigluKernels(SwigluKernels::kAuto); }
+};
+
 const char* Name(Bf16Gemms g) { return g == Bf16Gemms::kFp32 ? "fp32 GEMMs" : "bf16 GEMMs"; }
 
 at::Tensor Act(const at::Tensor& h, Activation a) {
@@ -152,16 +158,20 @@ TEST(GroupedMlpTest, RowWeightsScaleEachRowOnEveryPath) {
     at::ScalarType dtype;
     Bf16Gemms gemms;
     double tol;
+    SwigluKernels kernels = SwigluKernels::kAuto;
   };
   for (const Path& p : {Path{Activation::kSwiglu, at::kFloat, Bf16Gemms::kAuto, 1e-6},
                         Path{Activation::kSwiglu, at::kDouble, Bf16Gemms::kAuto, 1e-12},
                         Path{Activation::kGelu, at::kFloat, Bf16Gemms::kAuto, 1e-6},
                         Path{Activation::kSwiglu, at::kBFloat16, Bf16Gemms::kFp32, 2e-2},
                         Path{Activation::kSwiglu, at::kBFloat16, Bf16Gemms::kBf16, 2e-2},
+                        Path{Activation::kSwiglu, at::kBFloat16, Bf16Gemms::kBf16, 2e-2, SwigluKernels::kPortable},
                         Path{Activation::kGelu, at::kBFloat16, Bf16Gemms::kFp32, 2e-2}}) {
     Bf16GemmsScope scope(p.gemms);
+    SwigluKernelsScope kscope(p.kernels);
     SCOPED_TRACE(::testing::Message() << "act " << static_cast<int>(p.act) << ", " << p.dtype << ", "
-                                      << (p.dtype == at::kBFloat16 ? Name(p.gemms) : ""));
+                                      << (p.dtype == at::kBFloat16 ? Name(p.gemms) : "")
+                                      << (p.kernels == SwigluKernels::kPortable ? ", portable loops" : ""));
     at::manual_seed(31);
     const int64_t f1 = p.act == Activation::kSwiglu ? 2 * f : f;
     // bf16-representable inputs, so that every path starts from the same numbers.
@@ -420,11 +430,17 @@ TEST(GroupedMlpTest, FusedSwigluMatchesAtenOverTheWholeRange) {
   for (auto [r, v] : special) h[r][r] = v, h[r][f + r + 1] = v;
   // bf16 storage both ways: fp32 GEMMs (h rounded into storage by the forward kernel) and
   // bf16 GEMMs (h, a, ga and gh all bf16, the kernels computing in fp32 between them).
-  const std::vector<std::pair<at::ScalarType, Bf16Gemms>> cases = {
-      {at::kFloat, Bf16Gemms::kAuto}, {at::kBFloat16, Bf16Gemms::kFp32}, {at::kBFloat16, Bf16Gemms::kBf16}};
-  for (auto [dt, gemms] : cases) {
+  // With bf16 GEMMs, both the AVX512-BF16 kernels (where the CPU has them) and the portable ones.
+  const std::vector<std::tuple<at::ScalarType, Bf16Gemms, SwigluKernels>> cases = {
+      {at::kFloat, Bf16Gemms::kAuto, SwigluKernels::kAuto},
+      {at::kBFloat16, Bf16Gemms::kFp32, SwigluKernels::kAuto},
+      {at::kBFloat16, Bf16Gemms::kBf16, SwigluKernels::kAuto},
+      {at::kBFloat16, Bf16Gemms::kBf16, SwigluKernels::kPortable}};
+  for (auto [dt, gemms, kernels] : cases) {
     Bf16GemmsScope scope(gemms);
-    SCOPED_TRACE(dt == at::kFloat ? "fp32" : Name(gemms));
+    SwigluKernelsScope kscope(kernels);
+    SCOPED_TRACE(::testing::Message() << (dt == at::kFloat ? "fp32" : Name(gemms))
+                                      << (kernels == SwigluKernels::kPortable ? ", portable loops" : ""));
     const at::Tensor w1 = at::eye(2 * f).unsqueeze(0).to(dt), w2 = at::eye(f, 2 * f).unsqueeze(0).to(dt);
     const at::Tensor R = at::randn({n, 2 * f}).to(dt);
     at::Tensor x = h.clone().to(dt).requires_grad_(true);

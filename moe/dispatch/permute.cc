@@ -383,8 +383,10 @@ absl::StatusOr<PermutePlan> MakePlan(const at::Tensor& routing_map, int64_t capa
   p.num_experts = E;
   p.rows_per_expert.assign(E, 0);
   // The experts of token t, in order: the map is mostly false (k of E), so 8 entries are
-  // tested at a time and all-false words skipped (serial, this was ~1 ms at 4096 × 64 on the
-  // development machine when tested one by one).
+  // read as one word, all-false words skipped, and the set ones found by their bits (the low
+  // bit of each byte gathered into one byte by a multiply) rather than by a branch per entry.
+  // Serial; at 4096 × 64 with k = 8, 1.0 ms when tested one by one, 0.9 with the test per
+  // entry inside non-zero words, on the development machine.
   auto for_each_expert = [&](int64_t t, auto&& f) {
     const bool* row = m + t * E;
     int64_t e = 0;
@@ -392,8 +394,9 @@ absl::StatusOr<PermutePlan> MakePlan(const at::Tensor& routing_map, int64_t capa
       uint64_t word;
       std::memcpy(&word, row + e, sizeof(word));
       if (word == 0) continue;
-      for (int64_t j = 0; j < 8; ++j) {
-        if (row[e + j]) f(e + j);
+      // Byte j of the word is 0 or 1 (little-endian): bit j of `bits`.
+      for (uint32_t bits = static_cast<uint32_t>((word * 0x0102040810204080ull) >> 56); bits != 0; bits &= bits - 1) {
+        f(e + __builtin_ctz(bits));
       }
     }
     for (; e < E; ++e) {

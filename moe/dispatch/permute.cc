@@ -42,8 +42,9 @@ void CopyRow(char* __restrict__ dst, const char* __restrict__ src, int64_t n) {
 }
 
 // CopyRow with non-temporal stores, for rows written once and read much later (the permuted
-// copies, [N, H] with N = k × T, pass through memory either way): no read of the destination
-// lines first. Needs a 64-byte aligned dst and whole 64-byte lines; StreamFence() after.
+// copies, [N, H] with N = k × T, pass through memory when they outgrow the cache): no read of
+// the destination lines first. Needs a 64-byte aligned dst and whole 64-byte lines, and a
+// fence after (RowWriter::Fence).
 __attribute__((target("avx512f"))) void StreamRow512(char* __restrict__ dst, const char* __restrict__ src,
                                                      int64_t n) {
   for (int64_t i = 0; i < n; i += 64) {
@@ -67,10 +68,17 @@ Stream StreamKind() {
   return kind;
 }
 
-// Copies rows of `bytes` bytes into a base; streams where the CPU and the layout allow.
+// Outputs up to this size are written through the cache: they fit in the last-level cache
+// (32 MiB on the development machine), where the next op finds them. Streamed, the coarse
+// shape's permute + unpermute (8 MiB of bf16 rows) took 0.63 ms, 3.1x a memcpy of the bytes.
+constexpr int64_t kStreamAbove = int64_t{16} << 20;
+
+// Copies rows of `bytes` bytes into a base of `total` bytes; streams where the size, the CPU
+// and the layout allow.
 struct RowWriter {
-  RowWriter(char* base, int64_t bytes)
-      : kind(reinterpret_cast<uintptr_t>(base) % 64 == 0 && bytes % 64 == 0 ? StreamKind() : Stream::kNone) {}
+  RowWriter(char* base, int64_t bytes, int64_t total)
+      : kind(total > kStreamAbove && reinterpret_cast<uintptr_t>(base) % 64 == 0 && bytes % 64 == 0 ? StreamKind()
+                                                                                                     : Stream::kNone) {}
   void operator()(char* __restrict__ dst, const char* __restrict__ src, int64_t n) const {
     switch (kind) {
       case Stream::kAvx512: return StreamRow512(dst, src, n);
@@ -114,7 +122,7 @@ at::Tensor ScatterRows(const at::Tensor& in, const at::Tensor& row_token, const 
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* rr = rows.data_ptr<int64_t>();
   ZeroEmptyRows(op, bytes, row_token, rows.numel());
-  const RowWriter write(op, bytes);
+  const RowWriter write(op, bytes, n * bytes);
   at::parallel_for(0, t_count, kGrain, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       for (int64_t j = off[t]; j < off[t + 1]; ++j) write(op + rr[j] * bytes, ip + t * bytes, bytes);

@@ -53,7 +53,8 @@ Reference Naive(const at::Tensor& x, const at::Tensor& map, const at::Tensor& pr
 }
 
 TEST(PermuteTest, DroplessMatchesNaiveForwardAndBackward) {
-  // H = 5: rows of 20 bytes, copied; H = 48: whole 64-byte lines, written with streaming stores.
+  // H = 5: rows of 20 bytes; H = 48: whole 64-byte lines (streamed only in large outputs,
+  // LargeRowsMatchTheGather).
   for (auto [k, H] : {std::pair<int, int64_t>{1, 5}, {2, 5}, {8, 5}, {2, 48}, {8, 48}}) {
     SCOPED_TRACE(::testing::Message() << "H = " << H);
     const int64_t T = 37, E = 8;
@@ -94,8 +95,26 @@ TEST(PermuteTest, DroplessMatchesNaiveForwardAndBackward) {
   }
 }
 
+// Row tensors larger than the last-level cache are written with streaming stores: the same
+// rows, forward (Permute) and backward (the unweighted Unpermute's), bit for bit.
+TEST(PermuteTest, LargeRowsMatchTheGather) {
+  const int64_t T = 2048, E = 16, H = 1024;  // 8192 fp32 rows of 4 KiB: 32 MiB
+  const at::Tensor map = RandomMap(T, E, 4, /*empty_expert=*/5, /*empty_token=*/9, 21);
+  auto plan = MakePlan(map);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->num_rows(), 4 * (T - 1));
+  at::manual_seed(8);
+  const at::Tensor x = at::randn({T, H}).requires_grad_(true);
+  const at::Tensor rows = Permute(x, *plan);
+  EXPECT_TRUE(at::equal(rows, x.detach().index_select(0, plan->row_token)));
+  const at::Tensor r = rows.detach().requires_grad_(true);
+  const at::Tensor g = at::randn({T, H});
+  Unpermute(r, *plan).backward(g);
+  EXPECT_TRUE(at::equal(r.grad(), g.index_select(0, plan->row_token)));
+}
+
 TEST(PermuteTest, CapacityLayoutHasZeroSlots) {
- for (const int64_t H : {3, 16}) {  // 12-byte rows, copied; 64-byte rows, streamed
+ for (const int64_t H : {3, 16}) {  // 12-byte rows; whole 64-byte lines
   SCOPED_TRACE(::testing::Message() << "H = " << H);
   const int64_t T = 12, E = 4, C = 5;
   const at::Tensor map = RandomMap(T, E, 1, /*empty_expert=*/2, -1, 5);

@@ -393,8 +393,8 @@ absl::StatusOr<PermutePlan> MakePlan(const at::Tensor& routing_map, int64_t capa
   // The experts of token t, in order: the map is mostly false (k of E), so 8 entries are
   // read as one word, all-false words skipped, and the set ones found by their bits (the low
   // bit of each byte gathered into one byte by a multiply) rather than by a branch per entry.
-  // Serial; at 4096 × 64 with k = 8, 1.0 ms when tested one by one, 0.9 with the test per
-  // entry inside non-zero words, on the development machine.
+  // Serial; the whole plan at 4096 × 64 with k = 8 on the development machine: ~1 ms with a
+  // branch per entry, 0.63 ms this way.
   auto for_each_expert = [&](int64_t t, auto&& f) {
     const bool* row = m + t * E;
     int64_t e = 0;

@@ -323,7 +323,7 @@ SY_CPU_CLONES void SwigluBackwardBf16(const uint16_t* __restrict__ h, const uint
 // special values as ATen's silu: silu(+inf) = inf, silu(−inf) = NaN, NaN stays NaN. On rows
 // in cache (512 × 256, 2-core AMD EPYC Zen 5) forward 0.27 against 0.43 ns an element for
 // the portable loop, backward 0.47 against 0.80; inside the experts, where the backward reads
-// the saved h from memory, the experts' forward + backward gains 1.5–2.5%. Full vectors are
+// the saved h from memory, the experts' forward + backward gains 1–2.5%. Full vectors are
 // loaded unmasked: with masked loads for every vector the backward ran 2× slower there.
 #define SY_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
 

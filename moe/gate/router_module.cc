@@ -96,14 +96,11 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
   }
   RouterOutput out;
   const bool jitter = args.training && config_.jitter_eps > 0, noisy = args.training && config_.noisy_gating;
-  at::Tensor x;  // router math in fp32 whatever the model's dtype
-  if (jitter || noisy) {
-    x = hidden.to(at::kFloat);
-    if (jitter) x = ApplyJitter(x, config_.jitter_eps, generator_);
-    out.logits = RouterLogits(x, weight_);
-  } else {
-    out.logits = RouterLogits(hidden, weight_);
-  }
+  // Router math in fp32 whatever the model's dtype; RouterLogits converts hidden itself, in
+  // the copy it makes anyway, unless jitter or the noise product needs x in fp32 first.
+  at::Tensor x = jitter || noisy ? hidden.to(at::kFloat) : hidden;
+  if (jitter) x = ApplyJitter(x, config_.jitter_eps, generator_);
+  out.logits = RouterLogits(x, weight_);
   at::Tensor logits = out.logits;
   if (noisy) {
     const at::Tensor scale = at::softplus(at::matmul(x, noise_weight_.t()));

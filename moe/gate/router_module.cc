@@ -30,7 +30,12 @@ using torch::autograd::variable_list;
 // dtype in one pass too.
 struct OneDnnLogitsFn : torch::autograd::Function<OneDnnLogitsFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
-    const at::Tensor xm = x.contiguous().to_mkldnn(at::kFloat);
+    // bf16 → fp32 inside oneDNN's reorder where the CPU has the bf16 instructions (the CPUs
+    // that run the bf16 layer natively); elsewhere ATen converts first, so that no bf16 path
+    // of oneDNN is asked for on a CPU without them.
+    static const bool bf16_reorder = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+    const at::Tensor xf = x.scalar_type() == at::kFloat || bf16_reorder ? x : x.to(at::kFloat);
+    const at::Tensor xm = xf.contiguous().to_mkldnn(at::kFloat);
     ctx->saved_data["x"] = xm;
     ctx->saved_data["x_sizes"] = x.sizes().vec();
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());

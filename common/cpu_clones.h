@@ -10,4 +10,16 @@
 //   SY_CPU_CLONES void Axpy(float* __restrict__ y, const float* __restrict__ x, float a, int64_t n);
 #define SY_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 
+namespace switchyard::common {
+
+// Whether this CPU has AVX-512 (F, BW, VL) with the bf16 instructions (AVX512-BF16): the CPUs
+// on which LibTorch's bf16 GEMMs run natively, and the hand-written bf16 kernels with them.
+inline bool HasAvx512Bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+}  // namespace switchyard::common
+
 #endif  // SWITCHYARD_COMMON_CPU_CLONES_H_

@@ -403,11 +403,7 @@ SY_AVX512BF16 float SwigluBackwardBf16Avx512(const uint16_t* __restrict__ h, con
 std::atomic<SwigluKernels> swiglu_kernels{SwigluKernels::kAuto};
 
 // Whether the bf16-GEMM SwiGLU runs the AVX512-BF16 kernels.
-bool UseAvx512Bf16Swiglu() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  return has && swiglu_kernels.load() == SwigluKernels::kAuto;
-}
+bool UseAvx512Bf16Swiglu() { return common::HasAvx512Bf16() && swiglu_kernels.load() == SwigluKernels::kAuto; }
 
 // Σ v, over 16 partial sums so that it vectorises (one running sum is a serial chain).
 SY_CPU_CLONES float SumF32(const float* __restrict__ v, int64_t n) {
@@ -447,7 +443,7 @@ void SwigluForward(const at::Tensor& hs, const at::Tensor& h_store, at::Tensor& 
     for (int64_t r = b; r < e; ++r) {
       const int64_t hr = r * 2 * f, ar = r * f;
       const float wr = w != nullptr ? w[r] : 1.0f;
-      if (bf16 && avx512) {
+      if (avx512) {
         SwigluForwardBf16Avx512(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(ap) + ar, f, wr);
       } else if (bf16) {
         SwigluForwardBf16(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(ap) + ar, f, wr);
@@ -685,7 +681,7 @@ at::ScalarType CpuGemmComputeType(at::ScalarType storage) {
   if (storage == at::kBFloat16) {
     // oneDNN's bf16 GEMM needs AVX512-BF16 (or AMX); without it LibTorch falls back to a
     // scalar loop (measured on an AVX2 machine: 4.5 GFLOP/s bf16 against 100 fp32).
-    static const bool native = __builtin_cpu_supports("avx512bf16");
+    const bool native = common::HasAvx512Bf16();
     switch (bf16_gemms.load()) {
       case Bf16Gemms::kFp32: return at::kFloat;
       case Bf16Gemms::kBf16: return storage;

@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
+#include "common/cpu_clones.h"
 
 namespace switchyard::gate {
 
@@ -33,8 +34,7 @@ struct OneDnnLogitsFn : torch::autograd::Function<OneDnnLogitsFn> {
     // bf16 → fp32 inside oneDNN's reorder where the CPU has the bf16 instructions (the CPUs
     // that run the bf16 layer natively); elsewhere ATen converts first, so that no bf16 path
     // of oneDNN is asked for on a CPU without them.
-    static const bool bf16_reorder = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
-    const at::Tensor xf = x.scalar_type() == at::kFloat || bf16_reorder ? x : x.to(at::kFloat);
+    const at::Tensor xf = x.scalar_type() == at::kFloat || common::HasAvx512Bf16() ? x : x.to(at::kFloat);
     const at::Tensor xm = xf.contiguous().to_mkldnn(at::kFloat);
     ctx->saved_data["x"] = xm;
     ctx->saved_data["x_sizes"] = x.sizes().vec();

@@ -114,51 +114,51 @@ TEST(PermuteTest, LargeRowsMatchTheGather) {
 }
 
 TEST(PermuteTest, CapacityLayoutHasZeroSlots) {
- for (const int64_t H : {3, 16}) {  // 12-byte rows; whole 64-byte lines
-  SCOPED_TRACE(::testing::Message() << "H = " << H);
-  const int64_t T = 12, E = 4, C = 5;
-  const at::Tensor map = RandomMap(T, E, 1, /*empty_expert=*/2, -1, 5);
-  // Drop to capacity: keep each expert's first C tokens.
-  at::Tensor kept = map.clone();
-  for (int64_t e = 0; e < E; ++e) {
-    int64_t seen = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      if (kept[t][e].item<bool>() && ++seen > C) kept[t][e] = false;
+  for (const int64_t H : {3, 16}) {  // 12-byte rows; whole 64-byte lines
+    SCOPED_TRACE(::testing::Message() << "H = " << H);
+    const int64_t T = 12, E = 4, C = 5;
+    const at::Tensor map = RandomMap(T, E, 1, /*empty_expert=*/2, -1, 5);
+    // Drop to capacity: keep each expert's first C tokens.
+    at::Tensor kept = map.clone();
+    for (int64_t e = 0; e < E; ++e) {
+      int64_t seen = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        if (kept[t][e].item<bool>() && ++seen > C) kept[t][e] = false;
+      }
+    }
+    auto plan = MakePlan(kept, C);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    ASSERT_EQ(plan->num_rows(), E * C);
+    const at::Tensor x = at::randn({T, H}).requires_grad_(true);
+    const at::Tensor rows = Permute(x, *plan).view({E, C, H});
+    for (int64_t e = 0; e < E; ++e) {
+      const at::Tensor tok = kept.select(1, e).nonzero().reshape({-1});
+      const int64_t n = tok.numel();
+      EXPECT_TRUE(at::equal(rows[e].narrow(0, 0, n), x.index_select(0, tok))) << e;
+      EXPECT_EQ(rows[e].narrow(0, n, C - n).abs().sum().item<double>(), 0.0) << e;
+    }
+    // Combine with weight 1: every kept token comes back, dropped ones are zero.
+    const at::Tensor probs = kept.to(at::kFloat);
+    const at::Tensor out = Unpermute(rows.reshape({E * C, H}), probs, *plan);
+    const at::Tensor any = kept.any(1).unsqueeze(1);
+    EXPECT_TRUE(at::allclose(out, x * any));
+    out.sum().backward();
+    EXPECT_TRUE(at::equal(x.grad(), any.to(at::kFloat).expand({T, H})));
+    // Unweighted: the same sums, each token's gradient copied to its rows; RowWeights is 0 in the
+    // empty slots and each filled slot's weight elsewhere.
+    const at::Tensor x2 = x.detach().clone().requires_grad_(true);
+    const at::Tensor rows2 = Permute(x2, *plan);
+    const at::Tensor out2 = Unpermute(rows2, *plan);
+    EXPECT_TRUE(at::equal(out2, out.detach()));
+    out2.sum().backward();
+    EXPECT_TRUE(at::equal(x2.grad(), x.grad()));
+    const at::Tensor w = RowWeights(probs * 0.5, *plan).view({E, C});
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = kept.select(1, e).sum().item<int64_t>();
+      EXPECT_TRUE(at::equal(w[e].narrow(0, 0, n), at::full({n}, 0.5f))) << e;
+      EXPECT_EQ(w[e].narrow(0, n, C - n).abs().sum().item<double>(), 0.0) << e;
     }
   }
-  auto plan = MakePlan(kept, C);
-  ASSERT_TRUE(plan.ok()) << plan.status();
-  ASSERT_EQ(plan->num_rows(), E * C);
-  const at::Tensor x = at::randn({T, H}).requires_grad_(true);
-  const at::Tensor rows = Permute(x, *plan).view({E, C, H});
-  for (int64_t e = 0; e < E; ++e) {
-    const at::Tensor tok = kept.select(1, e).nonzero().reshape({-1});
-    const int64_t n = tok.numel();
-    EXPECT_TRUE(at::equal(rows[e].narrow(0, 0, n), x.index_select(0, tok))) << e;
-    EXPECT_EQ(rows[e].narrow(0, n, C - n).abs().sum().item<double>(), 0.0) << e;
-  }
-  // Combine with weight 1: every kept token comes back, dropped ones are zero.
-  const at::Tensor probs = kept.to(at::kFloat);
-  const at::Tensor out = Unpermute(rows.reshape({E * C, H}), probs, *plan);
-  const at::Tensor any = kept.any(1).unsqueeze(1);
-  EXPECT_TRUE(at::allclose(out, x * any));
-  out.sum().backward();
-  EXPECT_TRUE(at::equal(x.grad(), any.to(at::kFloat).expand({T, H})));
-  // Unweighted: the same sums, each token's gradient copied to its rows; RowWeights is 0 in the
-  // empty slots and each filled slot's weight elsewhere.
-  const at::Tensor x2 = x.detach().clone().requires_grad_(true);
-  const at::Tensor rows2 = Permute(x2, *plan);
-  const at::Tensor out2 = Unpermute(rows2, *plan);
-  EXPECT_TRUE(at::equal(out2, out.detach()));
-  out2.sum().backward();
-  EXPECT_TRUE(at::equal(x2.grad(), x.grad()));
-  const at::Tensor w = RowWeights(probs * 0.5, *plan).view({E, C});
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = kept.select(1, e).sum().item<int64_t>();
-    EXPECT_TRUE(at::equal(w[e].narrow(0, 0, n), at::full({n}, 0.5f))) << e;
-    EXPECT_EQ(w[e].narrow(0, n, C - n).abs().sum().item<double>(), 0.0) << e;
-  }
- }
 
   const int64_t E = 4, C = 5;
   at::Tensor over = at::zeros({C + 1, E}, at::kBool);

@@ -371,6 +371,43 @@ struct SumFn : torch::autograd::Function<SumFn> {
   }
 };
 
+// w[r] = probs[row_prob_index[r]] for the rows of a token, 0 in empty slots (row_token < 0);
+// backward: each row's gradient written back to its (token, expert) entry of a zero [T, E]
+// gradient. Every entry belongs to at most one row, so nothing accumulates. (ATen's
+// index_select + mask, and index_add in the backward: 0.7 ms forward + backward at 4096 × 64,
+// k = 8, on the development machine.)
+struct RowWeightsFn : torch::autograd::Function<RowWeightsFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& probs, const at::Tensor& index,
+                            const at::Tensor& row_token) {
+    ctx->save_for_backward({index, row_token});
+    ctx->saved_data["sizes"] = probs.sizes().vec();
+    const int64_t n = index.numel();
+    at::Tensor w = at::empty({n}, probs.options());
+    const float* p = probs.data_ptr<float>();
+    const int64_t *ip = index.data_ptr<int64_t>(), *tp = row_token.data_ptr<int64_t>();
+    float* wp = w.data_ptr<float>();
+    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) wp[r] = tp[r] >= 0 ? p[ip[r]] : 0.0f;
+    });
+    return w;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const at::Tensor g = grads[0].to(at::kFloat).contiguous();
+    at::Tensor gp = at::zeros(ctx->saved_data["sizes"].toIntVector(), g.options());
+    const int64_t n = g.numel();
+    const float* gr = g.data_ptr<float>();
+    const int64_t *ip = s[0].data_ptr<int64_t>(), *tp = s[1].data_ptr<int64_t>();
+    float* out = gp.data_ptr<float>();
+    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        if (tp[r] >= 0) out[ip[r]] = gr[r];
+      }
+    });
+    return {gp, at::Tensor(), at::Tensor()};
+  }
+};
+
 void CheckRows(const at::Tensor& x, int64_t rows, const char* what) {
   TORCH_CHECK(x.defined() && x.dim() == 2 && x.size(0) == rows, what, ": expected [", rows,
               ", hidden] rows, got ", x.defined() ? x.sizes() : at::IntArrayRef{});
@@ -477,9 +514,7 @@ at::Tensor RowWeights(const at::Tensor& probs, const PermutePlan& plan) {
   TORCH_CHECK(probs.defined() && probs.dim() == 2 && probs.size(0) == plan.num_tokens &&
                   probs.size(1) == plan.num_experts,
               "routing probs must be [", plan.num_tokens, ", ", plan.num_experts, "]");
-  const at::Tensor w = probs.to(at::kFloat).reshape({-1}).index_select(0, plan.row_prob_index);
-  if (plan.token_rows.numel() == plan.num_rows()) return w;  // dropless: no empty slots
-  return w * plan.row_token.ge(0);
+  return RowWeightsFn::apply(probs.to(at::kFloat).contiguous(), plan.row_prob_index, plan.row_token);
 }
 
 }  // namespace switchyard::dispatch

@@ -412,6 +412,7 @@ void CheckRows(const at::Tensor& x, int64_t rows, const char* what) {
   TORCH_CHECK(x.defined() && x.dim() == 2 && x.size(0) == rows, what, ": expected [", rows,
               ", hidden] rows, got ", x.defined() ? x.sizes() : at::IntArrayRef{});
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), what, ": rows must be floating point");
+  TORCH_CHECK(x.device().is_cpu(), what, ": takes CPU tensors (the CUDA kernels are in moe/cuda)");
 }
 
 }  // namespace
@@ -419,6 +420,9 @@ void CheckRows(const at::Tensor& x, int64_t rows, const char* what) {
 absl::StatusOr<PermutePlan> MakePlan(const at::Tensor& routing_map, int64_t capacity) {
   if (!routing_map.defined() || routing_map.dim() != 2 || routing_map.scalar_type() != at::kBool) {
     return absl::InvalidArgumentError("permute: routing_map must be a [tokens, experts] bool tensor");
+  }
+  if (!routing_map.device().is_cpu()) {
+    return absl::InvalidArgumentError("permute: routing_map must be a CPU tensor (the CUDA kernels are in moe/cuda)");
   }
   const at::Tensor map = routing_map.contiguous();
   const int64_t T = map.size(0), E = map.size(1);
@@ -514,6 +518,7 @@ at::Tensor RowWeights(const at::Tensor& probs, const PermutePlan& plan) {
   TORCH_CHECK(probs.defined() && probs.dim() == 2 && probs.size(0) == plan.num_tokens &&
                   probs.size(1) == plan.num_experts,
               "routing probs must be [", plan.num_tokens, ", ", plan.num_experts, "]");
+  TORCH_CHECK(probs.device().is_cpu(), "RowWeights: takes CPU tensors (the CUDA kernels are in moe/cuda)");
   return RowWeightsFn::apply(probs.to(at::kFloat).contiguous(), plan.row_prob_index, plan.row_token);
 }
 

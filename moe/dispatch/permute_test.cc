@@ -181,6 +181,16 @@ TEST(PermuteTest, ZeroTokensAndZeroExperts) {
   EXPECT_EQ(x.grad().numel(), 0);
   EXPECT_FALSE(MakePlan(at::zeros({3, 4}, at::kFloat)).ok());
   EXPECT_THROW(Permute(at::randn({5, 6}), *plan), c10::Error);
+  // Tensors on another device (meta here; CUDA on a GPU machine) are refused, not read.
+  const auto on_cpu = MakePlan(at::zeros({3, 4}, at::kBool));
+  ASSERT_TRUE(on_cpu.ok());
+  const auto elsewhere = MakePlan(at::zeros({3, 4}, at::TensorOptions().dtype(at::kBool).device(at::kMeta)));
+  ASSERT_FALSE(elsewhere.ok());
+  EXPECT_THAT(std::string(elsewhere.status().message()), HasSubstr("CPU tensor"));
+  const at::TensorOptions meta = at::TensorOptions().device(at::kMeta);
+  EXPECT_THROW(Permute(at::empty({3, 6}, meta), *on_cpu), c10::Error);
+  EXPECT_THROW(Unpermute(at::empty({0, 6}, meta), *on_cpu), c10::Error);
+  EXPECT_THROW(RowWeights(at::empty({3, 4}, meta), *on_cpu), c10::Error);
 }
 
 TEST(PermuteTest, Bf16RowsAccumulateInFp32) {

@@ -744,6 +744,10 @@ at::Tensor GroupedMlp(const at::Tensor& x, const at::Tensor& w1, const at::Tenso
       SegmentExperts("GroupedMlp", x.size(0), w1.size(0), rows_per_segment, segment_expert);
   TORCH_CHECK(x.scalar_type() == w1.scalar_type() && x.scalar_type() == w2.scalar_type(),
               "GroupedMlp: x, w1 and w2 dtypes differ");
+  // Its fused activations and conversions are host loops.
+  TORCH_CHECK(x.device().is_cpu() && w1.device().is_cpu() && w2.device().is_cpu() &&
+                  (!row_weights.defined() || row_weights.device().is_cpu()),
+              "GroupedMlp: takes CPU tensors (the CUDA grouped GEMM is in moe/cuda)");
   TORCH_CHECK(!row_weights.defined() || (row_weights.dim() == 1 && row_weights.size(0) == x.size(0)),
               "GroupedMlp: row_weights must be [", x.size(0), "] (one per row of x); got ",
               row_weights.defined() ? row_weights.sizes() : at::IntArrayRef{});

@@ -491,6 +491,11 @@ TEST(GroupedExpertsTest, BadConfigAndInputsAreClearErrors) {
   auto bad_sum = ok->Forward(at::randn({4, 8}), {1, 2});
   ASSERT_FALSE(bad_sum.ok());
   EXPECT_THAT(std::string(bad_sum.status().message()), HasSubstr("sum to 3 but x has 4 rows"));
+  // Tensors on another device (meta here; CUDA on a GPU machine) are refused, not read.
+  const at::TensorOptions meta = at::TensorOptions().device(at::kMeta);
+  EXPECT_THROW(GroupedMlp(at::empty({4, 8}, meta), at::empty({2, 8, 24}, meta), at::empty({2, 12, 8}, meta),
+                          Activation::kSwiglu, {2, 2}),
+               c10::Error);
 }
 
 }  // namespace

@@ -43,6 +43,10 @@ absl::Status CheckLogits(const at::Tensor& logits) {
     return Invalid("router: logits must be floating point");
   }
   if (logits.size(1) < 1) return Invalid("router: logits have no experts (second dimension 0)");
+  if (!logits.device().is_cpu()) {
+    return Invalid("router: logits must be a CPU tensor (its top-k and checks are host loops; the CUDA "
+                   "router kernel is in moe/cuda)");
+  }
   if (logits.numel() > 0 && !AllFinite(logits)) {
     return Invalid("router: logits contain NaN or inf; refusing to route (check the model for "
                    "overflow upstream)");

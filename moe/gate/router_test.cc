@@ -213,6 +213,12 @@ TEST(Router, ExpertChoiceMatchesPlainLoop) {
 }
 
 TEST(Router, EdgeCases) {
+  // Logits on another device (meta here; CUDA on a GPU machine) are refused, not read.
+  const at::Tensor meta = at::empty({4, 4}, at::TensorOptions().device(at::kMeta));
+  for (const absl::Status& s : {TopKRoute(meta, {.top_k = 2}).status(), ExpertChoiceRoute(meta, 1.0).status(),
+                                AuxLossScores(meta, 2, ScoreFunction::kSoftmax).status()}) {
+    EXPECT_THAT(std::string(s.message()), HasSubstr("CPU tensor"));
+  }
   // Zero tokens.
   absl::StatusOr<Routing> r = TopKRoute(at::zeros({0, 4}), {.top_k = 2});
   ASSERT_TRUE(r.ok()) << r.status();

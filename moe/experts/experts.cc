@@ -469,8 +469,10 @@ void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, a
   void *hp = h.data_ptr(), *gap = ga.data_ptr(), *ghp = gh.data_ptr(), *ap = a.data_ptr();
   const bool avx512 = g_bf16 && UseAvx512Bf16Swiglu();
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
-    std::vector<float> scratch(dw != nullptr && !avx512 ? f : 0);
-    float* prod = dw != nullptr ? scratch.data() : nullptr;
+    // The portable loops write the weight gradient's products here; the AVX-512 kernel sums them itself.
+    const bool products = dw != nullptr && !avx512;
+    std::vector<float> scratch(products ? f : 0);
+    float* prod = products ? scratch.data() : nullptr;
     for (int64_t r = b; r < e; ++r) {
       const int64_t hr = r * 2 * f, gr = r * f;
       const float wr = w != nullptr ? w[r] : 1.0f;

@@ -1,0 +1,40 @@
+// Matrix products on the CPU through oneDNN primitives that are created once per shape and
+// layout and then reused.
+//
+// Why not at::mm_out: for every call LibTorch builds a new oneDNN primitive descriptor (bf16)
+// or calls OpenBLAS (fp32). Measured on this project's 2-core AVX-512 machine, for the 384
+// GEMMs of a fine-grained expert step (64 experts × 6 products of ~512 rows):
+// - bf16: at::mm_out took 1.06–1.08× one dense product of equal FLOPs; cached primitives took
+//   1.00–1.01× (identical bits: both run oneDNN's kernels).
+// - fp32: OpenBLAS (Debian's, AVX2 kernels) took ~2× as long as oneDNN's AVX-512 kernels.
+#ifndef SWITCHYARD_COMMON_MATMUL_H_
+#define SWITCHYARD_COMMON_MATMUL_H_
+
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+
+namespace switchyard::common {
+
+// out = a @ b, or out += a @ b with `accumulate`. a: [M, K], b: [K, N], out: [M, N], all on
+// the CPU, one dtype. No autograd: call it inside autograd functions or on tensors that need
+// no gradient. a and b may be transposed views (either stride 1); out must have unit column
+// stride. fp32, and bf16 on CPUs with AVX512-BF16 (fp32 accumulation, one rounding), run on a
+// cached oneDNN primitive; other dtypes, layouts and devices call at::mm_out / addmm_.
+void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false);
+
+// Which path MatmulOut takes (tests compare them): kAuto as above, kAten always LibTorch.
+enum class MatmulBackend { kAuto, kAten };
+void SetMatmulBackend(MatmulBackend backend);
+
+// The primitive cache: at most `capacity` primitives (least recently used evicted first).
+// Each holds its generated kernels, ~90 KB measured for 512-row bf16 products.
+struct MatmulCacheStats {
+  int64_t size = 0, hits = 0, misses = 0, capacity = 0;
+};
+MatmulCacheStats GetMatmulCacheStats();
+void SetMatmulCacheCapacity(int64_t capacity);  // also empties the cache and its counts
+
+}  // namespace switchyard::common
+
+#endif  // SWITCHYARD_COMMON_MATMUL_H_

@@ -1,0 +1,177 @@
+#include "common/matmul.h"
+
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "common/cpu_clones.h"
+#include "gtest/gtest.h"
+
+namespace switchyard::common {
+namespace {
+
+// The largest |got - want| over the largest |want| (want computed in fp64 from the same inputs).
+double RelErr(const at::Tensor& got, const at::Tensor& want) {
+  const double scale = want.abs().max().item<double>();
+  return (got.to(at::kDouble) - want).abs().max().item<double>() / (scale > 0 ? scale : 1.0);
+}
+
+// fp32 products round each partial sum: ~K·2^-24 relative at worst, far less typically. bf16
+// ones accumulate in fp32 and round the result to bf16 once: half a bf16 ulp, 2^-9.
+double Tolerance(at::ScalarType dt) { return dt == at::kFloat ? 2e-6 : 4.0 / 512; }
+
+// An [r, c] operand in the given layout: row-major in a wider buffer (row stride > c), or a
+// transposed view of a column-major buffer.
+at::Tensor Operand(int64_t r, int64_t c, bool transposed, at::ScalarType dt) {
+  if (transposed) return at::randn({c, r + 3}).to(dt).narrow(1, 1, r).t();
+  return at::randn({r, c + 5}).to(dt).narrow(1, 2, c);
+}
+
+struct Case {
+  int64_t m, n, k;
+};
+
+class MatmulTest : public ::testing::TestWithParam<at::ScalarType> {
+ protected:
+  void SetUp() override { SetMatmulCacheCapacity(1024); }
+  void TearDown() override { SetMatmulBackend(MatmulBackend::kAuto); }
+};
+
+TEST_P(MatmulTest, MatchesFp64ForEveryLayoutAndShape) {
+  const at::ScalarType dt = GetParam();
+  at::manual_seed(1);
+  for (const Case c : {Case{64, 48, 32}, Case{37, 24, 5}, Case{1, 17, 9}, Case{13, 1, 40}, Case{8, 8, 1},
+                       Case{300, 96, 257}}) {
+    for (int layout = 0; layout < 4; ++layout) {
+      for (bool accumulate : {false, true}) {
+        const std::string what = "M=" + std::to_string(c.m) + " N=" + std::to_string(c.n) + " K=" +
+                                 std::to_string(c.k) + " layout " + std::to_string(layout) +
+                                 (accumulate ? " accumulate" : "") + " " + at::toString(dt);
+        const at::Tensor a = Operand(c.m, c.k, layout & 1, dt), b = Operand(c.k, c.n, layout & 2, dt);
+        // out: a row block of a wider tensor, so its row stride differs from N.
+        const at::Tensor out = at::randn({c.m, c.n + 7}).to(dt).narrow(1, 3, c.n);
+        const at::Tensor before = out.to(at::kDouble);
+        const at::Tensor want = at::mm(a.to(at::kDouble), b.to(at::kDouble)) + (accumulate ? before : before * 0);
+        MatmulOut(out, a, b, accumulate);
+        EXPECT_LE(RelErr(out, want), Tolerance(dt)) << what;
+      }
+    }
+  }
+}
+
+TEST_P(MatmulTest, AgreesWithLibTorch) {
+  const at::ScalarType dt = GetParam();
+  at::manual_seed(2);
+  const at::Tensor a = at::randn({129, 70}).to(dt), b = at::randn({70, 33}).to(dt);
+  const at::Tensor ours = at::empty({129, 33}, a.options()), theirs = at::empty({129, 33}, a.options());
+  MatmulOut(ours, a, b);
+  // fp32, and bf16 where the CPU has bf16 units, ran on a primitive.
+  EXPECT_EQ(GetMatmulCacheStats().misses, dt == at::kFloat || HasAvx512Bf16() ? 1 : 0);
+  SetMatmulBackend(MatmulBackend::kAten);
+  MatmulOut(theirs, a, b);
+  const at::Tensor want = at::mm(a.to(at::kDouble), b.to(at::kDouble));
+  EXPECT_LE(RelErr(ours, want), Tolerance(dt));
+  EXPECT_LE(RelErr(theirs, want), Tolerance(dt));
+  EXPECT_EQ(GetMatmulCacheStats().misses + GetMatmulCacheStats().hits, dt == at::kFloat || HasAvx512Bf16() ? 1 : 0);
+}
+
+TEST_P(MatmulTest, EmptyDimensions) {
+  const at::ScalarType dt = GetParam();
+  // K = 0: the product is zero; accumulating adds nothing.
+  const at::Tensor a = at::empty({4, 0}, at::TensorOptions().dtype(dt)), b = at::empty({0, 6}, a.options());
+  const at::Tensor out = at::full({4, 6}, 3.0, a.options());
+  MatmulOut(out, a, b, /*accumulate=*/true);
+  EXPECT_TRUE(out.eq(3).all().item<bool>());
+  MatmulOut(out, a, b);
+  EXPECT_TRUE(out.eq(0).all().item<bool>());
+  // M = 0 or N = 0: nothing to write, nothing read.
+  const at::Tensor none = at::empty({0, 6}, a.options());
+  MatmulOut(none, at::empty({0, 5}, a.options()), at::randn({5, 6}).to(dt));
+  const at::Tensor thin = at::empty({4, 0}, a.options());
+  MatmulOut(thin, at::randn({4, 5}).to(dt), at::empty({5, 0}, a.options()));
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, MatmulTest, ::testing::Values(at::kFloat, at::kBFloat16),
+                         [](const auto& info) { return std::string(at::toString(info.param)); });
+
+TEST(MatmulCache, ReusesPrimitivesAndEvictsTheLeastRecentlyUsed) {
+  SetMatmulCacheCapacity(2);
+  at::manual_seed(3);
+  auto product = [](int64_t m) {
+    const at::Tensor a = at::randn({m, 16}), b = at::randn({16, 8}), out = at::empty({m, 8});
+    MatmulOut(out, a, b);
+    EXPECT_LE(RelErr(out, at::mm(a.to(at::kDouble), b.to(at::kDouble))), Tolerance(at::kFloat)) << "M=" << m;
+  };
+  product(10), product(10);
+  MatmulCacheStats s = GetMatmulCacheStats();
+  EXPECT_EQ(s.size, 1);
+  EXPECT_EQ(s.misses, 1);
+  EXPECT_EQ(s.hits, 1);
+  product(11), product(10), product(12);  // 12 evicts 11, the least recently used
+  s = GetMatmulCacheStats();
+  EXPECT_EQ(s.size, 2);
+  EXPECT_EQ(s.misses, 3);
+  product(10);  // still cached
+  EXPECT_EQ(GetMatmulCacheStats().misses, 3);
+  product(11);  // evicted: created again, same answer
+  EXPECT_EQ(GetMatmulCacheStats().misses, 4);
+  // The same shape in another layout or with accumulation is another primitive.
+  const at::Tensor a = at::randn({16, 10}).t(), b = at::randn({16, 8}), out = at::zeros({10, 8});
+  MatmulOut(out, a, b, true);
+  EXPECT_EQ(GetMatmulCacheStats().misses, 5);
+  EXPECT_LE(RelErr(out, at::mm(a.to(at::kDouble), b.to(at::kDouble))), Tolerance(at::kFloat));
+  // Capacity 0: nothing is kept, every product still computed.
+  SetMatmulCacheCapacity(0);
+  product(10), product(10);
+  EXPECT_EQ(GetMatmulCacheStats().size, 0);
+  EXPECT_EQ(GetMatmulCacheStats().misses, 2);
+  SetMatmulCacheCapacity(1024);
+}
+
+TEST(MatmulFallback, OtherDtypesAndLayoutsGoThroughLibTorch) {
+  SetMatmulCacheCapacity(1024);
+  at::manual_seed(4);
+  // fp64, a layout with gaps in both dimensions, an output with a column stride: all computed
+  // by LibTorch (no primitive created) and right.
+  const at::Tensor a64 = at::randn({9, 7}, at::kDouble), b64 = at::randn({7, 5}, at::kDouble);
+  const at::Tensor o64 = at::empty({9, 5}, at::kDouble);
+  MatmulOut(o64, a64, b64);
+  EXPECT_LE(RelErr(o64, at::mm(a64, b64)), 1e-12);
+  const at::Tensor gaps = at::randn({18, 14}).slice(0, 0, 18, 2).slice(1, 0, 14, 2);  // strides {28, 2}
+  const at::Tensor b = at::randn({7, 5}), out = at::empty({9, 5});
+  MatmulOut(out, gaps, b);
+  EXPECT_LE(RelErr(out, at::mm(gaps.to(at::kDouble), b.to(at::kDouble))), Tolerance(at::kFloat));
+  const at::Tensor strided_out = at::zeros({9, 10}).slice(1, 0, 10, 2);  // column stride 2
+  MatmulOut(strided_out, gaps.contiguous(), b, true);
+  EXPECT_LE(RelErr(strided_out, at::mm(gaps.to(at::kDouble), b.to(at::kDouble))), Tolerance(at::kFloat));
+  EXPECT_EQ(GetMatmulCacheStats().misses, 0);
+  // Mismatched shapes: LibTorch's own error.
+  const at::Tensor bad = at::empty({9, 5});
+  EXPECT_THROW(MatmulOut(bad, at::randn({9, 6}), at::randn({7, 5})), c10::Error);
+}
+
+TEST(MatmulThreads, ConcurrentCallersGetTheirOwnAnswers) {
+  SetMatmulCacheCapacity(1024);
+  at::manual_seed(5);
+  std::vector<at::Tensor> as, bs, outs;
+  for (int t = 0; t < 4; ++t) {
+    as.push_back(at::randn({100 + 7 * t, 64}));
+    bs.push_back(at::randn({64, 48 + t}));
+    outs.push_back(at::empty({100 + 7 * t, 48 + t}));
+  }
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int rep = 0; rep < 20; ++rep) MatmulOut(outs[t], as[t], bs[t], /*accumulate=*/rep > 0);
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < 4; ++t) {
+    EXPECT_LE(RelErr(outs[t], 20 * at::mm(as[t].to(at::kDouble), bs[t].to(at::kDouble))), 1e-5) << "thread " << t;
+  }
+}
+
+}  // namespace
+}  // namespace switchyard::common

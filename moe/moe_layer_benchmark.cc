@@ -8,7 +8,8 @@
 // Freed memory stays in the heap (common::RetainFreedMemory), as in the workers.
 //
 // - BM_ExpertGemms: the same per-expert GEMMs (2 forward, 4 backward per expert) into
-//   preallocated buffers, nothing else: the limit for the layer. In the dtype the layer's
+//   preallocated buffers, nothing else, through common::MatmulOut as the layer's: the limit
+//   for the layer. BM_ExpertGemmsAten: the same through at::mm_out. In the dtype the layer's
 //   GEMMs compute in (experts::CpuGemmComputeType: fp32 for bf16 storage on CPUs without
 //   bf16 units, where LibTorch's own bf16 GEMM is a slow fallback).
 // - BM_MoELayer: router + permute + grouped experts + unpermute, forward and backward.
@@ -39,6 +40,7 @@
 
 #include "benchmark/benchmark.h"
 #include "common/heap.h"
+#include "common/matmul.h"
 #include "moe/dispatch/permute.h"
 #include "moe/experts/experts.h"
 #include "moe/moe_layer.h"
@@ -135,12 +137,12 @@ class ExpertGemms {
       if (n == 0) continue;
       auto rows = [&](at::Tensor& t) { return t.narrow(0, off, n); };
       at::Tensor hh = rows(h_), yy = rows(y_), gaa = rows(ga_), gxx = rows(gx_), g1 = gw1_[e], g2 = gw2_[e];
-      at::mm_out(hh, rows(x_), w1_[e]);
-      at::mm_out(yy, rows(a_), w2_[e]);
-      at::mm_out(gaa, rows(gy_), w2_[e].t());
-      at::mm_out(g2, rows(a_).t(), rows(gy_));
-      at::mm_out(gxx, rows(gh_), w1_[e].t());
-      at::mm_out(g1, rows(x_).t(), rows(gh_));
+      common::MatmulOut(hh, rows(x_), w1_[e]);
+      common::MatmulOut(yy, rows(a_), w2_[e]);
+      common::MatmulOut(gaa, rows(gy_), w2_[e].t());
+      common::MatmulOut(g2, rows(a_).t(), rows(gy_));
+      common::MatmulOut(gxx, rows(gh_), w1_[e].t());
+      common::MatmulOut(g1, rows(x_).t(), rows(gh_));
       off += n;
     }
     benchmark::DoNotOptimize(gw1_.data_ptr());
@@ -177,6 +179,16 @@ class LayerStep {
  private:
   Setup& s_;
 };
+
+// The same GEMMs through at::mm_out (what the layer called before common::MatmulOut).
+void BM_ExpertGemmsAten(benchmark::State& state) {
+  Setup& s = Get(state);
+  ExpertGemms gemms(s);
+  common::SetMatmulBackend(common::MatmulBackend::kAten);
+  for (auto _ : state) gemms();
+  common::SetMatmulBackend(common::MatmulBackend::kAuto);
+  Finish(state, s);
+}
 
 void BM_ExpertGemms(benchmark::State& state) {
   Setup& s = Get(state);
@@ -493,6 +505,7 @@ void ShapeArgs(benchmark::internal::Benchmark* b) {
 void Shapes(benchmark::internal::Benchmark* b) { ShapeArgs(b->UseRealTime()->MinTime(4)); }
 
 BENCHMARK(BM_ExpertGemms)->Apply(Shapes);
+BENCHMARK(BM_ExpertGemmsAten)->Apply(Shapes);
 BENCHMARK(BM_MoELayer)->Apply(Shapes);
 BENCHMARK(BM_LayerOverLimit)->Apply(ShapeArgs)->UseManualTime()->Iterations(kPairs);
 BENCHMARK(BM_LoopMasks)->Apply(Shapes);

@@ -18,6 +18,7 @@
 #include "absl/strings/str_format.h"
 #include "common/bf16.h"
 #include "common/cpu_clones.h"
+#include "common/matmul.h"
 #include "common/parallel.h"
 
 namespace switchyard::experts {
@@ -25,6 +26,7 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using common::MatmulOut;
 
 std::vector<int64_t> Offsets(const std::vector<int64_t>& counts) {
   std::vector<int64_t> off(counts.size() + 1, 0);
@@ -45,7 +47,7 @@ struct GroupedMatmulFn : torch::autograd::Function<GroupedMatmulFn> {
     for (size_t s = 0; s < counts.size(); ++s) {
       if (counts[s] == 0) continue;
       at::Tensor o = out.narrow(0, off[s], counts[s]);
-      at::mm_out(o, xc.narrow(0, off[s], counts[s]), wc[expert[s]]);
+      MatmulOut(o, xc.narrow(0, off[s], counts[s]), wc[expert[s]]);
     }
     return out.to(x.scalar_type());
   }
@@ -63,7 +65,7 @@ struct GroupedMatmulFn : torch::autograd::Function<GroupedMatmulFn> {
       for (size_t s = 0; s < counts.size(); ++s) {
         if (counts[s] == 0) continue;
         at::Tensor o = gx.narrow(0, off[s], counts[s]);
-        at::mm_out(o, g.narrow(0, off[s], counts[s]), w[expert[s]].t());
+        MatmulOut(o, g.narrow(0, off[s], counts[s]), w[expert[s]].t());
       }
     }
     if (ctx->needs_input_grad(1)) {
@@ -74,9 +76,9 @@ struct GroupedMatmulFn : torch::autograd::Function<GroupedMatmulFn> {
         at::Tensor o = gw[expert[s]];
         const at::Tensor xs = x.narrow(0, off[s], counts[s]).t(), gs = g.narrow(0, off[s], counts[s]);
         if (written[expert[s]]) {
-          o.addmm_(xs, gs);  // a later segment of the same expert adds to its gradient
+          MatmulOut(o, xs, gs, /*accumulate=*/true);  // a later segment of the same expert adds to its gradient
         } else {
-          at::mm_out(o, xs, gs);
+          MatmulOut(o, xs, gs);
           written[expert[s]] = true;
         }
       }
@@ -547,7 +549,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         }
         first = false;
         at::Tensor hs = low ? scratch(h_buf) : rows(h);
-        at::mm_out(hs, xs, w1e);
+        MatmulOut(hs, xs, w1e);
         at::Tensor as = scratch(a_buf);
         if (fused) {
           SwigluForward(hs, low ? rows(h) : at::Tensor(), as, WeightsFrom(rw, sg.off[s]));  // also rounds h into storage
@@ -557,7 +559,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
           if (Weighted(rw, x)) as.mul_(rows(rw).unsqueeze(1));
         }
         at::Tensor ys = low ? scratch(y_buf) : rows(y);
-        at::mm_out(ys, as, w2e);
+        MatmulOut(ys, as, w2e);
         if (low) CastAll({{rows(y), ys}});
       }
     }
@@ -619,7 +621,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
           CastAll({{xs, rows(x)}, {gys, rows(gy)}});
         }
         at::Tensor ga = scratch(ga_buf), gh = scratch(gh_buf), as = scratch(a_buf);
-        at::mm_out(ga, gys, w2e.t());  // the gradient of fc2's input (rw ⊙ act)
+        MatmulOut(ga, gys, w2e.t());  // the gradient of fc2's input (rw ⊙ act)
         if (fused) {
           SwigluBackward(rows(h), ga, gh, as, WeightsFrom(rw, sg.off[s]),
                          need_rw ? grw.data_ptr<float>() + sg.off[s] : nullptr);  // reads h in its storage type
@@ -637,21 +639,21 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         }
         if (need_w) {
           if (first) {
-            at::mm_out(gw2e, as.t(), gys);
+            MatmulOut(gw2e, as.t(), gys);
           } else {
-            gw2e.addmm_(as.t(), gys);  // a later segment of the same expert adds to its gradient
+            MatmulOut(gw2e, as.t(), gys, /*accumulate=*/true);  // a later segment of the same expert adds to its gradient
           }
         }
         if (need_x) {
           at::Tensor gxs = low ? scratch(gx_buf) : rows(gx);
-          at::mm_out(gxs, gh, w1e.t());
+          MatmulOut(gxs, gh, w1e.t());
           if (low) CastAll({{rows(gx), gxs}});
         }
         if (need_w) {
           if (first) {
-            at::mm_out(gw1e, xs.t(), gh);
+            MatmulOut(gw1e, xs.t(), gh);
           } else {
-            gw1e.addmm_(xs.t(), gh);
+            MatmulOut(gw1e, xs.t(), gh, /*accumulate=*/true);
           }
         }
         first = false;

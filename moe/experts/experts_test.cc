@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "common/matmul.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -231,6 +232,15 @@ TEST(GroupedMlpTest, Bf16StorageFollowsFp32OnTheSameInputs) {
   EXPECT_EQ(b[2][0].abs().sum().item<double>(), 0.0);
 }
 
+// The products GroupedMlp computes with (common::MatmulOut, tested against fp64 in
+// common/matmul_test), into fresh tensors.
+at::Tensor Mm(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  common::MatmulOut(out, a, b);
+  return out;
+}
+void AddMm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { common::MatmulOut(out, a, b, true); }
+
 // bf16 GroupedMlp (ReLU) against a reference that makes the same GEMM calls on the same
 // shapes, segment by segment, computing in `gemms`' dtype with h stored in bf16: the two must
 // agree bit for bit. Segments big enough that conversions span several parallel chunks,
@@ -263,15 +273,15 @@ void ExpectBf16MlpIsPerSegmentGemms(Bf16Gemms gemms, uint64_t seed) {
     for (size_t s = 0; s < rows.size(); off += rows[s], ++s) {
       if (expert[s] != e || rows[s] == 0) continue;
       const at::Tensor xs = xc.narrow(0, off, rows[s]), gys = gyc.narrow(0, off, rows[s]);
-      const at::Tensor h = at::mm(xs, w1e).to(at::kBFloat16).to(ct);  // h is stored in bf16
+      const at::Tensor h = Mm(xs, w1e).to(at::kBFloat16).to(ct);  // h is stored in bf16
       const at::Tensor a = at::relu(h);
-      y_want.narrow(0, off, rows[s]).copy_(at::mm(a, w2e));
-      const at::Tensor gh = at::threshold_backward(at::mm(gys, w2e.t()), h, 0);
-      gx_want.narrow(0, off, rows[s]).copy_(at::mm(gh, w1e.t()));
+      y_want.narrow(0, off, rows[s]).copy_(Mm(a, w2e));
+      const at::Tensor gh = at::threshold_backward(Mm(gys, w2e.t()), h, 0);
+      gx_want.narrow(0, off, rows[s]).copy_(Mm(gh, w1e.t()));
       if (seen[e]) {
-        gw2[e].addmm_(a.t(), gys), gw1[e].addmm_(xs.t(), gh);
+        AddMm(gw2[e], a.t(), gys), AddMm(gw1[e], xs.t(), gh);
       } else {
-        gw2[e].copy_(at::mm(a.t(), gys)), gw1[e].copy_(at::mm(xs.t(), gh));
+        gw2[e].copy_(Mm(a.t(), gys)), gw1[e].copy_(Mm(xs.t(), gh));
         seen[e] = true;
       }
     }
@@ -295,8 +305,8 @@ TEST(GroupedMlpTest, Bf16StorageIsExactlyFp32ComputeOnWidenedOperands) {
 }
 
 // With bf16 GEMMs (CPUs with bf16 units: products accumulate in fp32 inside the GEMM and
-// each result is rounded once to bf16), it is exactly LibTorch's bf16 at::mm per segment, the
-// activation on the bf16 values, and a later segment adding to the bf16 weight gradient by addmm_.
+// each result is rounded once to bf16), it is exactly one bf16 product per segment, the
+// activation on the bf16 values, and a later segment adding to the bf16 weight gradient.
 TEST(GroupedMlpTest, Bf16GemmsAreLibTorchBf16MatmulsPerSegment) {
   ExpectBf16MlpIsPerSegmentGemms(Bf16Gemms::kBf16, 22);
 }

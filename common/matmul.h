@@ -27,8 +27,9 @@ void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
 enum class MatmulBackend { kAuto, kAten };
 void SetMatmulBackend(MatmulBackend backend);
 
-// The primitive cache: at most `capacity` primitives (least recently used evicted first).
-// Each holds its generated kernels, ~90 KB measured for 512-row bf16 products.
+// The primitive cache: at most `capacity` primitives (least recently used evicted first);
+// 2048 unless the environment sets SWITCHYARD_MATMUL_CACHE_CAPACITY. Each primitive holds its
+// generated kernels, ~90 KB measured for 512-row bf16 products, and takes ~0.25 ms to create.
 struct MatmulCacheStats {
   int64_t size = 0, hits = 0, misses = 0, capacity = 0;
 };

@@ -29,13 +29,20 @@ at::Tensor Operand(int64_t r, int64_t c, bool transposed, at::ScalarType dt) {
   return at::randn({r, c + 5}).to(dt).narrow(1, 2, c);
 }
 
+// Runs before every other test here (gtest keeps file order), so the cache still has the
+// capacity it read at start-up: BUILD sets SWITCHYARD_MATMUL_CACHE_CAPACITY=7 for this test.
+TEST(MatmulCache, CapacityComesFromTheEnvironment) {
+  EXPECT_EQ(GetMatmulCacheStats().capacity, 7);
+  EXPECT_EQ(GetMatmulCacheStats().size, 0);
+}
+
 struct Case {
   int64_t m, n, k;
 };
 
 class MatmulTest : public ::testing::TestWithParam<at::ScalarType> {
  protected:
-  void SetUp() override { SetMatmulCacheCapacity(1024); }
+  void SetUp() override { SetMatmulCacheCapacity(2048); }
   void TearDown() override { SetMatmulBackend(MatmulBackend::kAuto); }
 };
 
@@ -127,11 +134,11 @@ TEST(MatmulCache, ReusesPrimitivesAndEvictsTheLeastRecentlyUsed) {
   product(10), product(10);
   EXPECT_EQ(GetMatmulCacheStats().size, 0);
   EXPECT_EQ(GetMatmulCacheStats().misses, 2);
-  SetMatmulCacheCapacity(1024);
+  SetMatmulCacheCapacity(2048);
 }
 
 TEST(MatmulFallback, OtherDtypesAndLayoutsGoThroughLibTorch) {
-  SetMatmulCacheCapacity(1024);
+  SetMatmulCacheCapacity(2048);
   at::manual_seed(4);
   // fp64, a layout with gaps in both dimensions, an output with a column stride: all computed
   // by LibTorch (no primitive created) and right.
@@ -153,7 +160,7 @@ TEST(MatmulFallback, OtherDtypesAndLayoutsGoThroughLibTorch) {
 }
 
 TEST(MatmulThreads, ConcurrentCallersGetTheirOwnAnswers) {
-  SetMatmulCacheCapacity(1024);
+  SetMatmulCacheCapacity(2048);
   at::manual_seed(5);
   std::vector<at::Tensor> as, bs, outs;
   for (int t = 0; t < 4; ++t) {

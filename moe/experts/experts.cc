@@ -317,8 +317,9 @@ SY_CPU_CLONES void SwigluBackwardBf16(const uint16_t* __restrict__ h, const uint
   SwigluBackwardRow(h, gw, gh, a, f, w, prod);
 }
 
-// --- SwiGLU with bf16 GEMMs, written for AVX-512 + AVX512-BF16 --------------------------
-// The CPUs that run bf16 GEMMs natively all have these units. Here: e^(−|gate|) through
+// --- SwiGLU written for AVX-512 + AVX512-BF16 ------------------------------------------
+// For bf16 GEMMs (the CPUs that run them natively all have these units) and for fp32 storage
+// with fp32 GEMMs on the same CPUs (the loads and stores then are plain fp32). Here: e^(−|gate|) through
 // vscalefps (which gives 0 and denormals where the exponent runs out, so no clamps), sigmoid =
 // 1/(1 + e) or e/(1 + e) by rcp14 and one Newton step on 1 + e ∈ [1, 2], and vcvtneps2bf16 for
 // the rounding (to nearest even, as NarrowToBf16; it flushes denormal results to zero). Same
@@ -368,33 +369,49 @@ SY_AVX512BF16 inline __m512 Sigmoid16(__m512 g) {
   return _mm512_mask_mul_ps(inv, neg, inv, e);  // gate < 0: e^gate / (1 + e^gate)
 }
 
-SY_AVX512BF16 void SwigluForwardBf16Avx512(const uint16_t* __restrict__ h, uint16_t* __restrict__ a, int64_t f,
-                                           float w) {
+// 16 fp32 values, or the first n < 16 of them (the rest zero).
+SY_AVX512BF16 inline __m512 Load16(const float* p, int64_t n) {
+  return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+}
+SY_AVX512BF16 inline __m512 Load16(const uint16_t* p, int64_t n) { return LoadBf16x16(p, n); }
+
+SY_AVX512BF16 inline void Store16(float* p, __m512 v, int64_t n) {
+  if (n >= 16) {
+    _mm512_storeu_ps(p, v);
+  } else {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
+  }
+}
+SY_AVX512BF16 inline void Store16(uint16_t* p, __m512 v, int64_t n) { StoreBf16x16(p, v, n); }
+
+// T: float (fp32 GEMMs on fp32 storage) or uint16_t (bf16 GEMMs: bf16 storage, as its bits).
+template <typename T>
+SY_AVX512BF16 void SwigluForwardAvx512(const T* __restrict__ h, T* __restrict__ a, int64_t f, float w) {
   const __m512 wv = _mm512_set1_ps(w);
   for (int64_t c = 0; c < f; c += 16) {
     const int64_t m = f - c;
-    const __m512 g = LoadBf16x16(h + c, m), u = LoadBf16x16(h + f + c, m);
+    const __m512 g = Load16(h + c, m), u = Load16(h + f + c, m);
     const __m512 silu = _mm512_mul_ps(g, Sigmoid16(g));
-    StoreBf16x16(a + c, _mm512_mul_ps(wv, _mm512_mul_ps(silu, u)), m);
+    Store16(a + c, _mm512_mul_ps(wv, _mm512_mul_ps(silu, u)), m);
   }
 }
 
 // As SwigluBackwardRow; returns Σ gw·silu(gate)·up (the row weight's gradient).
-SY_AVX512BF16 float SwigluBackwardBf16Avx512(const uint16_t* __restrict__ h, const uint16_t* __restrict__ gw,
-                                             uint16_t* __restrict__ gh, uint16_t* __restrict__ a, int64_t f,
-                                             float w) {
+template <typename T>
+SY_AVX512BF16 float SwigluBackwardAvx512(const T* __restrict__ h, const T* __restrict__ gw, T* __restrict__ gh,
+                                         T* __restrict__ a, int64_t f, float w) {
   const __m512 wv = _mm512_set1_ps(w), one = _mm512_set1_ps(1.0f);
   __m512 dot = _mm512_setzero_ps();
   for (int64_t c = 0; c < f; c += 16) {
     const int64_t m = f - c;
-    const __m512 g = LoadBf16x16(h + c, m), u = LoadBf16x16(h + f + c, m), dw = LoadBf16x16(gw + c, m);
+    const __m512 g = Load16(h + c, m), u = Load16(h + f + c, m), dw = Load16(gw + c, m);
     const __m512 s = Sigmoid16(g), silu = _mm512_mul_ps(g, s), act = _mm512_mul_ps(silu, u);
     const __m512 d = _mm512_mul_ps(wv, dw);
-    StoreBf16x16(a + c, _mm512_mul_ps(wv, act), m);
+    Store16(a + c, _mm512_mul_ps(wv, act), m);
     // d·up·s·(1 + gate·(1 − s))
     const __m512 t = _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one);
-    StoreBf16x16(gh + c, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(d, u), s), t), m);
-    StoreBf16x16(gh + f + c, _mm512_mul_ps(d, silu), m);
+    Store16(gh + c, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(d, u), s), t), m);
+    Store16(gh + f + c, _mm512_mul_ps(d, silu), m);
     dot = _mm512_add_ps(dot, _mm512_mul_ps(dw, act));  // lanes past the end: dw = 0
   }
   return _mm512_reduce_add_ps(dot);
@@ -404,8 +421,9 @@ SY_AVX512BF16 float SwigluBackwardBf16Avx512(const uint16_t* __restrict__ h, con
 
 std::atomic<SwigluKernels> swiglu_kernels{SwigluKernels::kAuto};
 
-// Whether the bf16-GEMM SwiGLU runs the AVX512-BF16 kernels.
-bool UseAvx512Bf16Swiglu() { return common::HasAvx512Bf16() && swiglu_kernels.load() == SwigluKernels::kAuto; }
+// Whether SwiGLU runs the AVX-512 kernels (built for AVX512-BF16, so only on CPUs with it,
+// also for fp32; elsewhere the portable loops).
+bool UseAvx512Swiglu() { return common::HasAvx512Bf16() && swiglu_kernels.load() == SwigluKernels::kAuto; }
 
 // Σ v, over 16 partial sums so that it vectorises (one running sum is a serial chain).
 SY_CPU_CLONES float SumF32(const float* __restrict__ v, int64_t n) {
@@ -440,13 +458,16 @@ void SwigluForward(const at::Tensor& hs, const at::Tensor& h_store, at::Tensor& 
   void* hp = hs.data_ptr();
   void* ap = a.data_ptr();
   uint16_t* sp = h_store.defined() ? static_cast<uint16_t*>(h_store.data_ptr()) : nullptr;
-  const bool avx512 = bf16 && UseAvx512Bf16Swiglu();
+  // The AVX-512 kernels take h and a of one type (not the rounding into a bf16 h_store).
+  const bool avx512 = sp == nullptr && UseAvx512Swiglu();
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t hr = r * 2 * f, ar = r * f;
       const float wr = w != nullptr ? w[r] : 1.0f;
-      if (avx512) {
-        SwigluForwardBf16Avx512(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(ap) + ar, f, wr);
+      if (avx512 && bf16) {
+        SwigluForwardAvx512(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(ap) + ar, f, wr);
+      } else if (avx512) {
+        SwigluForwardAvx512(static_cast<float*>(hp) + hr, static_cast<float*>(ap) + ar, f, wr);
       } else if (bf16) {
         SwigluForwardBf16(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(ap) + ar, f, wr);
       } else if (sp != nullptr) {
@@ -469,7 +490,8 @@ void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, a
   TORCH_INTERNAL_ASSERT(gh.scalar_type() == ga.scalar_type() && a.scalar_type() == ga.scalar_type() &&
                         (h_bf16 || !g_bf16));
   void *hp = h.data_ptr(), *gap = ga.data_ptr(), *ghp = gh.data_ptr(), *ap = a.data_ptr();
-  const bool avx512 = g_bf16 && UseAvx512Bf16Swiglu();
+  // The AVX-512 kernels take h, ga, gh and a of one type (not bf16 h with fp32 GEMMs).
+  const bool avx512 = h_bf16 == g_bf16 && UseAvx512Swiglu();
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
     // The portable loops write the weight gradient's products here; the AVX-512 kernel sums them itself.
     const bool products = dw != nullptr && !avx512;
@@ -480,8 +502,10 @@ void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, a
       const float wr = w != nullptr ? w[r] : 1.0f;
       if (avx512) {
         const float dot =
-            SwigluBackwardBf16Avx512(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(gap) + gr,
-                                     static_cast<uint16_t*>(ghp) + hr, static_cast<uint16_t*>(ap) + gr, f, wr);
+            g_bf16 ? SwigluBackwardAvx512(static_cast<uint16_t*>(hp) + hr, static_cast<uint16_t*>(gap) + gr,
+                                          static_cast<uint16_t*>(ghp) + hr, static_cast<uint16_t*>(ap) + gr, f, wr)
+                   : SwigluBackwardAvx512(static_cast<float*>(hp) + hr, static_cast<float*>(gap) + gr,
+                                          static_cast<float*>(ghp) + hr, static_cast<float*>(ap) + gr, f, wr);
         if (dw != nullptr) dw[r] = dot;
         continue;
       }

@@ -49,9 +49,9 @@ at::ScalarType CpuGemmComputeType(at::ScalarType storage);
 enum class Bf16Gemms { kAuto, kFp32, kBf16 };
 void SetBf16Gemms(Bf16Gemms choice);
 
-// Which loops the fused SwiGLU runs with bf16 GEMMs, process-wide: kAuto takes the AVX-512
-// + AVX512-BF16 kernels where the CPU has them; kPortable the loops built for any x86-64, so
-// that tests check both on CPUs that have the units.
+// Which loops the fused SwiGLU runs (with bf16 GEMMs, and fp32 on fp32 storage), process-wide:
+// kAuto takes the AVX-512 + AVX512-BF16 kernels where the CPU has them; kPortable the loops
+// built for any x86-64, so that tests check both on CPUs that have the units.
 enum class SwigluKernels { kAuto, kPortable };
 void SetSwigluKernels(SwigluKernels choice);
 

@@ -162,6 +162,7 @@ TEST(GroupedMlpTest, RowWeightsScaleEachRowOnEveryPath) {
     SwigluKernels kernels = SwigluKernels::kAuto;
   };
   for (const Path& p : {Path{Activation::kSwiglu, at::kFloat, Bf16Gemms::kAuto, 1e-6},
+                        Path{Activation::kSwiglu, at::kFloat, Bf16Gemms::kAuto, 1e-6, SwigluKernels::kPortable},
                         Path{Activation::kSwiglu, at::kDouble, Bf16Gemms::kAuto, 1e-12},
                         Path{Activation::kGelu, at::kFloat, Bf16Gemms::kAuto, 1e-6},
                         Path{Activation::kSwiglu, at::kBFloat16, Bf16Gemms::kFp32, 2e-2},
@@ -440,9 +441,11 @@ TEST(GroupedMlpTest, FusedSwigluMatchesAtenOverTheWholeRange) {
   for (auto [r, v] : special) h[r][r] = v, h[r][f + r + 1] = v;
   // bf16 storage both ways: fp32 GEMMs (h rounded into storage by the forward kernel) and
   // bf16 GEMMs (h, a, ga and gh all bf16, the kernels computing in fp32 between them).
-  // With bf16 GEMMs, both the AVX512-BF16 kernels (where the CPU has them) and the portable ones.
+  // fp32, and bf16 with bf16 GEMMs: both the AVX-512 kernels (where the CPU has AVX512-BF16)
+  // and the portable ones.
   const std::vector<std::tuple<at::ScalarType, Bf16Gemms, SwigluKernels>> cases = {
       {at::kFloat, Bf16Gemms::kAuto, SwigluKernels::kAuto},
+      {at::kFloat, Bf16Gemms::kAuto, SwigluKernels::kPortable},
       {at::kBFloat16, Bf16Gemms::kFp32, SwigluKernels::kAuto},
       {at::kBFloat16, Bf16Gemms::kBf16, SwigluKernels::kAuto},
       {at::kBFloat16, Bf16Gemms::kBf16, SwigluKernels::kPortable}};

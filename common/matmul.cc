@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <dnnl.hpp>
 
 #include "common/cpu_clones.h"
@@ -36,8 +37,9 @@ bool PlainStrides(const at::Tensor& t, int64_t& s0, int64_t& s1) {
 // (measured: 64 experts of ~512 rows, 100 steps of fresh tokens, needed ~1270 primitives).
 constexpr int64_t kDefaultCapacity = 2048;
 
-// dtype, M, N, K, a's strides, b's strides, out's row stride, accumulate.
-using Key = std::array<int64_t, 10>;
+// dtype, M, N, K, a's strides, b's strides, out's row stride, accumulate, and the intra-op
+// threads at creation (oneDNN plans a primitive's work split for the threads it will have).
+using Key = std::array<int64_t, 11>;
 
 struct KeyHash {
   size_t operator()(const Key& k) const {
@@ -207,7 +209,8 @@ void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   using dnnl::memory;
   const memory::data_type mdt = dt == at::kFloat ? memory::data_type::f32 : memory::data_type::bf16;
   const memory::desc ad({M, K}, mdt, {as0, as1}), bd({K, N}, mdt, {bs0, bs1}), cd({M, N}, mdt, {cs0, 1});
-  const Key key{static_cast<int64_t>(dt), M, N, K, as0, as1, bs0, bs1, cs0, accumulate ? 1 : 0};
+  const Key key{static_cast<int64_t>(dt), M, N, K, as0, as1, bs0, bs1, cs0, accumulate ? 1 : 0,
+                at::get_num_threads()};
   const Entry e = TheCache().Get(key, ad, bd, cd);
   if (!e.ok) {
     AtenMatmul(out, a, b, accumulate);

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include "common/cpu_clones.h"
 #include "gtest/gtest.h"
@@ -129,6 +130,16 @@ TEST(MatmulCache, ReusesPrimitivesAndEvictsTheLeastRecentlyUsed) {
   MatmulOut(out, a, b, true);
   EXPECT_EQ(GetMatmulCacheStats().misses, 5);
   EXPECT_LE(RelErr(out, at::mm(a.to(at::kDouble), b.to(at::kDouble))), Tolerance(at::kFloat));
+  // Another intra-op thread count: another primitive (oneDNN splits the work for it).
+  product(10);  // evicted by the last one: created again
+  EXPECT_EQ(GetMatmulCacheStats().misses, 6);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(threads == 1 ? 2 : 1);
+  product(10);
+  EXPECT_EQ(GetMatmulCacheStats().misses, 7);
+  at::set_num_threads(threads);
+  product(10);  // both thread counts' primitives are kept
+  EXPECT_EQ(GetMatmulCacheStats().misses, 7);
   // Capacity 0: nothing is kept, every product still computed.
   SetMatmulCacheCapacity(0);
   product(10), product(10);

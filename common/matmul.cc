@@ -110,7 +110,11 @@ class Cache {
         po.append_sum(1.f);
         attr.set_post_ops(po);
       }
+#if DNNL_VERSION_MAJOR >= 3
+      dnnl::matmul::primitive_desc pd(Engine(), a, b, c, attr);
+#else
       dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, Engine());
+#endif
       e.scratch = pd.scratchpad_desc();
       e.prim = dnnl::matmul(pd);
       e.ok = true;

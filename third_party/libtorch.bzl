@@ -8,9 +8,12 @@ Works with LibTorch 1.13 (Debian) and 2.x: code that must tell them apart includ
 
 _DEBIAN_INCLUDE_DIRS = ["ATen", "c10", "caffe2", "torch"]
 
-# Folders of a LibTorch's include/ that Switchyard takes from the system instead: pip wheels
-# bundle an old protobuf whose headers would shadow the one our generated code needs.
-_SHADOWING_INCLUDE_DIRS = ["google"]
+# Entries of a LibTorch's include/ that Switchyard takes from the system instead: pip wheels
+# bundle an old protobuf whose headers would shadow the one our generated code needs, and
+# the headers of the oneDNN (3.x) built into libtorch_cpu, whose symbols it does not export:
+# common/matmul compiles against Debian's oneDNN headers and links Debian's libdnnl.
+_SHADOWING_INCLUDE_DIRS = ["google", "oneapi"]
+_SHADOWING_INCLUDE_PREFIXES = ["dnnl"]
 
 _BUILD = '''package(default_visibility = ["//visibility:public"])
 
@@ -61,7 +64,7 @@ def _libtorch_repository_impl(ctx):
         if not root.get_child("include").exists or not root.get_child("lib").exists:
             fail("LIBTORCH_HOME=%s has no include/ and lib/ folders: point it at a LibTorch zip's root or a wheel's torch/ folder" % home)
         for child in root.get_child("include").readdir():
-            if child.basename not in _SHADOWING_INCLUDE_DIRS:
+            if child.basename not in _SHADOWING_INCLUDE_DIRS and not [p for p in _SHADOWING_INCLUDE_PREFIXES if child.basename.startswith(p)]:
                 ctx.symlink(child, "include/" + child.basename)
         lib = str(root.get_child("lib"))
         # A CUDA wheel's libtorch.so needs libtorch_cuda.so; everything Switchyard calls on the

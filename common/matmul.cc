@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <list>
+#include <utility>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -169,10 +170,22 @@ void* Scratch(size_t bytes) {
     std::free(buf.p);
     const size_t size = (bytes + 63) / 64 * 64;
     buf.p = std::aligned_alloc(64, size);
+    buf.size = buf.p == nullptr ? 0 : size;
     if (buf.p == nullptr) throw std::bad_alloc();
-    buf.size = size;
   }
   return buf.p;
+}
+
+// Whether two non-empty 2-D tensors' element ranges share bytes.
+bool Overlap(const at::Tensor& x, const at::Tensor& y) {
+  auto span = [](const at::Tensor& t) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const int64_t extent = (t.size(0) - 1) * t.stride(0) + (t.size(1) - 1) * t.stride(1) + 1;
+    return std::pair<uintptr_t, uintptr_t>{p, p + static_cast<uintptr_t>(extent * t.element_size())};
+  };
+  const auto [x0, x1] = span(x);
+  const auto [y0, y1] = span(y);
+  return x0 < y1 && y0 < x1;
 }
 
 void AtenMatmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
@@ -189,6 +202,15 @@ void AtenMatmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 }  // namespace
 
 void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (a.dim() == 2 && b.dim() == 2 && out.dim() == 2 && out.numel() > 0 && a.numel() > 0 && b.numel() > 0 &&
+      (Overlap(out, a) || Overlap(out, b))) {
+    // out shares memory with an operand: the product goes through a temporary (a kernel writing
+    // out while it still reads the operand would read its own results).
+    const at::Tensor product = at::mm(a, b);
+    at::Tensor o = out;
+    accumulate ? o.add_(product) : o.copy_(product);
+    return;
+  }
   const at::ScalarType dt = a.scalar_type();
   const bool eligible = backend.load() == MatmulBackend::kAuto && a.dim() == 2 && b.dim() == 2 && out.dim() == 2 &&
                         a.device().is_cpu() && b.device().is_cpu() && out.device().is_cpu() &&

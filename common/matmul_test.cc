@@ -170,6 +170,22 @@ TEST(MatmulFallback, OtherDtypesAndLayoutsGoThroughLibTorch) {
   EXPECT_THROW(MatmulOut(bad, at::randn({9, 6}), at::randn({7, 5})), c10::Error);
 }
 
+// out = a (or b, or a view into either): the product of the operands as they were.
+TEST(MatmulAliasing, OutputSharingAnOperandGetsTheProductOfTheOldValues) {
+  at::manual_seed(6);
+  for (bool accumulate : {false, true}) {
+    at::Tensor a = at::randn({32, 32}), b = at::randn({32, 32});
+    const at::Tensor want = at::mm(a.to(at::kDouble), b.to(at::kDouble)) + (accumulate ? a.to(at::kDouble) : 0 * a.to(at::kDouble));
+    MatmulOut(a, a, b, accumulate);
+    EXPECT_LE(RelErr(a, want), 1e-5) << "out = a" << (accumulate ? ", accumulate" : "");
+    at::Tensor buf = at::randn({40, 32}), c = at::randn({32, 32});
+    const at::Tensor bv = buf.narrow(0, 8, 32);  // b, partly overlapped by out
+    const at::Tensor want2 = at::mm(c.to(at::kDouble), bv.to(at::kDouble));
+    MatmulOut(buf.narrow(0, 0, 32), c, bv);
+    EXPECT_LE(RelErr(buf.narrow(0, 0, 32), want2), 1e-5) << "out overlaps b";
+  }
+}
+
 TEST(MatmulThreads, ConcurrentCallersGetTheirOwnAnswers) {
   SetMatmulCacheCapacity(2048);
   at::manual_seed(5);

@@ -4,10 +4,10 @@
 #include <atomic>
 #include <cstdlib>
 #include <list>
-#include <utility>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -65,7 +65,9 @@ dnnl::engine& Engine() {
 class Cache {
  public:
   // The primitive for `key`, created on a miss (outside the lock: creation generates code).
-  Entry Get(const Key& key, const dnnl::memory::desc& a, const dnnl::memory::desc& b, const dnnl::memory::desc& c) {
+  // Shared, so that an entry evicted while another thread still runs it stays alive.
+  std::shared_ptr<const Entry> Get(const Key& key, const dnnl::memory::desc& a, const dnnl::memory::desc& b,
+                                   const dnnl::memory::desc& c) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = index_.find(key);
@@ -76,7 +78,7 @@ class Cache {
       }
       ++misses_;
     }
-    Entry e = Create(key, a, b, c);
+    std::shared_ptr<const Entry> e = Create(key, a, b, c);
     std::lock_guard<std::mutex> lock(mu_);
     if (index_.count(key) == 0 && capacity_ > 0) {
       lru_.push_front(e);
@@ -99,9 +101,10 @@ class Cache {
   }
 
  private:
-  static Entry Create(const Key& key, const dnnl::memory::desc& a, const dnnl::memory::desc& b,
-                      const dnnl::memory::desc& c) {
-    Entry e;
+  static std::shared_ptr<const Entry> Create(const Key& key, const dnnl::memory::desc& a,
+                                              const dnnl::memory::desc& b, const dnnl::memory::desc& c) {
+    auto made = std::make_shared<Entry>();
+    Entry& e = *made;
     e.key = key;
     try {
       dnnl::primitive_attr attr;
@@ -122,19 +125,19 @@ class Cache {
     } catch (const dnnl::error&) {
       e.ok = false;
     }
-    return e;
+    return made;
   }
 
   void Trim() {
     while (static_cast<int64_t>(lru_.size()) > capacity_) {
-      index_.erase(lru_.back().key);
+      index_.erase(lru_.back()->key);
       lru_.pop_back();
     }
   }
 
   std::mutex mu_;
-  std::list<Entry> lru_;  // most recently used first
-  std::unordered_map<Key, std::list<Entry>::iterator, KeyHash> index_;
+  std::list<std::shared_ptr<const Entry>> lru_;  // most recently used first
+  std::unordered_map<Key, std::list<std::shared_ptr<const Entry>>::iterator, KeyHash> index_;
   int64_t capacity_ = 0, hits_ = 0, misses_ = 0;
 };
 
@@ -237,7 +240,8 @@ void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   const memory::desc ad({M, K}, mdt, {as0, as1}), bd({K, N}, mdt, {bs0, bs1}), cd({M, N}, mdt, {cs0, 1});
   const Key key{static_cast<int64_t>(dt), M, N, K, as0, as1, bs0, bs1, cs0, accumulate ? 1 : 0,
                 at::get_num_threads()};
-  const Entry e = TheCache().Get(key, ad, bd, cd);
+  const std::shared_ptr<const Entry> entry = TheCache().Get(key, ad, bd, cd);
+  const Entry& e = *entry;
   if (!e.ok) {
     AtenMatmul(out, a, b, accumulate);
     return;

@@ -6,7 +6,8 @@
 // GEMMs of a fine-grained expert step (64 experts × 6 products of ~512 rows):
 // - bf16: at::mm_out took 1.06–1.08× one dense product of equal FLOPs; cached primitives took
 //   1.00–1.01× (identical bits: both run oneDNN's kernels).
-// - fp32: OpenBLAS (Debian's, AVX2 kernels) took ~2× as long as oneDNN's AVX-512 kernels.
+// - fp32: OpenBLAS (Debian's) took 1.2–1.3× as long as oneDNN with the Cooperlake kernels it
+//   picks itself on that CPU, ~1.9× with OPENBLAS_CORETYPE=Haswell (that machine's setting).
 #ifndef SWITCHYARD_COMMON_MATMUL_H_
 #define SWITCHYARD_COMMON_MATMUL_H_
 

@@ -41,6 +41,7 @@
 #include "benchmark/benchmark.h"
 #include "common/heap.h"
 #include "common/matmul.h"
+#include "common/paired_benchmark.h"
 #include "moe/dispatch/permute.h"
 #include "moe/experts/experts.h"
 #include "moe/moe_layer.h"
@@ -206,52 +207,15 @@ void BM_MoELayer(benchmark::State& state) {
   Finish(state, s);
 }
 
-template <typename F>
-double SecondsOf(F&& f) {
-  const auto start = std::chrono::steady_clock::now();
-  f();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
-// step ÷ base, timed in pairs: each iteration runs both (in alternating order) and the
-// counter `ratio` is the median of the per-pair ratios. On a machine whose speed drifts by tens
-// of percent over seconds (this one), separate runs of two benchmarks compare different
-// conditions; the two halves of a pair see nearly the same ones. A step's operator()(state)
-// returns false after skipping the benchmark with an error.
+// step ÷ base, timed in pairs (common/paired_benchmark.h): `ratio` is the median of the
+// per-pair ratios. A step's operator()(state) returns false after skipping the benchmark with
+// an error.
 constexpr int kPairs = 20;
 constexpr int kLoopPairs = 8;  // the loops take up to 2 s each in fp32
 
 template <typename Base, typename Step>
 void Paired(benchmark::State& state, Setup& s, Base& base, Step& step) {
-  bool ok = base(state) && step(state);  // warm-up pair, not counted
-  std::vector<double> base_s, step_s, ratio;
-  for (auto _ : state) {
-    if (!ok) return;
-    double g = 0, l = 0;
-    if (base_s.size() % 2 == 0) {
-      g = SecondsOf([&] { ok = base(state); });
-      l = SecondsOf([&] { ok = ok && step(state); });
-    } else {
-      l = SecondsOf([&] { ok = step(state); });
-      g = SecondsOf([&] { ok = ok && base(state); });
-    }
-    base_s.push_back(g), step_s.push_back(l), ratio.push_back(l / g);
-    state.SetIterationTime(l);
-  }
-  state.counters["base_ms"] = 1e3 * Median(base_s);
-  state.counters["ms"] = 1e3 * Median(step_s);
-  state.counters["ratio"] = Median(ratio);
-  // Each side at its least disturbed: memory-bound passes (conversions, permutation) slow down
-  // more than GEMMs when neighbours on the host load memory, which moves the median ratio.
-  state.counters["best_ratio"] = *std::min_element(step_s.begin(), step_s.end()) /
-                                 *std::min_element(base_s.begin(), base_s.end());
-  Finish(state, s);
+  if (common::TimePairs(state, base, step)) Finish(state, s);
 }
 
 template <typename Step>

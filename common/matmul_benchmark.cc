@@ -20,15 +20,27 @@
 namespace switchyard::common {
 namespace {
 
+// a, b and out for an n × n × n product in `layout` (0: a @ b, 1: aᵀ @ b, 2: a @ bᵀ).
+struct Operands {
+  at::Tensor a, b, out;
+  Operands(at::ScalarType dt, int64_t layout, int64_t n) {
+    at::manual_seed(0);
+    a = layout == 1 ? at::randn({n, n}).to(dt).t() : at::randn({n, n}).to(dt);
+    b = layout == 2 ? at::randn({n, n}).to(dt).t() : at::randn({n, n}).to(dt);
+    out = at::empty({n, n}, a.options());
+  }
+};
+
+std::string Describe(at::ScalarType dt, int64_t layout) {
+  return std::string(dt == at::kFloat ? "fp32" : "bf16") + (layout == 0 ? " a@b" : layout == 1 ? " aT@b" : " a@bT");
+}
+
 void Run(benchmark::State& state, int64_t n) {
   at::set_num_threads(2);
   const bool aten = state.range(0) == 1;
   const at::ScalarType dt = state.range(1) == 0 ? at::kFloat : at::kBFloat16;
   const int64_t layout = state.range(2);
-  at::manual_seed(0);
-  const at::Tensor a = layout == 1 ? at::randn({n, n}).to(dt).t() : at::randn({n, n}).to(dt);
-  const at::Tensor b = layout == 2 ? at::randn({n, n}).to(dt).t() : at::randn({n, n}).to(dt);
-  const at::Tensor out = at::empty({n, n}, a.options());
+  const auto [a, b, out] = Operands(dt, layout, n);
   SetMatmulBackend(aten ? MatmulBackend::kAten : MatmulBackend::kAuto);
   MatmulOut(out, a, b);  // creates the primitive outside the timed loop
   for (auto _ : state) {
@@ -38,8 +50,7 @@ void Run(benchmark::State& state, int64_t n) {
   SetMatmulBackend(MatmulBackend::kAuto);
   state.counters["GFLOP/s"] =
       benchmark::Counter(2e-9 * n * n * n * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
-  state.SetLabel(std::string(aten ? "at::mm_out" : "MatmulOut") + (dt == at::kFloat ? " fp32" : " bf16") +
-                 (layout == 0 ? " a@b" : layout == 1 ? " aT@b" : " a@bT"));
+  state.SetLabel(std::string(aten ? "at::mm_out " : "MatmulOut ") + Describe(dt, layout));
 }
 
 void BM_Matmul(benchmark::State& state) { Run(state, 512); }
@@ -47,11 +58,8 @@ void BM_Matmul(benchmark::State& state) { Run(state, 512); }
 void BM_MatmulOverAten(benchmark::State& state) {
   at::set_num_threads(2);
   const at::ScalarType dt = state.range(0) == 0 ? at::kFloat : at::kBFloat16;
-  const int64_t layout = state.range(1), n = 512;
-  at::manual_seed(0);
-  const at::Tensor a = layout == 1 ? at::randn({n, n}).to(dt).t() : at::randn({n, n}).to(dt);
-  const at::Tensor b = layout == 2 ? at::randn({n, n}).to(dt).t() : at::randn({n, n}).to(dt);
-  const at::Tensor out = at::empty({n, n}, a.options());
+  const int64_t layout = state.range(1);
+  const auto [a, b, out] = Operands(dt, layout, 512);
   auto calls = [&](MatmulBackend backend) {
     return [&, backend](benchmark::State&) {
       SetMatmulBackend(backend);
@@ -62,7 +70,7 @@ void BM_MatmulOverAten(benchmark::State& state) {
   };
   auto aten = calls(MatmulBackend::kAten), ours = calls(MatmulBackend::kAuto);
   TimePairs(state, aten, ours);
-  state.SetLabel(std::string(dt == at::kFloat ? "fp32" : "bf16") + (layout == 0 ? " a@b" : layout == 1 ? " aT@b" : " a@bT"));
+  state.SetLabel(Describe(dt, layout));
 }
 void BM_MatmulTiny(benchmark::State& state) { Run(state, 8); }
 

@@ -1,9 +1,12 @@
 #include "moe/dispatch/permute.h"
 
+#include <algorithm>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -166,6 +169,56 @@ TEST(PermuteTest, CapacityLayoutHasZeroSlots) {
   auto bad = MakePlan(over, C);
   ASSERT_FALSE(bad.ok());
   EXPECT_THAT(std::string(bad.status().message()), HasSubstr("more than the capacity 5"));
+}
+
+// The plan's index tensors against loops that build them one token at a time, for maps that
+// span several of MakePlan's parallel blocks of tokens, on 1, 2 and 3 threads, dropless and
+// with capacity slots (some tokens dropped).
+TEST(PermuteTest, PlanOverManyTokensMatchesASerialBuild) {
+  const int threads = at::get_num_threads();
+  for (auto [T, E, k, capacity] : {std::tuple<int64_t, int64_t, int, int64_t>{5000, 64, 8, -1},
+                                   {3073, 13, 3, -1}, {2500, 16, 2, 330}}) {
+    SCOPED_TRACE(::testing::Message() << "T = " << T << ", E = " << E << ", C = " << capacity);
+    at::Tensor map = RandomMap(T, E, k, /*empty_expert=*/2, /*empty_token=*/1500, 31);
+    if (capacity >= 0) {
+      // Keep each expert's first `capacity` tokens, as dropping by position would.
+      map = map.logical_and(map.to(at::kLong).cumsum(0) <= capacity);
+    }
+    const at::Tensor m = map.contiguous();
+    const bool* mp = m.data_ptr<bool>();
+    std::vector<int64_t> row_token, row_prob, start(E + 1, 0);
+    std::vector<std::vector<int64_t>> rows_of(T);
+    for (int64_t e = 0; e < E; ++e) {
+      int64_t n = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        if (!mp[t * E + e]) continue;
+        rows_of[t].push_back(start[e] + n++);
+        row_token.push_back(t), row_prob.push_back(t * E + e);
+      }
+      for (; capacity >= 0 && n < capacity; ++n) row_token.push_back(-1), row_prob.push_back(0);
+      start[e + 1] = start[e] + n;
+    }
+    std::vector<int64_t> offsets = {0}, token_rows;
+    for (int64_t t = 0; t < T; ++t) {
+      token_rows.insert(token_rows.end(), rows_of[t].begin(), rows_of[t].end());
+      offsets.push_back(static_cast<int64_t>(token_rows.size()));
+    }
+    auto equal = [](const at::Tensor& got, const std::vector<int64_t>& want) {
+      return got.numel() == static_cast<int64_t>(want.size()) &&
+             std::equal(want.begin(), want.end(), got.data_ptr<int64_t>());
+    };
+    for (int n : {1, 2, 3}) {
+      at::set_num_threads(n);
+      auto plan = MakePlan(map, capacity);
+      ASSERT_TRUE(plan.ok()) << plan.status();
+      EXPECT_TRUE(equal(plan->row_token, row_token)) << n << " threads";
+      EXPECT_TRUE(equal(plan->row_prob_index, row_prob)) << n << " threads";
+      EXPECT_TRUE(equal(plan->token_offsets, offsets)) << n << " threads";
+      EXPECT_TRUE(equal(plan->token_rows, token_rows)) << n << " threads";
+      for (int64_t e = 0; e < E; ++e) EXPECT_EQ(plan->rows_per_expert[e], start[e + 1] - start[e]) << e;
+    }
+  }
+  at::set_num_threads(threads);
 }
 
 TEST(PermuteTest, ZeroTokensAndZeroExperts) {

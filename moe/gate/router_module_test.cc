@@ -105,7 +105,7 @@ TEST(RouterModule, ExpertBiasSteersTheChoiceAfterUpdates) {
   EXPECT_TRUE(at::allclose(after->routing.probs.detach(), s * after->routing.routing_map));
 }
 
-// RouterLogits (oneDNN's fp32 inner product where LibTorch has it) against fp64 products: the
+// RouterLogits (fp32 oneDNN matmul primitives on the CPU) against fp64 products: the
 // logits and both gradients, for fp32 and bf16 hidden states, at router-like and odd sizes,
 // and for zero tokens.
 TEST(RouterModule, LogitsAndTheirGradientsMatchFp64) {

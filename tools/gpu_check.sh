@@ -9,7 +9,8 @@
 #
 # `run` finds cuBLAS and the CUDA runtime (13.x, what the binaries link) in the machine's
 # torch venv (/opt/torch/.venv: its nvidia/*/lib folders) or in /usr/local/cuda, names a
-# missing library instead of failing inside the loader, and exits non-zero if the test fails.
+# missing library instead of failing inside the loader, limits each binary's time (120 s for
+# the test, 360 s for the benchmark), and exits non-zero if either fails.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,10 +23,22 @@ stage() {
   rm -rf "$bin"
   mkdir -p "$bin/solib"
   cp bazel-bin/moe/cuda/kernels_test bazel-bin/moe/cuda/kernels_benchmark "$bin/"
-  # The shared libraries Bazel built for them (their RPATH points into bazel-bin).
+  # The shared libraries Bazel built for them (their RPATH points into bazel-bin), and Google
+  # Benchmark's, which the GPU machine's system need not have.
   find -L bazel-bin/_solib_k8 -maxdepth 1 -name 'libmoe_*.so' -exec cp {} "$bin/solib/" \;
+  ldd "$bin/kernels_benchmark" | awk '/libbenchmark/ {print $3}' | xargs -r -I{} cp -L {} "$bin/solib/"
   chmod -R u+w "$bin"
   du -sh "$bin"
+}
+
+# Whether gpu_bin/$1's shared libraries all resolve; names the missing ones.
+Resolves() {
+  local missing
+  missing="$(ldd "$bin/$1" | grep 'not found' || true)"
+  [[ -z "$missing" ]] && return 0
+  echo "gpu_check: $1: libraries not found (LD_LIBRARY_PATH=$LD_LIBRARY_PATH):" >&2
+  echo "$missing" >&2
+  return 1
 }
 
 run() {
@@ -39,17 +52,21 @@ run() {
   done
   export LD_LIBRARY_PATH="$path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   nvidia-smi -L 2>&1 | tee "$out/nvidia-smi.txt" || true
-  local missing
-  missing="$(ldd "$bin/kernels_test" "$bin/kernels_benchmark" | grep 'not found' || true)"
-  if [[ -n "$missing" ]]; then
-    echo "gpu_check: libraries not found (LD_LIBRARY_PATH=$LD_LIBRARY_PATH):" >&2
-    echo "$missing" >&2
-    exit 3
-  fi
   local rc=0
-  "$bin/kernels_test" --gtest_output="xml:$out/kernels_test.xml" 2>&1 | tee "$out/kernels_test.log" || rc=$?
-  "$bin/kernels_benchmark" --benchmark_counters_tabular=true --benchmark_out="$out/kernels_benchmark.json" \
-    --benchmark_out_format=json 2>&1 | tee "$out/kernels_benchmark.log" || { local s=$?; ((rc)) || rc=$s; }
+  # Each binary runs if its libraries resolve (a missing one is named), under a time limit.
+  if Resolves kernels_test; then
+    timeout 120 "$bin/kernels_test" --gtest_output="xml:$out/kernels_test.xml" 2>&1 | tee "$out/kernels_test.log" ||
+      rc=$?
+  else
+    rc=3
+  fi
+  if Resolves kernels_benchmark; then
+    timeout 360 "$bin/kernels_benchmark" --benchmark_counters_tabular=true \
+      --benchmark_out="$out/kernels_benchmark.json" --benchmark_out_format=json 2>&1 |
+      tee "$out/kernels_benchmark.log" || { local s=$?; ((rc)) || rc=$s; }
+  else
+    ((rc)) || rc=3
+  fi
   return "$rc"
 }
 

@@ -3,6 +3,8 @@
 #include <cuda_bf16.h>
 
 #include <cfloat>
+#include <cstdint>
+#include <cstdio>
 #include <vector>
 
 namespace switchyard::cuda {
@@ -15,13 +17,13 @@ __device__ inline float Load(const __nv_bfloat16* p, int64_t i) { return __bfloa
 __device__ inline void Store(float* p, int64_t i, float v) { p[i] = v; }
 __device__ inline void Store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16(v); }
 
-// One block per row, 16-byte words when the row allows it.
+// One block per row, 16-byte words when the rows and both base pointers allow it.
 __global__ void PermuteKernel(const char* in, char* out, const int64_t* row_token, int64_t rows,
-                              int64_t row_bytes) {
+                              int64_t row_bytes, bool words16) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t t = row_token[r];
     char* o = out + r * row_bytes;
-    if (row_bytes % 16 == 0) {
+    if (words16) {
       const int64_t words = row_bytes / 16;
       uint4* ow = reinterpret_cast<uint4*>(o);
       if (t < 0) {
@@ -64,7 +66,7 @@ __global__ void WeightedSumBackwardKernel(const T* g, const T* x, const float* w
         continue;
       }
       const float gv = Load(g, t * hidden + c);
-      Store(grad_rows, r * hidden + c, w[r] * gv);
+      Store(grad_rows, r * hidden + c, (w ? w[r] : 1.f) * gv);
       dot += gv * Load(x, r * hidden + c);
     }
     for (int s = 16; s > 0; s /= 2) dot += __shfl_down_sync(0xffffffffu, dot, s);
@@ -96,10 +98,11 @@ __global__ void TopKKernel(const float* logits, int64_t tokens, int E, int k, bo
   const float* z = logits + t * E;
   float v[kMaxPerLane];
   const int per_lane = (E + 31) / 32;
-  float mx = -FLT_MAX;
+  float mx = -INFINITY;
   for (int i = 0; i < per_lane; ++i) {
     const int e = lane + 32 * i;
-    v[i] = e < E ? z[e] : -FLT_MAX;
+    // NaN counts as -inf, as on the CPU (whose router refuses non-finite logits before this).
+    v[i] = e < E && !isnan(z[e]) ? z[e] : -INFINITY;
     if (e < E) mx = fmaxf(mx, v[i]);
   }
   for (int s = 16; s > 0; s /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, s));
@@ -120,7 +123,9 @@ __global__ void TopKKernel(const float* logits, int64_t tokens, int E, int k, bo
   int chosen_i[32];
   uint32_t taken = 0;  // bit i: expert lane + 32 i already chosen
   for (int j = 0; j < k; ++j) {
-    float bv = -FLT_MAX;
+    // From (-inf, past every expert): any expert not taken beats it, even at -inf, so that
+    // bi is always a valid expert.
+    float bv = -INFINITY;
     int bi = 1 << 30;
     for (int i = 0; i < per_lane; ++i) {
       const int e = lane + 32 * i;
@@ -138,9 +143,11 @@ __global__ void TopKKernel(const float* logits, int64_t tokens, int E, int k, bo
   if (lane != 0) return;
   float denom = 1.f;
   if (!sigmoid && !pre_softmax) {  // softmax over the chosen logits
+    // chosen_v[0] is the largest; kept apart, since the loop below overwrites chosen_v[0] first.
+    const float top = chosen_v[0];
     float s = 0.f;
-    for (int j = 0; j < k; ++j) s += __expf(chosen_v[j] - chosen_v[0]);
-    for (int j = 0; j < k; ++j) chosen_v[j] = __expf(chosen_v[j] - chosen_v[0]) / s;
+    for (int j = 0; j < k; ++j) s += __expf(chosen_v[j] - top);
+    for (int j = 0; j < k; ++j) chosen_v[j] = __expf(chosen_v[j] - top) / s;
   } else if (normalize) {
     float s = 0.f;
     for (int j = 0; j < k; ++j) s += chosen_v[j];
@@ -154,6 +161,14 @@ __global__ void TopKKernel(const float* logits, int64_t tokens, int E, int k, bo
 }
 
 cudaDataType_t CublasType(DType d) { return d == DType::kFloat32 ? CUDA_R_32F : CUDA_R_16BF; }
+
+// cuBLAS statuses do not fit cudaError_t: a failure is named on stderr and becomes
+// cudaErrorUnknown.
+cudaError_t Cublas(const char* what, cublasStatus_t st) {
+  if (st == CUBLAS_STATUS_SUCCESS) return cudaSuccess;
+  std::fprintf(stderr, "moe/cuda: %s failed: %s (%s)\n", what, cublasGetStatusName(st), cublasGetStatusString(st));
+  return cudaErrorUnknown;
+}
 int64_t Bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
 }  // namespace
@@ -161,8 +176,10 @@ int64_t Bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 cudaError_t PermuteRows(const void* in, void* out, const int64_t* row_token, int64_t rows,
                         int64_t hidden, DType dtype, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
+  const int64_t row_bytes = hidden * Bytes(dtype);
+  const bool words16 = row_bytes % 16 == 0 && (reinterpret_cast<uintptr_t>(in) | reinterpret_cast<uintptr_t>(out)) % 16 == 0;
   PermuteKernel<<<Blocks(rows), 128, 0, stream>>>(static_cast<const char*>(in), static_cast<char*>(out),
-                                                  row_token, rows, hidden * Bytes(dtype));
+                                                  row_token, rows, row_bytes, words16);
   return cudaGetLastError();
 }
 
@@ -199,8 +216,13 @@ cudaError_t WeightedSumBackward(const void* g, const void* rows, const float* w,
 cudaError_t GroupedGemm(cublasHandle_t handle, const void* x, const void* w, void* out,
                         const int64_t* rows_per_expert, int experts, int64_t n_in, int64_t n_out,
                         DType dtype, bool grouped, cudaStream_t stream) {
-  if (cublasSetStream(handle, stream) != CUBLAS_STATUS_SUCCESS) return cudaErrorUnknown;
+  if (Cublas("cublasSetStream", cublasSetStream(handle, stream)) != cudaSuccess) return cudaErrorUnknown;
   const int64_t eb = Bytes(dtype);
+  int64_t total = 0;
+  for (int e = 0; e < experts; ++e) total += rows_per_expert[e];
+  if (total == 0 || n_out == 0) return cudaSuccess;
+  // An empty inner dimension: a product of zeros (cuBLAS refuses the zero leading dimensions).
+  if (n_in == 0) return cudaMemsetAsync(out, 0, total * n_out * eb, stream);
   const cudaDataType_t type = CublasType(dtype);
   // Row-major out[n, o] = x[n, i] @ w[i, o] is column-major outᵀ = wᵀ xᵀ: m = o, n = rows, k = i.
   std::vector<const void*> a, b;
@@ -224,13 +246,17 @@ cudaError_t GroupedGemm(cublasHandle_t handle, const void* x, const void* w, voi
     off += rows;
   }
   const int groups = static_cast<int>(a.size());
-  if (groups == 0) return cudaSuccess;
   const float one = 1.f, zero = 0.f;
+  // The grouped call wants 16-byte aligned matrices (cuBLAS's documented requirement); other
+  // offsets take the loop.
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  for (int g = 0; grouped && g < groups; ++g) grouped = aligned(a[g]) && aligned(b[g]) && aligned(c[g]);
   if (!grouped) {
     for (int g = 0; g < groups; ++g) {
-      if (cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, m[g], n[g], kk[g], &one, a[g], type, lda[g], b[g],
-                       type, ldb[g], &zero, c[g], type, ldc[g], CUBLAS_COMPUTE_32F,
-                       CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+      if (Cublas("cublasGemmEx",
+                 cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, m[g], n[g], kk[g], &one, a[g], type, lda[g], b[g],
+                              type, ldb[g], &zero, c[g], type, ldc[g], CUBLAS_COMPUTE_32F,
+                              CUBLAS_GEMM_DEFAULT)) != cudaSuccess) {
         return cudaErrorUnknown;
       }
     }
@@ -248,17 +274,18 @@ cudaError_t GroupedGemm(cublasHandle_t handle, const void* x, const void* w, voi
   std::vector<cublasOperation_t> op(groups, CUBLAS_OP_N);
   std::vector<float> alpha(groups, 1.f), beta(groups, 0.f);
   if (err == cudaSuccess &&
-      cublasGemmGroupedBatchedEx(handle, op.data(), op.data(), m.data(), n.data(), kk.data(), alpha.data(),
-                                 const_cast<const void* const*>(dev), type, lda.data(),
-                                 const_cast<const void* const*>(dev + groups), type, ldb.data(), beta.data(),
-                                 dev + 2 * groups, type, ldc.data(), groups, size.data(),
-                                 CUBLAS_COMPUTE_32F) != CUBLAS_STATUS_SUCCESS) {
+      Cublas("cublasGemmGroupedBatchedEx",
+             cublasGemmGroupedBatchedEx(handle, op.data(), op.data(), m.data(), n.data(), kk.data(), alpha.data(),
+                                        const_cast<const void* const*>(dev), type, lda.data(),
+                                        const_cast<const void* const*>(dev + groups), type, ldb.data(),
+                                        beta.data(), dev + 2 * groups, type, ldc.data(), groups, size.data(),
+                                        CUBLAS_COMPUTE_32F)) != cudaSuccess) {
     err = cudaErrorUnknown;
   }
   // The host arrays above must outlive the call: wait for it before they go.
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
-  cudaFreeAsync(dev, stream);
-  return err;
+  const cudaError_t freed = cudaFreeAsync(dev, stream);
+  return err != cudaSuccess ? err : freed;
 }
 
 cudaError_t TopKRoute(const float* logits, int64_t tokens, int experts, int k, bool sigmoid,

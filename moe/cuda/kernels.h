@@ -30,13 +30,16 @@ cudaError_t SumRows(const void* in, const float* w, const int64_t* token_offsets
                     const int64_t* token_rows, void* out, int64_t tokens, int64_t hidden,
                     DType dtype, cudaStream_t stream);
 
-// grad_rows[r] = w[r] · g[row_token[r]]; grad_w[r] = <g[row_token[r]], rows[r]> (0 for empty slots).
+// grad_rows[r] = w[r] · g[row_token[r]] (w == nullptr: weight 1); grad_w[r] =
+// <g[row_token[r]], rows[r]> (0 for empty slots).
 cudaError_t WeightedSumBackward(const void* g, const void* rows, const float* w,
                                 const int64_t* row_token, void* grad_rows, float* grad_w,
                                 int64_t n_rows, int64_t hidden, DType dtype, cudaStream_t stream);
 
 // Row-major out[N, n_out] = x[N, n_in] @ w[E][n_in, n_out] per block; rows_per_expert is a host
-// array. fp32 accumulation. `grouped`: one cublasGemmGroupedBatchedEx call; else a loop.
+// array. fp32 accumulation. `grouped`: one cublasGemmGroupedBatchedEx call (where every block
+// is 16-byte aligned, as it requires; else the loop); else one cublasGemmEx per expert. n_in = 0
+// gives zeros. A cuBLAS failure is named on stderr and returned as cudaErrorUnknown.
 cudaError_t GroupedGemm(cublasHandle_t handle, const void* x, const void* w, void* out,
                         const int64_t* rows_per_expert, int experts, int64_t n_in, int64_t n_out,
                         DType dtype, bool grouped, cudaStream_t stream);
@@ -44,6 +47,7 @@ cudaError_t GroupedGemm(cublasHandle_t handle, const void* x, const void* w, voi
 // logits [T, E] fp32 → indices [T, k] int64, weights [T, k] fp32, counts [E] int64 (added to,
 // so zero it first). Softmax over all E before top-k (pre_softmax), or over the k chosen;
 // sigmoid scores are normalised over the k chosen when `normalize`. Ties: lower expert index.
+// NaN counts as -inf (the CPU router refuses non-finite logits before routing).
 // E ≤ 1024 and k ≤ 32.
 cudaError_t TopKRoute(const float* logits, int64_t tokens, int experts, int k, bool sigmoid,
                       bool pre_softmax, bool normalize, float scaling, int64_t* indices,

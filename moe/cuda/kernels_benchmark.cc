@@ -50,25 +50,77 @@ std::vector<int64_t> Counts(const Shape& s) {
   return c;
 }
 
+// Times launch() (which returns the first CUDA error of what it enqueued) with events on the
+// default stream. The first failure of any call skips the benchmark with its message instead
+// of timing nothing (a zero iteration time makes Google Benchmark run ~1e9 iterations).
 template <typename F>
 void Time(benchmark::State& state, F&& launch) {
   cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  launch();  // warm-up
+  cudaError_t err = cudaEventCreate(&a);
+  if (err == cudaSuccess) err = cudaEventCreate(&b);
+  if (err == cudaSuccess) err = launch();  // warm-up
+  if (err == cudaSuccess) err = cudaDeviceSynchronize();
   for (auto _ : state) {
-    cudaEventRecord(a);
-    launch();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
+    if (err != cudaSuccess) break;
+    err = cudaEventRecord(a);
+    if (err == cudaSuccess) err = launch();
+    if (err == cudaSuccess) err = cudaEventRecord(b);
+    if (err == cudaSuccess) err = cudaEventSynchronize(b);
     float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
+    if (err == cudaSuccess) err = cudaEventElapsedTime(&ms, a, b);
+    if (err != cudaSuccess) break;
     state.SetIterationTime(ms / 1e3);
   }
-  if (cudaGetLastError() != cudaSuccess) state.SkipWithError("a kernel failed");
+  if (err != cudaSuccess) state.SkipWithError(cudaGetErrorString(err));
   cudaEventDestroy(a);
   cudaEventDestroy(b);
 }
+
+// Device buffers of a benchmark, freed at the end; Ok() is false (and the benchmark skipped
+// with the CUDA error) if an allocation or copy failed.
+class Buffers {
+ public:
+  explicit Buffers(benchmark::State& state) : state_(state) {}
+  ~Buffers() {
+    for (void* p : ptrs_) cudaFree(p);
+  }
+  template <typename T>
+  T* Alloc(int64_t bytes) {
+    void* p = nullptr;
+    Note(cudaMalloc(&p, bytes));
+    if (p != nullptr) ptrs_.push_back(p);
+    return static_cast<T*>(p);
+  }
+  void Note(cudaError_t e) {
+    if (e != cudaSuccess && ok_) {
+      ok_ = false;
+      state_.SkipWithError(cudaGetErrorString(e));
+    }
+  }
+  // n random values in [-1, 1) (bf16 or fp32): a 4M-element host pattern, repeated, so that
+  // the GEMMs and the router see data like a model's rather than zeros (which draw less
+  // power and run at higher clocks on these GPUs).
+  template <typename T>
+  void Random(T* dst, int64_t n) {
+    constexpr int64_t kPattern = int64_t{1} << 22;
+    std::vector<T> h(std::min(n, kPattern));
+    uint32_t x = 2463534242u;
+    for (T& v : h) {
+      x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+      v = static_cast<T>(static_cast<float>(x) * (2.0f / 4294967296.0f) - 1.0f);
+    }
+    for (int64_t i = 0; i < n && ok_; i += static_cast<int64_t>(h.size())) {
+      const int64_t m = std::min<int64_t>(h.size(), n - i);
+      Note(cudaMemcpy(dst + i, h.data(), m * sizeof(T), cudaMemcpyHostToDevice));
+    }
+  }
+  bool Ok() const { return ok_; }
+
+ private:
+  benchmark::State& state_;
+  std::vector<void*> ptrs_;
+  bool ok_ = true;
+};
 
 void BM_PermuteRows(benchmark::State& state) {
   if (!HaveGpu(state)) return;
@@ -77,16 +129,16 @@ void BM_PermuteRows(benchmark::State& state) {
   std::vector<int64_t> tok(rows);
   std::mt19937 g(2);
   for (int64_t r = 0; r < rows; ++r) tok[r] = g() % kTokens;
-  void *in, *out;
-  int64_t* dt;
-  cudaMalloc(&in, kTokens * kHidden * 2);
-  cudaMalloc(&out, rows * kHidden * 2);
-  cudaMalloc(&dt, rows * 8);
-  cudaMemcpy(dt, tok.data(), rows * 8, cudaMemcpyHostToDevice);
-  Time(state, [&] { PermuteRows(in, out, dt, rows, kHidden, DType::kBFloat16, nullptr); });
-  // Bytes moved: each output row read once and written once.
+  Buffers buf(state);
+  void* in = buf.Alloc<void>(kTokens * kHidden * 2);
+  void* out = buf.Alloc<void>(rows * kHidden * 2);
+  int64_t* dt = buf.Alloc<int64_t>(rows * 8);
+  if (buf.Ok()) buf.Note(cudaMemcpy(dt, tok.data(), rows * 8, cudaMemcpyHostToDevice));
+  if (!buf.Ok()) return;
+  Time(state, [&] { return PermuteRows(in, out, dt, rows, kHidden, DType::kBFloat16, nullptr); });
+  // Bytes moved: each output row read once and written once. (At k = 8 of 64 some source
+  // rows are read again from L2, which this counts as memory traffic.)
   state.SetBytesProcessed(state.iterations() * rows * kHidden * 2 * 2);
-  cudaFree(in), cudaFree(out), cudaFree(dt);
 }
 
 void BM_SumRows(benchmark::State& state) {
@@ -98,31 +150,30 @@ void BM_SumRows(benchmark::State& state) {
   for (int64_t t = 0; t <= kTokens; ++t) off[t] = t * s.k;
   for (int64_t r = 0; r < rows; ++r) tr[r] = r;
   std::shuffle(tr.begin(), tr.end(), g);
-  void *in, *out;
-  float* w;
-  int64_t *doff, *dtr;
-  cudaMalloc(&in, rows * kHidden * 2);
-  cudaMalloc(&out, kTokens * kHidden * 2);
-  cudaMalloc(&w, rows * 4);
-  cudaMalloc(&doff, (kTokens + 1) * 8);
-  cudaMalloc(&dtr, rows * 8);
-  cudaMemcpy(doff, off.data(), off.size() * 8, cudaMemcpyHostToDevice);
-  cudaMemcpy(dtr, tr.data(), rows * 8, cudaMemcpyHostToDevice);
-  Time(state, [&] { SumRows(in, w, doff, dtr, out, kTokens, kHidden, DType::kBFloat16, nullptr); });
+  Buffers buf(state);
+  void* in = buf.Alloc<void>(rows * kHidden * 2);
+  void* out = buf.Alloc<void>(kTokens * kHidden * 2);
+  float* w = buf.Alloc<float>(rows * 4);
+  int64_t* doff = buf.Alloc<int64_t>((kTokens + 1) * 8);
+  int64_t* dtr = buf.Alloc<int64_t>(rows * 8);
+  if (buf.Ok()) buf.Random(w, rows);
+  if (buf.Ok()) buf.Note(cudaMemcpy(doff, off.data(), off.size() * 8, cudaMemcpyHostToDevice));
+  if (buf.Ok()) buf.Note(cudaMemcpy(dtr, tr.data(), rows * 8, cudaMemcpyHostToDevice));
+  if (!buf.Ok()) return;
+  Time(state, [&] { return SumRows(in, w, doff, dtr, out, kTokens, kHidden, DType::kBFloat16, nullptr); });
   state.SetBytesProcessed(state.iterations() * (rows + kTokens) * kHidden * 2);
-  cudaFree(in), cudaFree(out), cudaFree(w), cudaFree(doff), cudaFree(dtr);
 }
 
 void BM_CopyD2D(benchmark::State& state) {
   if (!HaveGpu(state)) return;
   const Shape s = ShapeOf(state.range(0));
   const int64_t bytes = kTokens * s.k * kHidden * 2;
-  void *a, *b;
-  cudaMalloc(&a, bytes);
-  cudaMalloc(&b, bytes);
-  Time(state, [&] { cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, nullptr); });
+  Buffers buf(state);
+  void* a = buf.Alloc<void>(bytes);
+  void* b = buf.Alloc<void>(bytes);
+  if (!buf.Ok()) return;
+  Time(state, [&] { return cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, nullptr); });
   state.SetBytesProcessed(state.iterations() * bytes * 2);  // read + write, as above
-  cudaFree(a), cudaFree(b);
 }
 
 void Gemm(benchmark::State& state, bool dense, bool grouped) {
@@ -131,19 +182,24 @@ void Gemm(benchmark::State& state, bool dense, bool grouped) {
   const std::vector<int64_t> counts = dense ? std::vector<int64_t>{kTokens * s.k} : Counts(s);
   const int experts = static_cast<int>(counts.size());
   const int64_t rows = kTokens * s.k;
-  void *x, *w, *y;
-  cudaMalloc(&x, rows * kHidden * 2);
-  cudaMalloc(&w, experts * kHidden * s.ffn * 2);
-  cudaMalloc(&y, rows * s.ffn * 2);
-  cudaMemset(x, 0, rows * kHidden * 2);
-  cudaMemset(w, 0, experts * kHidden * s.ffn * 2);
+  Buffers buf(state);
+  __nv_bfloat16* x = buf.Alloc<__nv_bfloat16>(rows * kHidden * 2);
+  __nv_bfloat16* w = buf.Alloc<__nv_bfloat16>(experts * kHidden * s.ffn * 2);
+  void* y = buf.Alloc<void>(rows * s.ffn * 2);
+  if (buf.Ok()) buf.Random(x, rows * kHidden);
+  if (buf.Ok()) buf.Random(w, experts * kHidden * s.ffn);
+  if (!buf.Ok()) return;
   cublasHandle_t h;
-  cublasCreate(&h);
-  Time(state, [&] { GroupedGemm(h, x, w, y, counts.data(), experts, kHidden, s.ffn, DType::kBFloat16, grouped, nullptr); });
+  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
+    state.SkipWithError("cublasCreate failed");
+    return;
+  }
+  Time(state, [&] {
+    return GroupedGemm(h, x, w, y, counts.data(), experts, kHidden, s.ffn, DType::kBFloat16, grouped, nullptr);
+  });
   state.counters["TFLOP/s"] = benchmark::Counter(2.0 * rows * kHidden * s.ffn * state.iterations() / 1e12,
                                                  benchmark::Counter::kIsRate);
   cublasDestroy(h);
-  cudaFree(x), cudaFree(w), cudaFree(y);
 }
 void BM_GroupedGemm(benchmark::State& state) { Gemm(state, false, true); }
 void BM_GroupedGemmLoop(benchmark::State& state) { Gemm(state, false, false); }
@@ -153,19 +209,18 @@ void BM_TopKRoute(benchmark::State& state) {
   if (!HaveGpu(state)) return;
   const int64_t T = 65536;
   const int E = static_cast<int>(state.range(0)), k = static_cast<int>(state.range(1));
-  float *logits, *w;
-  int64_t *idx, *counts;
-  cudaMalloc(&logits, T * E * 4);
-  cudaMemset(logits, 0, T * E * 4);
-  cudaMalloc(&w, T * k * 4);
-  cudaMalloc(&idx, T * k * 8);
-  cudaMalloc(&counts, E * 8);
+  Buffers buf(state);
+  float* logits = buf.Alloc<float>(T * E * 4);
+  float* w = buf.Alloc<float>(T * k * 4);
+  int64_t* idx = buf.Alloc<int64_t>(T * k * 8);
+  int64_t* counts = buf.Alloc<int64_t>(E * 8);
+  if (buf.Ok()) buf.Random(logits, T * E);  // random logits: no every-token tie on experts 0..k-1
+  if (!buf.Ok()) return;
   Time(state, [&] {
-    cudaMemsetAsync(counts, 0, E * 8, nullptr);
-    TopKRoute(logits, T, E, k, false, true, false, 1.f, idx, w, counts, nullptr);
+    const cudaError_t e = cudaMemsetAsync(counts, 0, E * 8, nullptr);
+    return e != cudaSuccess ? e : TopKRoute(logits, T, E, k, false, true, false, 1.f, idx, w, counts, nullptr);
   });
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(T) * state.iterations(), benchmark::Counter::kIsRate);
-  cudaFree(logits), cudaFree(w), cudaFree(idx), cudaFree(counts);
 }
 
 BENCHMARK(BM_PermuteRows)->ArgName("fine")->Arg(0)->Arg(1)->UseManualTime();

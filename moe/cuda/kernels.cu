@@ -118,6 +118,8 @@ __global__ void TopKKernel(const float* logits, int64_t tokens, int E, int k, bo
     if (!sigmoid) {
       for (int i = 0; i < per_lane; ++i) v[i] /= sum;
     }
+    // A row with +inf or nothing finite gives NaN scores here: -inf, as above.
+    for (int i = 0; i < per_lane; ++i) v[i] = isnan(v[i]) ? -INFINITY : v[i];
   }
   float chosen_v[32];
   int chosen_i[32];
@@ -136,6 +138,8 @@ __global__ void TopKKernel(const float* logits, int64_t tokens, int E, int k, bo
       const int oi = __shfl_xor_sync(0xffffffffu, bi, s);
       if (Better(ov, oi, bv, bi)) bv = ov, bi = oi;
     }
+    // (Cannot happen after the NaN handling above; kept so that no count lands outside [0, E).)
+    if (bi >= E) bi = 0;
     chosen_v[j] = bv;
     chosen_i[j] = bi;
     if (bi % 32 == lane) taken |= 1u << (bi / 32);

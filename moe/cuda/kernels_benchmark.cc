@@ -55,7 +55,7 @@ std::vector<int64_t> Counts(const Shape& s) {
 // of timing nothing (a zero iteration time makes Google Benchmark run ~1e9 iterations).
 template <typename F>
 void Time(benchmark::State& state, F&& launch) {
-  cudaEvent_t a, b;
+  cudaEvent_t a = nullptr, b = nullptr;
   cudaError_t err = cudaEventCreate(&a);
   if (err == cudaSuccess) err = cudaEventCreate(&b);
   if (err == cudaSuccess) err = launch();  // warm-up
@@ -72,8 +72,8 @@ void Time(benchmark::State& state, F&& launch) {
     state.SetIterationTime(ms / 1e3);
   }
   if (err != cudaSuccess) state.SkipWithError(cudaGetErrorString(err));
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
+  if (a != nullptr) cudaEventDestroy(a);
+  if (b != nullptr) cudaEventDestroy(b);
 }
 
 // Device buffers of a benchmark, freed at the end; Ok() is false (and the benchmark skipped

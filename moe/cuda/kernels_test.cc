@@ -196,6 +196,10 @@ TEST(CudaKernelsTest, GroupedGemmMatchesCpuInFp32AndBf16) {
   const std::vector<double> want = product(x, w), want_bf16 = product(xr, wr);
   cublasHandle_t h;
   ASSERT_EQ(cublasCreate(&h), CUBLAS_STATUS_SUCCESS);
+  // No reduced-precision split-K reductions: the bf16 tolerance assumes one rounding.
+  ASSERT_EQ(cublasSetMathMode(h, static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH |
+                                                            CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
+            CUBLAS_STATUS_SUCCESS);
   for (bool grouped : {false, true}) {
     SCOPED_TRACE(grouped ? "grouped" : "loop");
     Dev<float> dx(x), dw(w), dy(N * out);
@@ -218,6 +222,64 @@ TEST(CudaKernelsTest, GroupedGemmMatchesCpuInFp32AndBf16) {
     EXPECT_EQ(bad_bf16, 0) << "bf16 entries off";
   }
   cublasDestroy(h);
+}
+
+// The branches the shapes above do not reach: a misaligned base pointer (the byte path for
+// rows of whole words), WeightedSumBackward without weights, GroupedGemm with an empty inner
+// dimension and with no rows, and top-k over rows with NaN or nothing finite.
+TEST(CudaKernelsTest, EdgeCases) {
+  const int64_t T = 5, H = 8, N = 6;
+  const std::vector<int64_t> tok = {3, -1, 0, 4, 4, 1};
+  const std::vector<float> x = Random(T * H + 1, 11), g = Random(T * H, 12);
+  Dev<float> dx(x), dg(g), drows(N * H + 1), dgrad(N * H), dgw(N);
+  Dev<int64_t> dtok(tok);
+  CHECK_CUDA(cudaGetLastError());
+  // x and the rows one float (4 bytes) past their allocations' 256-byte alignment.
+  CHECK_CUDA(PermuteRows(dx.p + 1, drows.p + 1, dtok.p, N, H, DType::kFloat32, nullptr));
+  CHECK_CUDA(WeightedSumBackward(dg.p, drows.p + 1, nullptr, dtok.p, dgrad.p, dgw.p, N, H, DType::kFloat32, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const std::vector<float> rows = drows.Host(), grad = dgrad.Host();
+  for (int64_t r = 0; r < N; ++r) {
+    for (int64_t c = 0; c < H; ++c) {
+      EXPECT_EQ(rows[1 + r * H + c], tok[r] < 0 ? 0.f : x[1 + tok[r] * H + c]) << r << " " << c;
+      EXPECT_EQ(grad[r * H + c], tok[r] < 0 ? 0.f : g[tok[r] * H + c]) << r << " " << c;
+    }
+  }
+
+  cublasHandle_t h;
+  ASSERT_EQ(cublasCreate(&h), CUBLAS_STATUS_SUCCESS);
+  const std::vector<int64_t> counts = {2, 0, 3}, none = {0, 0, 0};
+  Dev<float> dy(std::vector<float>(5 * 4, 7.f)), dw(3 * 4);
+  CHECK_CUDA(cudaGetLastError());
+  for (bool grouped : {false, true}) {
+    // n_in = 0: every output is an empty sum, 0.
+    CHECK_CUDA(GroupedGemm(h, dx.p, dw.p, dy.p, counts.data(), 3, 0, 4, DType::kFloat32, grouped, nullptr));
+    // No rows at all: nothing to do, nothing written.
+    CHECK_CUDA(GroupedGemm(h, dx.p, dw.p, dy.p, none.data(), 3, 4, 4, DType::kFloat32, grouped, nullptr));
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  for (float v : dy.Host()) EXPECT_EQ(v, 0.f);
+  cublasDestroy(h);
+
+  // Row 0: a NaN (counts as -inf), row 1: all -inf, row 2: a +inf (NaN scores after the
+  // pre-softmax; -inf then). Every chosen index must be an expert; row 0 never picks expert 2.
+  const int E = 4, k = 2;
+  const float inf = INFINITY;
+  const std::vector<float> logits = {0.5f, 0.1f, NAN, 0.3f, -inf, -inf, -inf, -inf, 0.2f, inf, 0.1f, 0.0f};
+  for (bool pre : {false, true}) {
+    Dev<float> dl(logits), dwt(3 * k);
+    Dev<int64_t> di(3 * k), dc(std::vector<int64_t>(E, 0));
+    CHECK_CUDA(cudaGetLastError());
+    CHECK_CUDA(TopKRoute(dl.p, 3, E, k, false, pre, false, 1.f, di.p, dwt.p, dc.p, nullptr));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    const std::vector<int64_t> idx = di.Host(), c = dc.Host();
+    for (int64_t i : idx) EXPECT_TRUE(i >= 0 && i < E) << i;
+    EXPECT_EQ(idx[0], 0) << pre;
+    EXPECT_EQ(idx[1], 3) << pre;
+    int64_t total = 0;
+    for (int64_t n : c) total += n;
+    EXPECT_EQ(total, 3 * k);
+  }
 }
 
 // Megatron-Core's routing cases without groups or bias, as router_test reads them.

@@ -8,7 +8,15 @@
 // where they exist.
 //
 //   SY_CPU_CLONES void Axpy(float* __restrict__ y, const float* __restrict__ x, float a, int64_t n);
+#if defined(__SANITIZE_THREAD__)
+// ThreadSanitizer builds (--config=tsan) get the default version only: target_clones picks
+// through ifunc resolvers, which the loader runs while relocating, before ThreadSanitizer is
+// initialised, and their instrumented code crashes there (every test with a cloned loop
+// segfaulted at start-up under tsan).
+#define SY_CPU_CLONES
+#else
 #define SY_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#endif
 
 namespace switchyard::common {
 

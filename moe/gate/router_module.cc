@@ -28,9 +28,9 @@ using torch::autograd::variable_list;
 // gradient is computed as (xᵀ · g)ᵀ: at 4096 tokens × 512 × 64 experts, 0.67 against 0.81 ms
 // for gᵀ · x (whose M = E is short), 2.63 against 2.97 at 256 experts, the same at 16. (Before
 // MatmulOut: oneDNN's inner product through ATen's mkldnn ops, which build their primitive
-// descriptors and reorder every tensor on every call; the logits are the same bits, and the
-// forward + backward took 0.74x its time at 16 experts, 0.95-0.99x at 64, on the 2-core
-// development machine.)
+// descriptors and reorder every tensor on every call. The logits are the same bits; this
+// forward + backward takes 0.74x the inner product's time at 16 experts and 0.95-0.99x at 64,
+// on the 2-core development machine.)
 struct LogitsFn : torch::autograd::Function<LogitsFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
     const at::Tensor xf = x.to(at::kFloat).contiguous();

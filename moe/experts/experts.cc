@@ -492,12 +492,25 @@ void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, a
   void *hp = h.data_ptr(), *gap = ga.data_ptr(), *ghp = gh.data_ptr(), *ap = a.data_ptr();
   // The AVX-512 kernels take h, ga, gh and a of one type (not bf16 h with fp32 GEMMs).
   const bool avx512 = h_bf16 == g_bf16 && UseAvx512Swiglu();
+  // h was saved in the forward and comes from memory, not from the cache like the GEMM's ga;
+  // its rows are prefetched about 8 KiB ahead. Without this the AVX-512 backward of 64
+  // experts × 512 rows (bf16, F = 256), each after its ga GEMM, took 2.6-2.95 ms against
+  // 2.1-2.2 with h in cache; with it, 2.1-2.3 (2-core AMD EPYC Zen 5). Layer ÷ GEMM limit at
+  // the fine bf16 shape, means of 6 alternating runs: 1.163 → 1.155.
+  const int64_t h_row_bytes = 2 * f * h.element_size();
+  const int64_t ahead = std::max<int64_t>(2, 8192 / std::max<int64_t>(h_row_bytes, 1));
+  auto prefetch_h_row = [&](int64_t r) {
+    const char* row = static_cast<const char*>(hp) + r * h_row_bytes;
+    for (int64_t byte = 0; byte < h_row_bytes; byte += 64) __builtin_prefetch(row + byte);
+  };
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
     // The portable loops write the weight gradient's products here; the AVX-512 kernel sums them itself.
     const bool products = dw != nullptr && !avx512;
     std::vector<float> scratch(products ? f : 0);
     float* prod = products ? scratch.data() : nullptr;
+    for (int64_t r = b; r < std::min(e, b + ahead); ++r) prefetch_h_row(r);
     for (int64_t r = b; r < e; ++r) {
+      if (r + ahead < e) prefetch_h_row(r + ahead);
       const int64_t hr = r * 2 * f, gr = r * f;
       const float wr = w != nullptr ? w[r] : 1.0f;
       if (avx512) {

@@ -9,6 +9,8 @@
 #include <tuple>
 #include <vector>
 
+#include <immintrin.h>
+
 #include <ATen/ATen.h>
 
 #include "absl/status/status.h"
@@ -113,6 +115,55 @@ void TopKByRounds(int64_t* __restrict__ packed, int64_t n, int64_t k, int64_t* _
   }
 }
 
+// Top-k by rounds for rows of n ≤ 64 on AVX-512, from the scores: the packed keys (as
+// PackKeys, built in registers) stay in eight registers, and each round's maximum is reduced
+// across lanes by permutes, so no round waits on memory (TopKByRounds reloads the row after
+// a scalar store into it every round, and reads keys PackKeys has just stored). The whole of
+// TopKRoute at 4096 tokens, one thread, medians of 300: E = 64, k = 8 0.69 → 0.55 ms; k = 2
+// 0.50 → 0.41; E = 60, k = 8 0.86 → 0.55 (2-core AMD EPYC Zen 5).
+#define SY_AVX512 __attribute__((target("avx512f")))
+constexpr int64_t kRegisterRow = 64;
+
+SY_AVX512 void TopKRowInRegisters(const float* __restrict__ row, int64_t n, int64_t k, int64_t* __restrict__ idx) {
+  const __m512i taken = _mm512_set1_epi64(kTakenPacked);
+  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  __m512i v[8];
+  for (int i = 0; i < 8; i += 2) {
+    const int64_t left = n - 8 * i;
+    const __mmask16 live = left >= 16 ? 0xffff : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+    __m512 x = _mm512_maskz_loadu_ps(live, row + 8 * i);
+    x = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_ps(-INFINITY));  // NaN as -inf
+    x = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ), _mm512_setzero_ps());  // -0 as +0
+    __m512i key = _mm512_castps_si512(x);
+    key = _mm512_mask_xor_epi32(key, _mm512_cmplt_epi32_mask(key, _mm512_setzero_si512()), key,
+                                _mm512_set1_epi32(0x7fffffff));  // OrderKey
+    for (int half = 0; half < 2; ++half) {
+      const __m512i wide = _mm512_cvtepi32_epi64(half == 0 ? _mm512_castsi512_si256(key) : _mm512_extracti64x4_epi64(key, 1));
+      const int64_t first = 8 * (i + half);
+      const __m512i packed = _mm512_or_si512(_mm512_slli_epi64(wide, 32),
+                                             _mm512_sub_epi64(_mm512_set1_epi64(n - 1 - first), lane));
+      const __mmask8 in_row = static_cast<__mmask8>(half == 0 ? live : live >> 8);
+      v[i + half] = _mm512_mask_mov_epi64(taken, in_row, packed);
+    }
+  }
+  for (int64_t r = 0; r < k; ++r) {
+    __m512i m = _mm512_max_epi64(_mm512_max_epi64(_mm512_max_epi64(v[0], v[1]), _mm512_max_epi64(v[2], v[3])),
+                                 _mm512_max_epi64(_mm512_max_epi64(v[4], v[5]), _mm512_max_epi64(v[6], v[7])));
+    m = _mm512_max_epi64(m, _mm512_shuffle_i64x2(m, m, 0x4E));        // swap the 256-bit halves
+    m = _mm512_max_epi64(m, _mm512_shuffle_i64x2(m, m, 0xB1));        // swap neighbouring 128-bit lanes
+    m = _mm512_max_epi64(m, _mm512_shuffle_epi32(m, _MM_PERM_BADC));  // swap the 64-bit halves of each
+    // Every lane holds the maximum now; packed keys are distinct, so it marks one entry.
+    for (int i = 0; i < 8; ++i) v[i] = _mm512_mask_mov_epi64(v[i], _mm512_cmpeq_epi64_mask(v[i], m), taken);
+    idx[r] = n - 1 - (_mm_cvtsi128_si64(_mm512_castsi512_si128(m)) & 0xffffffff);
+  }
+}
+#undef SY_AVX512
+
+bool UseRegisterTopK() {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512;
+}
+
 // Indices of the k largest entries of each row, largest first; among equal values the
 // lower index wins (at::topk leaves ties to its partial selection, which on the CPU is not
 // index order). NaN counts as -inf. Up to kRoundsMaxK by rounds, beyond by a partial sort
@@ -128,15 +179,19 @@ at::Tensor TopKRows(const at::Tensor& scores_in, int64_t k) {
   const float* s = scores.data_ptr<float>();
   int64_t* o = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
-    const bool rounds = k > 1 && k <= kRoundsMaxK;
+    const bool rounds = k > 1 && k <= kRoundsMaxK, in_registers = rounds && n <= kRegisterRow && UseRegisterTopK();
     std::vector<int32_t> key(rounds ? 0 : n);
     std::vector<int64_t> packed(rounds ? n : 0), order(k <= kRoundsMaxK ? 0 : n);
     for (int64_t r = begin; r < end; ++r) {
       const float* row = s + r * n;
       int64_t* idx = o + r * k;
       if (rounds) {
-        PackKeys(row, n, packed.data());
-        TopKByRounds(packed.data(), n, k, idx);
+        if (in_registers) {
+          TopKRowInRegisters(row, n, k, idx);
+        } else {
+          PackKeys(row, n, packed.data());
+          TopKByRounds(packed.data(), n, k, idx);
+        }
         continue;
       }
       if (k == 0) continue;

@@ -45,6 +45,7 @@ Resolves() {
 run() {
   local out="${1:?usage: gpu_check.sh run OUTPUT_DIR}"
   mkdir -p "$out"
+  out="$(cd "$out" && pwd)"  # a relative OUTPUT_DIR names the folder it was given from
   cd "$here"  # the test reads moe/gate/testdata/megatron_router.txt from here
   [[ -x "$bin/kernels_test" ]] || { echo "gpu_check: $bin/kernels_test missing: run 'stage' first and carry gpu_bin" >&2; exit 2; }
   local path="$bin/solib"

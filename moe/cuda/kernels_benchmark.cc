@@ -51,10 +51,12 @@ std::vector<int64_t> Counts(const Shape& s) {
 }
 
 // Times launch() (which returns the first CUDA error of what it enqueued) with events on the
-// default stream. The first failure of any call skips the benchmark with its message instead
-// of timing nothing (a zero iteration time makes Google Benchmark run ~1e9 iterations).
+// default stream, `reps` launches between the two events (for kernels of a few microseconds,
+// whose launch latency would otherwise be timed too); an iteration is one launch. The first
+// failure of any call skips the benchmark with its message instead of timing nothing (a zero
+// iteration time makes Google Benchmark run ~1e9 iterations).
 template <typename F>
-void Time(benchmark::State& state, F&& launch) {
+void Time(benchmark::State& state, F&& launch, int reps = 1) {
   cudaEvent_t a = nullptr, b = nullptr;
   cudaError_t err = cudaEventCreate(&a);
   if (err == cudaSuccess) err = cudaEventCreate(&b);
@@ -63,13 +65,13 @@ void Time(benchmark::State& state, F&& launch) {
   for (auto _ : state) {
     if (err != cudaSuccess) break;
     err = cudaEventRecord(a);
-    if (err == cudaSuccess) err = launch();
+    for (int r = 0; r < reps && err == cudaSuccess; ++r) err = launch();
     if (err == cudaSuccess) err = cudaEventRecord(b);
     if (err == cudaSuccess) err = cudaEventSynchronize(b);
     float ms = 0;
     if (err == cudaSuccess) err = cudaEventElapsedTime(&ms, a, b);
     if (err != cudaSuccess) break;
-    state.SetIterationTime(ms / 1e3);
+    state.SetIterationTime(ms / 1e3 / reps);
   }
   if (err != cudaSuccess) state.SkipWithError(cudaGetErrorString(err));
   if (a != nullptr) cudaEventDestroy(a);
@@ -216,10 +218,11 @@ void BM_TopKRoute(benchmark::State& state) {
   int64_t* counts = buf.Alloc<int64_t>(E * 8);
   if (buf.Ok()) buf.Random(logits, T * E);  // random logits: no every-token tie on experts 0..k-1
   if (!buf.Ok()) return;
+  // 20 routings between the events: one takes tens of microseconds, near the launch latency.
   Time(state, [&] {
     const cudaError_t e = cudaMemsetAsync(counts, 0, E * 8, nullptr);
     return e != cudaSuccess ? e : TopKRoute(logits, T, E, k, false, true, false, 1.f, idx, w, counts, nullptr);
-  });
+  }, /*reps=*/20);
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(T) * state.iterations(), benchmark::Counter::kIsRate);
 }
 

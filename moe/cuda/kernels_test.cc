@@ -41,7 +41,10 @@ struct Dev {
   ~Dev() { cudaFree(p); }
   std::vector<T> Host() const {
     std::vector<T> h(n);
-    if (n) cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
+    if (n) {
+      const cudaError_t err = cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
+      if (err != cudaSuccess) ADD_FAILURE() << "copy to the host: " << cudaGetErrorString(err);
+    }
     return h;
   }
 };
@@ -225,8 +228,9 @@ TEST(CudaKernelsTest, GroupedGemmMatchesCpuInFp32AndBf16) {
 }
 
 // The branches the shapes above do not reach: a misaligned base pointer (the byte path for
-// rows of whole words), WeightedSumBackward without weights, GroupedGemm with an empty inner
-// dimension and with no rows, and top-k over rows with NaN or nothing finite.
+// rows of whole words), WeightedSumBackward without weights, SumRows for a token of no rows
+// and from a misaligned base, GroupedGemm with an empty inner dimension and with no rows, and
+// top-k over rows with NaN or nothing finite.
 TEST(CudaKernelsTest, EdgeCases) {
   const int64_t T = 5, H = 8, N = 6;
   const std::vector<int64_t> tok = {3, -1, 0, 4, 4, 1};
@@ -243,6 +247,27 @@ TEST(CudaKernelsTest, EdgeCases) {
     for (int64_t c = 0; c < H; ++c) {
       EXPECT_EQ(rows[1 + r * H + c], tok[r] < 0 ? 0.f : x[1 + tok[r] * H + c]) << r << " " << c;
       EXPECT_EQ(grad[r * H + c], tok[r] < 0 ? 0.f : g[tok[r] * H + c]) << r << " " << c;
+    }
+  }
+
+  // SumRows with a token of no rows (a zero row out), in 16-byte words (aligned) and by
+  // elements (one float past the alignment).
+  {
+    const std::vector<int64_t> offsets = {0, 2, 2, 3}, token_rows = {0, 2, 1};
+    const std::vector<float> in = Random(3 * H + 1, 13);
+    Dev<float> din(in), dout(3 * H + 1);
+    Dev<int64_t> doff(offsets), dtr(token_rows);
+    CHECK_CUDA(cudaGetLastError());
+    for (int shift : {0, 1}) {
+      CHECK_CUDA(SumRows(din.p + shift, nullptr, doff.p, dtr.p, dout.p + shift, 3, H, DType::kFloat32, nullptr));
+      CHECK_CUDA(cudaDeviceSynchronize());
+      const std::vector<float> out = dout.Host();
+      for (int64_t c = 0; c < H; ++c) {
+        const float* x = in.data() + shift;
+        EXPECT_FLOAT_EQ(out[shift + c], x[c] + x[2 * H + c]) << shift << " " << c;
+        EXPECT_EQ(out[shift + H + c], 0.f) << shift << " " << c;
+        EXPECT_EQ(out[shift + 2 * H + c], x[H + c]) << shift << " " << c;
+      }
     }
   }
 
@@ -359,6 +384,68 @@ TEST(CudaKernelsTest, TopKRouteMatchesMegatronFixtures) {
     ++checked;
   }
   EXPECT_GE(checked, 6);
+}
+
+// More experts than a warp has lanes (the fixtures above have E ≤ 16): each lane holds
+// several experts, and the taken bits, the expert of lane + 32·i and the per-lane partial sums
+// all come into play. Logits on a grid of 1/64 in [-6, 6], so rows have exact ties (lower
+// expert first) and distinct logits stay far apart in every score. Against a reference in
+// double; tolerance 5e-6 relative: __expf is within 2 + floor(1.173·|x|) ulp (CUDA's
+// programming guide; ≤ 16 ulp, 1e-6, for the arguments here, logit − max ≥ −12), and a softmax
+// sum over up to 1024 experts rounds up to 37 times in fp32 (32 per lane, then 5 across the
+// warp): about 2.2e-6 more at worst.
+TEST(CudaKernelsTest, TopKRouteManyExpertsMatchesReference) {
+  const int64_t T = 96;
+  int checked = 0;
+  for (int E : {33, 64, 100, 256, 1000, 1024}) {
+    for (int k : {2, 8, 32}) {
+      if (k > E) continue;
+      for (int mode = 0; mode < 3; ++mode) {  // softmax over the k chosen, softmax over all E, sigmoid
+        const bool sigmoid = mode == 2, pre = mode == 1, normalize = sigmoid;
+        const float scaling = mode == 1 ? 2.5f : 1.f;
+        std::vector<float> logits = Random(T * E, 1000 * E + 10 * k + mode);
+        for (float& v : logits) v = std::round(std::clamp(2.f * v, -6.f, 6.f) * 64.f) / 64.f;
+        Dev<float> dl(logits), dw(T * k);
+        Dev<int64_t> di(T * k), dc(std::vector<int64_t>(E, 0));
+        CHECK_CUDA(cudaGetLastError());
+        CHECK_CUDA(TopKRoute(dl.p, T, E, k, sigmoid, pre, normalize, scaling, di.p, dw.p, dc.p, nullptr));
+        CHECK_CUDA(cudaDeviceSynchronize());
+        const std::vector<int64_t> idx = di.Host(), counts = dc.Host();
+        const std::vector<float> w = dw.Host();
+        std::vector<int64_t> want_counts(E, 0);
+        for (int64_t t = 0; t < T; ++t) {
+          const float* z = logits.data() + t * E;
+          std::vector<double> score(E);
+          const double mx = *std::max_element(z, z + E);
+          double sum = 0;
+          for (int e = 0; e < E; ++e) {
+            score[e] = sigmoid ? 1.0 / (1.0 + std::exp(-double(z[e]))) : pre ? std::exp(z[e] - mx) : z[e];
+            sum += score[e];
+          }
+          if (pre) for (double& v : score) v /= sum;
+          std::vector<int> order(E);
+          for (int e = 0; e < E; ++e) order[e] = e;
+          std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return score[a] > score[b]; });
+          std::vector<double> want(k);
+          double chosen_sum = 0, top = score[order[0]];
+          for (int j = 0; j < k; ++j) chosen_sum += sigmoid ? score[order[j]] : std::exp(score[order[j]] - top);
+          for (int j = 0; j < k; ++j) {
+            const double s = score[order[j]];
+            want[j] = (mode == 0 ? std::exp(s - top) / chosen_sum : sigmoid ? s / (chosen_sum + 1e-20) : s) * scaling;
+            ++want_counts[order[j]];
+          }
+          for (int j = 0; j < k; ++j) {
+            ASSERT_EQ(idx[t * k + j], order[j]) << "E=" << E << " k=" << k << " mode " << mode << " token " << t << " place " << j;
+            ASSERT_NEAR(w[t * k + j], want[j], 5e-6 * std::abs(want[j]) + 1e-12)
+                << "E=" << E << " k=" << k << " mode " << mode << " token " << t << " place " << j;
+          }
+        }
+        EXPECT_EQ(counts, want_counts) << "E=" << E << " k=" << k << " mode " << mode;
+        ++checked;
+      }
+    }
+  }
+  EXPECT_EQ(checked, 54);
 }
 
 }  // namespace

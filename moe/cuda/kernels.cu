@@ -17,24 +17,26 @@ __device__ inline float Load(const __nv_bfloat16* p, int64_t i) { return __bfloa
 __device__ inline void Store(float* p, int64_t i, float v) { p[i] = v; }
 __device__ inline void Store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16(v); }
 
-// One block per row, 16-byte words when the rows and both base pointers allow it.
+// Bytes, one block per row.
 __global__ void PermuteKernel(const char* in, char* out, const int64_t* row_token, int64_t rows,
-                              int64_t row_bytes, bool words16) {
+                              int64_t row_bytes) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t t = row_token[r];
     char* o = out + r * row_bytes;
-    if (words16) {
-      const int64_t words = row_bytes / 16;
-      uint4* ow = reinterpret_cast<uint4*>(o);
-      if (t < 0) {
-        for (int64_t i = threadIdx.x; i < words; i += blockDim.x) ow[i] = make_uint4(0, 0, 0, 0);
-      } else {
-        const uint4* iw = reinterpret_cast<const uint4*>(in + t * row_bytes);
-        for (int64_t i = threadIdx.x; i < words; i += blockDim.x) ow[i] = iw[i];
-      }
-    } else {
-      for (int64_t i = threadIdx.x; i < row_bytes; i += blockDim.x) o[i] = t < 0 ? 0 : in[t * row_bytes + i];
-    }
+    for (int64_t i = threadIdx.x; i < row_bytes; i += blockDim.x) o[i] = t < 0 ? 0 : in[t * row_bytes + i];
+  }
+}
+
+// 16-byte words, for rows of whole words and 16-byte aligned bases: a thread copies one word,
+// over all (row, word) pairs, so that every thread of a block works whatever the row length (a
+// block per row left half of 128 threads idle on 1 KiB rows).
+__global__ void PermuteWordsKernel(const uint4* in, uint4* out, const int64_t* row_token, int64_t rows,
+                                   int64_t words) {
+  const int64_t total = rows * words;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / words, c = i % words, t = row_token[r];
+    out[i] = t < 0 ? make_uint4(0, 0, 0, 0) : in[t * words + c];
   }
 }
 
@@ -212,8 +214,14 @@ cudaError_t PermuteRows(const void* in, void* out, const int64_t* row_token, int
   if (rows == 0) return cudaSuccess;
   const int64_t row_bytes = hidden * Bytes(dtype);
   const bool words16 = row_bytes % 16 == 0 && (reinterpret_cast<uintptr_t>(in) | reinterpret_cast<uintptr_t>(out)) % 16 == 0;
-  PermuteKernel<<<Blocks(rows), 128, 0, stream>>>(static_cast<const char*>(in), static_cast<char*>(out),
-                                                  row_token, rows, row_bytes, words16);
+  if (words16) {
+    const int64_t words = row_bytes / 16;
+    PermuteWordsKernel<<<Blocks((rows * words + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        static_cast<const uint4*>(in), static_cast<uint4*>(out), row_token, rows, words);
+  } else {
+    PermuteKernel<<<Blocks(rows), 128, 0, stream>>>(static_cast<const char*>(in), static_cast<char*>(out),
+                                                    row_token, rows, row_bytes);
+  }
   return cudaGetLastError();
 }
 

@@ -18,6 +18,16 @@
 #define SY_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #endif
 
+// Around kernels written with AVX-512 intrinsics: GCC 12.0-12.2 (Debian 12's) warns
+// "'__Y' is used uninitialized" inside its own headers, once per inlined intrinsic, about the
+// placeholder operand of _mm512_undefined_* (GCC bug 105593, fixed in 12.3): 48 such warnings
+// in a build of //moe/.... These silence -Wuninitialized and -Wmaybe-uninitialized between them.
+#define SY_INTRINSICS_BEGIN                                      \
+  _Pragma("GCC diagnostic push")                                 \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")          \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define SY_INTRINSICS_END _Pragma("GCC diagnostic pop")
+
 namespace switchyard::common {
 
 // Whether this CPU has AVX-512 (F, BW, VL) with the bf16 instructions (AVX512-BF16): the CPUs

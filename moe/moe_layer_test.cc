@@ -136,7 +136,9 @@ absl::Status Check(const std::string& what, const at::Tensor& got, const at::Ten
 
 at::Tensor SumOver(Communicator& comm, GroupKind kind, const at::Tensor& t) {
   at::Tensor s = t.clone().contiguous();
-  if (comm.Has(kind)) EXPECT_TRUE(comm.Get(kind).AllReduce(s).Wait().ok());
+  if (comm.Has(kind)) {
+    EXPECT_TRUE(comm.Get(kind).AllReduce(s).Wait().ok());
+  }
   return s;
 }
 
@@ -160,8 +162,12 @@ void RunCase(const Case& c) {
   for (int64_t n : c.dp_tokens) shards.push_back(dispatch::EvenSplit(n, slices));
   const Reference ref = RunReference(c, shards);
   // The cases test what they say: drops happen, the silent expert gets nothing.
-  if (c.capacity_factor > 0) EXPECT_GT(ref.dropped, 0);
-  if (c.silent_expert >= 0) EXPECT_EQ(ref.tokens_per_expert[c.silent_expert].item<int64_t>(), 0);
+  if (c.capacity_factor > 0) {
+    EXPECT_GT(ref.dropped, 0);
+  }
+  if (c.silent_expert >= 0) {
+    EXPECT_EQ(ref.tokens_per_expert[c.silent_expert].item<int64_t>(), 0);
+  }
   const bool swiglu = c.activation == experts::Activation::kSwiglu;
 
   std::mutex mu;

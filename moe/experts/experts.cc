@@ -329,6 +329,7 @@ SY_CPU_CLONES void SwigluBackwardBf16(const uint16_t* __restrict__ h, const uint
 // the saved h from memory, the experts' forward + backward gains 1–2.5%. Full vectors are
 // loaded unmasked: with masked loads for every vector the backward ran 2× slower there.
 #define SY_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
+SY_INTRINSICS_BEGIN
 
 // 16 bf16 values, or the first n < 16 of them (the rest zero).
 SY_AVX512BF16 inline __m512 LoadBf16x16(const uint16_t* p, int64_t n) {
@@ -417,6 +418,7 @@ SY_AVX512BF16 float SwigluBackwardAvx512(const T* __restrict__ h, const T* __res
   return _mm512_reduce_add_ps(dot);
 }
 
+SY_INTRINSICS_END
 #undef SY_AVX512BF16
 
 std::atomic<SwigluKernels> swiglu_kernels{SwigluKernels::kAuto};

@@ -122,6 +122,7 @@ void TopKByRounds(int64_t* __restrict__ packed, int64_t n, int64_t k, int64_t* _
 // TopKRoute at 4096 tokens, one thread, medians of 300: E = 64, k = 8 0.69 → 0.55 ms; k = 2
 // 0.50 → 0.41; E = 60, k = 8 0.86 → 0.55 (2-core AMD EPYC Zen 5).
 #define SY_AVX512 __attribute__((target("avx512f")))
+SY_INTRINSICS_BEGIN
 constexpr int64_t kRegisterRow = 64;
 
 SY_AVX512 void TopKRowInRegisters(const float* __restrict__ row, int64_t n, int64_t k, int64_t* __restrict__ idx) {
@@ -157,6 +158,7 @@ SY_AVX512 void TopKRowInRegisters(const float* __restrict__ row, int64_t n, int6
     idx[r] = n - 1 - (_mm_cvtsi128_si64(_mm512_castsi512_si128(m)) & 0xffffffff);
   }
 }
+SY_INTRINSICS_END
 #undef SY_AVX512
 
 bool UseRegisterTopK() {

@@ -73,14 +73,18 @@ std::string Option(const FixtureCase& c, const std::string& key, const std::stri
 int IntOption(const FixtureCase& c, const std::string& key, int fallback) {
   auto it = c.options.find(key);
   int v = fallback;
-  if (it != c.options.end()) EXPECT_TRUE(absl::SimpleAtoi(it->second, &v)) << c.name << ": " << key;
+  if (it != c.options.end()) {
+    EXPECT_TRUE(absl::SimpleAtoi(it->second, &v)) << c.name << ": " << key;
+  }
   return v;
 }
 
 double DoubleOption(const FixtureCase& c, const std::string& key, double fallback) {
   auto it = c.options.find(key);
   double v = fallback;
-  if (it != c.options.end()) EXPECT_TRUE(absl::SimpleAtod(it->second, &v)) << c.name << ": " << key;
+  if (it != c.options.end()) {
+    EXPECT_TRUE(absl::SimpleAtod(it->second, &v)) << c.name << ": " << key;
+  }
   return v;
 }
 

@@ -207,6 +207,13 @@ cudaError_t Cublas(const char* what, cublasStatus_t st) {
 }
 int64_t Bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
+// Whether the current device has stream-ordered memory pools (cudaMallocAsync).
+bool HasMemoryPools() {
+  int device = 0, supported = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&supported, cudaDevAttrMemoryPoolsSupported, device) == cudaSuccess && supported != 0;
+}
+
 }  // namespace
 
 cudaError_t PermuteRows(const void* in, void* out, const int64_t* row_token, int64_t rows,
@@ -322,11 +329,14 @@ cudaError_t GroupedGemm(cublasHandle_t handle, const void* x, const void* w, voi
   ptrs.insert(ptrs.end(), a.begin(), a.end());
   ptrs.insert(ptrs.end(), b.begin(), b.end());
   ptrs.insert(ptrs.end(), c.begin(), c.end());
-  // Plain cudaMalloc, not the stream-ordered pool (cudaMallocAsync), which some virtualised
-  // GPUs do not offer (cudaDevAttrMemoryPoolsSupported = 0: error 801); this call waits for the
-  // stream below anyway.
+  // From the stream-ordered pool where the device has one; some virtualised GPUs do not
+  // (cudaDevAttrMemoryPoolsSupported = 0, where cudaMallocAsync fails with error 801), and get
+  // cudaMalloc, whose cudaFree waits for the whole device.
+  const bool pools = HasMemoryPools();
   void** dev = nullptr;
-  cudaError_t err = cudaMalloc(reinterpret_cast<void**>(&dev), ptrs.size() * sizeof(void*));
+  const size_t bytes = ptrs.size() * sizeof(void*);
+  cudaError_t err = pools ? cudaMallocAsync(reinterpret_cast<void**>(&dev), bytes, stream)
+                          : cudaMalloc(reinterpret_cast<void**>(&dev), bytes);
   if (err != cudaSuccess) return err;
   err = cudaMemcpyAsync(dev, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, stream);
   std::vector<cublasOperation_t> op(groups, CUBLAS_OP_N);
@@ -342,8 +352,8 @@ cudaError_t GroupedGemm(cublasHandle_t handle, const void* x, const void* w, voi
   }
   // The host arrays above must outlive the call: wait for it before they go.
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
-  if (err != cudaSuccess) cudaStreamSynchronize(stream);  // nothing may still read `dev`
-  const cudaError_t freed = cudaFree(dev);
+  if (err != cudaSuccess && !pools) cudaStreamSynchronize(stream);  // nothing may still read `dev`
+  const cudaError_t freed = pools ? cudaFreeAsync(dev, stream) : cudaFree(dev);
   return err != cudaSuccess ? err : freed;
 }
 

@@ -47,9 +47,10 @@ cudaError_t GroupedGemm(cublasHandle_t handle, const void* x, const void* w, voi
 // logits [T, E] fp32 → indices [T, k] int64, weights [T, k] fp32, counts [E] int64 (added to,
 // so zero it first). Softmax over all E before top-k (pre_softmax), or over the k chosen;
 // sigmoid scores are normalised over the k chosen when `normalize`. Ties: lower expert index.
-// NaN counts as -inf (the CPU router refuses non-finite logits before routing). With softmax
-// over the k chosen, a row holding +inf or nothing finite gets NaN weights (its indices and
-// counts stay valid experts). E ≤ 1024 and k ≤ 32.
+// NaN counts as -inf (the CPU router refuses non-finite logits before routing). A row holding
+// +inf or nothing finite still gets valid experts (indices and counts) but meaningless weights:
+// NaN with softmax over the k chosen; -inf with softmax over all E, whose scores are all NaN
+// then and count as -inf, so the row takes experts 0..k-1. E ≤ 1024 and k ≤ 32.
 cudaError_t TopKRoute(const float* logits, int64_t tokens, int experts, int k, bool sigmoid,
                       bool pre_softmax, bool normalize, float scaling, int64_t* indices,
                       float* weights, int64_t* counts, cudaStream_t stream);

@@ -132,7 +132,7 @@ SY_AVX512 void TopKRowInRegisters(const float* __restrict__ row, int64_t n, int6
   for (int i = 0; i < 8; i += 2) {
     const int64_t left = n - 8 * i;
     const __mmask16 live = left >= 16 ? 0xffff : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
-    __m512 x = _mm512_maskz_loadu_ps(live, row + 8 * i);
+    __m512 x = _mm512_maskz_loadu_ps(live, live != 0 ? row + 8 * i : row);  // no pointer past the row
     x = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_ps(-INFINITY));  // NaN as -inf
     x = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ), _mm512_setzero_ps());  // -0 as +0
     __m512i key = _mm512_castps_si512(x);

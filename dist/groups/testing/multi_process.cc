@@ -47,7 +47,6 @@ std::string Tail(const std::string& path, int lines) {
   return absl::StrJoin(all.begin() + from, all.end(), " | ");
 }
 
-// Child side: run this rank and exit, never returning to the test.
 // Ends a child with its status: 0, or 1 with the error on stderr.
 [[noreturn]] void ExitWith(const absl::Status& s) {
   if (!s.ok()) std::fprintf(stderr, "%s\n", s.ToString().c_str());
@@ -55,19 +54,19 @@ std::string Tail(const std::string& path, int lines) {
   std::_Exit(s.ok() ? 0 : 1);
 }
 
+// Child side: run this rank and exit, never returning to the test.
 [[noreturn]] void RunChild(const RunOptions& options, const Layout& layout, int rank,
                            const std::function<absl::Status(Communicator&)>& fn) {
   // Exits with the communicator alive: destroying a group whose collective hung would wait
   // for its stuck thread.
-  auto exit_with = [](const absl::Status& s) { ExitWith(s); };
   absl::StatusOr<std::shared_ptr<Store>> store = Store::ConnectTcp(
       {.host = "127.0.0.1", .port = EnvInt(kPortVar), .is_server = false,
        .timeout = options.collective_timeout});
-  if (!store.ok()) exit_with(store.status());
+  if (!store.ok()) ExitWith(store.status());
   CommOptions co;
   co.timeout = options.collective_timeout;
   absl::StatusOr<std::unique_ptr<Communicator>> comm = Communicator::Create(*store, rank, layout, co);
-  if (!comm.ok()) exit_with(comm.status());
+  if (!comm.ok()) ExitWith(comm.status());
   ExitWith(fn(**comm));
 }
 

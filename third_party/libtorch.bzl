@@ -35,7 +35,9 @@ cc_library(
         "@switchyard//third_party/cuda:enabled": {cuda_linkopts},
         "//conditions:default": [],
     }}),
-    deps = select({{
+    # tsan_support: under --config=tsan, what ThreadSanitizer needs to judge code around
+    # LibTorch (common/tsan_support.cc); an empty object in other builds.
+    deps = ["@switchyard//common:tsan_support"] + select({{
         "@switchyard//third_party/cuda:enabled": {cuda_deps},
         "//conditions:default": [],
     }}),

@@ -114,6 +114,21 @@ TEST(PermuteTest, LargeRowsMatchTheGather) {
   const at::Tensor g = at::randn({T, H});
   Unpermute(r, *plan).backward(g);
   EXPECT_TRUE(at::equal(r.grad(), g.index_select(0, plan->row_token)));
+  // The sums over several parallel chunks of tokens, on 1, 2 and 3 threads (the tests above
+  // fit in one chunk): every row of
+  // token t is a copy of x[t], so its weighted sum is x[t] · Σ_e p[t, e] over its experts, and
+  // the plain sum x[t] times its number of copies (0 for the token routed nowhere).
+  const at::Tensor p = at::rand({T, E}) * map;
+  const at::Tensor xd = x.detach().to(at::kDouble);
+  const at::Tensor want_w = xd * p.to(at::kDouble).sum(1, /*keepdim=*/true);
+  const at::Tensor want_plain = xd * map.to(at::kDouble).sum(1, /*keepdim=*/true);
+  const int threads = at::get_num_threads();
+  for (int n : {1, 2, 3}) {
+    at::set_num_threads(n);
+    EXPECT_TRUE(at::allclose(Unpermute(rows.detach(), p, *plan).to(at::kDouble), want_w, 1e-6, 1e-6)) << n;
+    EXPECT_TRUE(at::allclose(Unpermute(rows.detach(), *plan).to(at::kDouble), want_plain, 1e-6, 1e-6)) << n;
+  }
+  at::set_num_threads(threads);
 }
 
 TEST(PermuteTest, CapacityLayoutHasZeroSlots) {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -315,22 +316,29 @@ namespace {
 // sort, on scores full of exact ties, -0.0 among them (equal to 0.0, so tied by index).
 TEST(Router, TopKWithTiesEqualsStableSort) {
   at::manual_seed(5);
-  // E = 7, 9, 15, 17, 63 and 64: rows that end inside or at the end of the in-register kernel's
-  // 8- and 16-lane groups; 65 and 256 take the other path.
-  for (int64_t E : {1, 3, 7, 8, 9, 15, 17, 63, 64, 65, 256}) {
-    for (int64_t k : {int64_t{1}, int64_t{2}, int64_t{3}, std::min<int64_t>(8, E), std::min<int64_t>(32, E),
-                      std::min<int64_t>(33, E), E}) {
-      if (k > E) continue;
-      // Values -2, -1, ±0 and 1: ties everywhere, and rows with negative keys throughout.
-      at::Tensor logits = at::randint(-2, 3, {257, E}).to(at::kFloat);
-      logits = logits.masked_fill(logits == 2, -0.0);
-      absl::StatusOr<Routing> r = TopKRoute(logits, {.top_k = static_cast<int>(k)});
-      ASSERT_TRUE(r.ok()) << r.status();
-      const at::Tensor want =
-          std::get<1>(at::sort(logits, /*stable=*/true, /*dim=*/1, /*descending=*/true)).narrow(1, 0, k);
-      EXPECT_TRUE(r->topk_indices.equal(want)) << "E=" << E << " k=" << k;
+  // On 2 threads too: Debian's LibTorch starts tests with one, and the rows split into
+  // parallel chunks only with more.
+  const int threads = at::get_num_threads();
+  for (int n : {1, 2}) {
+    at::set_num_threads(n);
+    // E = 7, 9, 15, 17, 63 and 64: rows that end inside or at the end of the in-register
+    // kernel's 8- and 16-lane groups; 65 and 256 take the other path.
+    for (int64_t E : {1, 3, 7, 8, 9, 15, 17, 63, 64, 65, 256}) {
+      for (int64_t k : {int64_t{1}, int64_t{2}, int64_t{3}, std::min<int64_t>(8, E), std::min<int64_t>(32, E),
+                        std::min<int64_t>(33, E), E}) {
+        if (k > E) continue;
+        // Values -2, -1, ±0 and 1: ties everywhere, and rows with negative keys throughout.
+        at::Tensor logits = at::randint(-2, 3, {257, E}).to(at::kFloat);
+        logits = logits.masked_fill(logits == 2, -0.0);
+        absl::StatusOr<Routing> r = TopKRoute(logits, {.top_k = static_cast<int>(k)});
+        ASSERT_TRUE(r.ok()) << r.status();
+        const at::Tensor want =
+            std::get<1>(at::sort(logits, /*stable=*/true, /*dim=*/1, /*descending=*/true)).narrow(1, 0, k);
+        EXPECT_TRUE(r->topk_indices.equal(want)) << "E=" << E << " k=" << k << " threads " << n;
+      }
     }
   }
+  at::set_num_threads(threads);
 }
 
 }  // namespace

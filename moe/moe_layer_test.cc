@@ -3,9 +3,11 @@
 #include <mutex>
 #include <numeric>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 
 #include "absl/strings/str_format.h"
@@ -287,16 +289,21 @@ TEST(MoELayerEquivalenceTest, TopK8WithCapacityUnderEtpAndEp) {
 // The single-process layer against the mixture written with plain ATen ops and autograd:
 // y = Σ_e probs[:, e] ⊙ mlp_e(x) over every expert (probs are 0 where a token did not go)
 // plus the shared expert, on the layer's own weights and routing function; output and the
-// gradients of x and every parameter, with capacity drops and without, k = 1, 2 and 8.
+// gradients of x and every parameter, with capacity drops and without, k = 1, 2, 4 and 8; on
+// 3000 tokens also with 2 and 3 intra-op threads, so that routing, plan, permutation and
+// sums run in several parallel chunks (Debian's LibTorch starts a test with one thread).
 TEST(MoELayerTest, MatchesPlainOpsMixture) {
-  for (auto [k, cf] : {std::pair<int, double>{2, 0.0}, {1, 0.0}, {8, 0.0}, {2, 1.0}}) {
-    SCOPED_TRACE(absl::StrFormat("k = %d, capacity factor %g", k, cf));
+  const int threads = at::get_num_threads();
+  for (auto [k, cf, T, n] : {std::tuple<int, double, int64_t, int>{2, 0.0, 40, 1}, {1, 0.0, 40, 1},
+                             {8, 0.0, 40, 1}, {2, 1.0, 40, 1}, {2, 0.0, 3000, 2}, {4, 1.0, 3000, 3}}) {
+    SCOPED_TRACE(absl::StrFormat("k = %d, capacity factor %g, %d tokens, %d threads", k, cf, T, n));
+    at::set_num_threads(n);
     Case c{.top_k = k, .capacity_factor = cf, .shared_experts = 1};
     const MoEConfig cfg = Config(c);
     auto layer = MoELayer::Create(cfg, kSeed);
     ASSERT_TRUE(layer.ok()) << layer.status();
     at::manual_seed(5);
-    const at::Tensor x0 = at::randn({40, kHidden}), R = at::randn({40, kHidden});
+    const at::Tensor x0 = at::randn({T, kHidden}), R = at::randn({T, kHidden});
     at::Tensor x = x0.clone().requires_grad_(true);
     auto out = layer->Forward(x, {.training = true});
     ASSERT_TRUE(out.ok()) << out.status();
@@ -318,7 +325,7 @@ TEST(MoELayerTest, MatchesPlainOpsMixture) {
     for (int e = 0; e < kExperts; ++e) y = y + r->probs.narrow(1, e, 1) * mlp(xr, fc1[e], fc2[e]);
     absl::StatusOr<gate::AuxLossInputs> in = gate::AuxLossScores(logits, k, cfg.router.topk.score);
     ASSERT_TRUE(in.ok());
-    const at::Tensor aux = gate::LoadBalancingLoss(in->scores, in->tokens_per_expert, 40, k, cfg.router.aux_loss_coeff);
+    const at::Tensor aux = gate::LoadBalancingLoss(in->scores, in->tokens_per_expert, T, k, cfg.router.aux_loss_coeff);
     ((y * R).sum() + aux).backward();
 
     EXPECT_GT(out->dropped, cf > 0 && k > 1 ? 0 : -1);
@@ -331,6 +338,7 @@ TEST(MoELayerTest, MatchesPlainOpsMixture) {
     EXPECT_LT(RelErr(layer->shared_experts()->fc1().grad(), sfc1.grad()), 1e-5);
     EXPECT_LT(RelErr(layer->shared_experts()->fc2().grad(), sfc2.grad()), 1e-5);
   }
+  at::set_num_threads(threads);
 }
 
 TEST(MoELayerTest, TagsEveryParameter) {

@@ -1,6 +1,8 @@
 #ifndef SWITCHYARD_COMMON_CPU_CLONES_H_
 #define SWITCHYARD_COMMON_CPU_CLONES_H_
 
+#include <cstdint>
+
 // Hand-written CPU loops (permutation, fused activations, conversions) are compiled three
 // times: for AVX-512 (x86-64-v4: 16 floats a vector, byte and word ops included), for AVX2,
 // and for plain x86-64; the loader picks the best one this CPU runs (GCC's target_clones,
@@ -36,6 +38,13 @@ inline bool HasAvx512Bf16() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
   return has;
+}
+
+// Asks for the `bytes` bytes from p into the cache, one request per 64-byte line: for rows a
+// loop will read soon from places the hardware prefetcher cannot predict.
+inline void PrefetchBytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(c + byte);
 }
 
 }  // namespace switchyard::common

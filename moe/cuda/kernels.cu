@@ -350,9 +350,10 @@ cudaError_t GroupedGemm(cublasHandle_t handle, const void* x, const void* w, voi
                                         CUBLAS_COMPUTE_32F)) != cudaSuccess) {
     err = cudaErrorUnknown;
   }
-  // The host arrays above must outlive the call: wait for it before they go.
-  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
-  if (err != cudaSuccess && !pools) cudaStreamSynchronize(stream);  // nothing may still read `dev`
+  // The host arrays above must outlive the call, and without pools nothing may still read
+  // `dev` when it is freed: wait for the stream, whatever happened.
+  const cudaError_t synced = cudaStreamSynchronize(stream);
+  if (err == cudaSuccess) err = synced;
   const cudaError_t freed = pools ? cudaFreeAsync(dev, stream) : cudaFree(dev);
   return err != cudaSuccess ? err : freed;
 }

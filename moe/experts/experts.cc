@@ -502,8 +502,7 @@ void SwigluBackward(const at::Tensor& h, const at::Tensor& ga, at::Tensor& gh, a
   const int64_t h_row_bytes = 2 * f * h.element_size();
   const int64_t ahead = std::max<int64_t>(2, 8192 / std::max<int64_t>(h_row_bytes, 1));
   auto prefetch_h_row = [&](int64_t r) {
-    const char* row = static_cast<const char*>(hp) + r * h_row_bytes;
-    for (int64_t byte = 0; byte < h_row_bytes; byte += 64) __builtin_prefetch(row + byte);
+    common::PrefetchBytes(static_cast<const char*>(hp) + r * h_row_bytes, h_row_bytes);
   };
   at::parallel_for(0, n, RowGrain(f), [&](int64_t b, int64_t e) {
     // The portable loops write the weight gradient's products here; the AVX-512 kernel sums them itself.

@@ -7,6 +7,13 @@
 #include <cstdio>
 #include <vector>
 
+// Launches are written SY_LAUNCH(kernel, grid, block, shared bytes, stream)(arguments): the
+// <<<>>> launch here, and a call into the CPU emulator (third_party/cuda_emu, which defines
+// SY_LAUNCH) when kernels_emu_test compiles this file as C++.
+#ifndef SY_LAUNCH
+#define SY_LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
+#endif
+
 namespace switchyard::cuda {
 namespace {
 
@@ -223,10 +230,10 @@ cudaError_t PermuteRows(const void* in, void* out, const int64_t* row_token, int
   const bool words16 = row_bytes % 16 == 0 && (reinterpret_cast<uintptr_t>(in) | reinterpret_cast<uintptr_t>(out)) % 16 == 0;
   if (words16) {
     const int64_t words = row_bytes / 16;
-    PermuteWordsKernel<<<Blocks((rows * words + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+    SY_LAUNCH(PermuteWordsKernel, Blocks((rows * words + kThreads - 1) / kThreads), kThreads, 0, stream)(
         static_cast<const uint4*>(in), static_cast<uint4*>(out), row_token, rows, words);
   } else {
-    PermuteKernel<<<Blocks(rows), 128, 0, stream>>>(static_cast<const char*>(in), static_cast<char*>(out),
+    SY_LAUNCH(PermuteKernel, Blocks(rows), 128, 0, stream)(static_cast<const char*>(in), static_cast<char*>(out),
                                                     row_token, rows, row_bytes);
   }
   return cudaGetLastError();
@@ -240,20 +247,20 @@ cudaError_t SumRows(const void* in, const float* w, const int64_t* token_offsets
   if (hidden % vec == 0 && (reinterpret_cast<uintptr_t>(in) | reinterpret_cast<uintptr_t>(out)) % 16 == 0) {
     const int blocks = Blocks((tokens * (hidden / vec) + kThreads - 1) / kThreads);
     if (dtype == DType::kFloat32) {
-      SumRowsWordsKernel<<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(in), w, token_offsets,
+      SY_LAUNCH(SumRowsWordsKernel, blocks, kThreads, 0, stream)(static_cast<const float*>(in), w, token_offsets,
                                                           token_rows, static_cast<float*>(out), tokens, hidden);
     } else {
-      SumRowsWordsKernel<<<blocks, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(in), w, token_offsets,
+      SY_LAUNCH(SumRowsWordsKernel, blocks, kThreads, 0, stream)(static_cast<const __nv_bfloat16*>(in), w, token_offsets,
                                                           token_rows, static_cast<__nv_bfloat16*>(out), tokens,
                                                           hidden);
     }
     return cudaGetLastError();
   }
   if (dtype == DType::kFloat32) {
-    SumRowsKernel<<<Blocks(tokens), 128, 0, stream>>>(static_cast<const float*>(in), w, token_offsets, token_rows,
+    SY_LAUNCH(SumRowsKernel, Blocks(tokens), 128, 0, stream)(static_cast<const float*>(in), w, token_offsets, token_rows,
                                                       static_cast<float*>(out), tokens, hidden);
   } else {
-    SumRowsKernel<<<Blocks(tokens), 128, 0, stream>>>(static_cast<const __nv_bfloat16*>(in), w, token_offsets,
+    SY_LAUNCH(SumRowsKernel, Blocks(tokens), 128, 0, stream)(static_cast<const __nv_bfloat16*>(in), w, token_offsets,
                                                       token_rows, static_cast<__nv_bfloat16*>(out), tokens, hidden);
   }
   return cudaGetLastError();
@@ -264,11 +271,11 @@ cudaError_t WeightedSumBackward(const void* g, const void* rows, const float* w,
                                 int64_t n_rows, int64_t hidden, DType dtype, cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
   if (dtype == DType::kFloat32) {
-    WeightedSumBackwardKernel<<<Blocks(n_rows), kThreads, 0, stream>>>(
+    SY_LAUNCH(WeightedSumBackwardKernel, Blocks(n_rows), kThreads, 0, stream)(
         static_cast<const float*>(g), static_cast<const float*>(rows), w, row_token,
         static_cast<float*>(grad_rows), grad_w, n_rows, hidden);
   } else {
-    WeightedSumBackwardKernel<<<Blocks(n_rows), kThreads, 0, stream>>>(
+    SY_LAUNCH(WeightedSumBackwardKernel, Blocks(n_rows), kThreads, 0, stream)(
         static_cast<const __nv_bfloat16*>(g), static_cast<const __nv_bfloat16*>(rows), w, row_token,
         static_cast<__nv_bfloat16*>(grad_rows), grad_w, n_rows, hidden);
   }
@@ -365,7 +372,7 @@ cudaError_t TopKRoute(const float* logits, int64_t tokens, int experts, int k, b
   if (tokens == 0) return cudaSuccess;
   const int64_t threads = tokens * 32;
   const int blocks = static_cast<int>((threads + kThreads - 1) / kThreads);
-  TopKKernel<<<blocks, kThreads, 0, stream>>>(logits, tokens, experts, k, sigmoid, pre_softmax, normalize,
+  SY_LAUNCH(TopKKernel, blocks, kThreads, 0, stream)(logits, tokens, experts, k, sigmoid, pre_softmax, normalize,
                                               scaling, indices, weights, counts);
   return cudaGetLastError();
 }

@@ -1,0 +1,190 @@
+// A CPU emulator of the part of CUDA that moe/cuda uses, so that its kernels and its host code
+// run in CPU-only tests: a .cu file compiled as C++ with this header included first, linked
+// with this library instead of libcudart and cuBLAS. Declarations and types come from the
+// real CUDA headers (so every signature is the toolkit's own); this library defines the
+// functions.
+//
+//   // kernels written with SY_LAUNCH(kernel, grid, block, shared_bytes, stream)(args...),
+//   // which is the <<<>>> launch under nvcc and sy_emu::Launcher here.
+//   #include "third_party/cuda_emu/cuda_emu.h"
+//   #include "moe/cuda/kernels.cu"
+//
+// What it models:
+//   - Every CUDA thread of a block is a fiber; __syncthreads() and the warp shuffles
+//     (__shfl_sync, _xor, _up, _down) wait until every thread they involve has arrived, and a
+//     block that cannot go on (a barrier some threads never reach, a shuffle whose mask names
+//     a lane that has exited or waits elsewhere, a lane reading from outside the mask) is an
+//     error naming the kernel, the block and what each thread waits on. Blocks run one after
+//     another; threads of a block interleave only at those points, in an order shuffled
+//     afresh each time (fixed per block, so runs repeat), so that a missing barrier shows
+//     as a wrong result.
+//   - Device memory is host memory from cudaMalloc, filled with 0xff bytes (NaN as floats),
+//     as a GPU leaves it undefined. Kernel pointer arguments must point into a device
+//     allocation (or be null), and copies and cuBLAS operands must lie inside one: else the
+//     launch fails with a sticky cudaErrorIllegalAddress and a message on stderr.
+//   - Launch limits (threads per block ≤ 1024 in x·y·z, x, y ≤ 1024, z ≤ 64; grid y, z ≤
+//     65535; static shared memory is a function-local static here) give
+//     cudaErrorInvalidConfiguration, as the runtime does.
+//   - cudaDeviceReset() frees every allocation and stream and clears a fault, as the real one
+//     destroys the context.
+//   - Streams complete every operation when it is issued, so the order of operations on one
+//     stream holds and nothing ever overlaps.
+//   - cuBLAS: cublasGemmEx and cublasGemmGroupedBatchedEx in column-major form, fp32 or bf16
+//     operands with fp32 compute, with the documented argument checks (leading dimensions,
+//     types) and device arrays of device pointers for the grouped call.
+//   - cudaDevAttrMemoryPoolsSupported answers yes and no in turn, so that both of a caller's
+//     paths run.
+// What it does not model: timing, concurrency between blocks or streams, __expf's reduced
+// accuracy (it is expf here), warp-synchronous code without *_sync intrinsics, and what real
+// cuBLAS does beyond its documented contract. Under ThreadSanitizer the fibers are separate
+// threads to it and __syncthreads() orders memory, so races between threads of one block
+// are reported; under AddressSanitizer accesses outside device allocations are.
+#ifndef THIRD_PARTY_CUDA_EMU_CUDA_EMU_H_
+#define THIRD_PARTY_CUDA_EMU_CUDA_EMU_H_
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <type_traits>
+
+#include <cuda_runtime.h>
+
+namespace sy_emu {
+
+// The thread a kernel body runs as (only valid inside a kernel).
+struct ThreadContext {
+  uint3 thread_idx, block_idx;
+  dim3 block_dim, grid_dim;
+};
+const ThreadContext& Current();
+
+// __syncthreads().
+void Barrier();
+
+// A warp shuffle: returns `bits` as held by lane `src_lane` of the calling lane's warp, once
+// every lane of `mask` has called it. `what` names the intrinsic in errors.
+uint64_t Shuffle(const char* what, unsigned mask, uint64_t bits, int src_lane);
+
+// The calling thread's lane in its warp.
+int Lane();
+
+// Whether [p, p + bytes) lies inside one device allocation.
+bool IsDeviceRange(const void* p, size_t bytes);
+
+// Runs `thread` as every thread of a grid; reports bad launches and kernel errors through the
+// runtime's last error. `bad_argument` is non-empty when a pointer argument failed its check.
+void RunKernel(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+               const std::string& bad_argument, const std::function<void()>& thread);
+
+// The last message the emulator printed (for the emulator's own tests).
+std::string LastDiagnostic();
+
+template <typename T>
+void CheckArgument(const char* kernel, int index, const T& value, std::string& bad) {
+  if constexpr (std::is_pointer_v<T>) {
+    if (value != nullptr && bad.empty() && !IsDeviceRange(value, 0)) {
+      bad = std::string(kernel) + ": argument " + std::to_string(index) + " is not a device pointer";
+    }
+  }
+}
+
+// SY_LAUNCH(kernel, ...)(args...): checks the arguments, then runs the kernel on every thread.
+template <typename F>
+class Launcher {
+ public:
+  Launcher(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream, F body)
+      : kernel_(kernel), grid_(grid), block_(block), shared_bytes_(shared_bytes), stream_(stream), body_(body) {}
+
+  template <typename... A>
+  void operator()(A... args) {
+    std::string bad;
+    int index = 0;
+    (CheckArgument(kernel_, index++, args, bad), ...);
+    RunKernel(kernel_, grid_, block_, shared_bytes_, stream_, bad, [&] { body_(args...); });
+  }
+
+ private:
+  const char* kernel_;
+  dim3 grid_, block_;
+  size_t shared_bytes_;
+  cudaStream_t stream_;
+  F body_;
+};
+
+template <typename T>
+uint64_t ToBits(T v) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffles move up to 8 bytes");
+  uint64_t b = 0;
+  std::memcpy(&b, &v, sizeof(T));
+  return b;
+}
+template <typename T>
+T FromBits(uint64_t b) {
+  T v;
+  std::memcpy(&v, &b, sizeof(T));
+  return v;
+}
+
+}  // namespace sy_emu
+
+#define SY_LAUNCH(kernel, grid, block, shared_bytes, stream) \
+  ::sy_emu::Launcher(#kernel, grid, block, shared_bytes, stream, [&](auto... sy_emu_args) { kernel(sy_emu_args...); })
+
+// Device built-ins.
+#define threadIdx (::sy_emu::Current().thread_idx)
+#define blockIdx (::sy_emu::Current().block_idx)
+#define blockDim (::sy_emu::Current().block_dim)
+#define gridDim (::sy_emu::Current().grid_dim)
+#define warpSize 32
+// One copy per kernel; blocks run one after another, so each has it to itself.
+#undef __shared__
+#define __shared__ static
+
+inline void __syncthreads() { ::sy_emu::Barrier(); }
+
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+  const int lane = ::sy_emu::Lane(), base = lane - lane % width;
+  return ::sy_emu::FromBits<T>(::sy_emu::Shuffle("__shfl_sync", mask, ::sy_emu::ToBits(v), base + src % width));
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  const int lane = ::sy_emu::Lane(), base = lane - lane % width, src = lane ^ lane_mask;
+  return ::sy_emu::FromBits<T>(
+      ::sy_emu::Shuffle("__shfl_xor_sync", mask, ::sy_emu::ToBits(v), src < base + width ? src : lane));
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  const int lane = ::sy_emu::Lane(), base = lane - lane % width, src = lane + static_cast<int>(delta);
+  return ::sy_emu::FromBits<T>(
+      ::sy_emu::Shuffle("__shfl_down_sync", mask, ::sy_emu::ToBits(v), src < base + width ? src : lane));
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  const int lane = ::sy_emu::Lane(), base = lane - lane % width, src = lane - static_cast<int>(delta);
+  return ::sy_emu::FromBits<T>(
+      ::sy_emu::Shuffle("__shfl_up_sync", mask, ::sy_emu::ToBits(v), src >= base ? src : lane));
+}
+
+// Atomic as ThreadSanitizer sees it too (to it, the threads of a block are threads).
+template <typename T>
+T atomicAdd(T* p, T v) {
+  if constexpr (std::is_integral_v<T>) {
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+  } else {
+    T old, sum;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    do {
+      sum = old + v;
+    } while (!__atomic_compare_exchange(p, &old, &sum, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return old;
+  }
+}
+
+inline float __expf(float x) { return std::exp(x); }
+using std::isnan;
+
+#endif  // THIRD_PARTY_CUDA_EMU_CUDA_EMU_H_

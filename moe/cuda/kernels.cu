@@ -120,7 +120,12 @@ __global__ void WeightedSumBackwardKernel(const T* g, const T* x, const float* w
   }
 }
 
-int Blocks(int64_t n) { return static_cast<int>(n < 65535 * 8 ? (n > 0 ? n : 1) : 65535 * 8); }
+// Grids of the grid-stride kernels: one block per item up to this many. (kernels_emu_test
+// builds this file with a small cap, so that its blocks loop over several items.)
+#ifndef SY_MAX_GRID_BLOCKS
+#define SY_MAX_GRID_BLOCKS (65535 * 8)
+#endif
+int Blocks(int64_t n) { return static_cast<int>(n < SY_MAX_GRID_BLOCKS ? (n > 0 ? n : 1) : SY_MAX_GRID_BLOCKS); }
 
 // The better of (value, index) pairs: higher value, then lower index.
 __device__ inline bool Better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }

@@ -6,6 +6,7 @@
 // plan arrays, weights and ties, not the GPU's speed or its __expf.
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -29,8 +30,11 @@ struct Dev {
     EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(bytes, 1)), cudaSuccess);
     if (bytes) EXPECT_EQ(cudaMemcpy(p, c.data_ptr(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
   }
+  // Uninitialised (NaN as floats, on the emulator) room for a tensor like `like`.
+  static std::unique_ptr<Dev> Like(const at::Tensor& like) { return std::unique_ptr<Dev>(new Dev(like.numel() * like.element_size())); }
   Dev(const Dev&) = delete;
   ~Dev() { cudaFree(p); }
+  explicit Dev(size_t n) : bytes(n) { EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(bytes, 1)), cudaSuccess); }
   template <typename T>
   T* as() const {
     return static_cast<T*>(p);
@@ -99,9 +103,13 @@ TEST(CudaKernelsVsCpuTest, PermutationMatchesMoeDispatch) {
         const at::Tensor grad_rows_in = at::randn({N, H}).to(dt);
         (rows.to(at::kFloat) * grad_rows_in.to(at::kFloat)).sum().backward();
 
-        Dev dx(x.detach()), dg(g), dw(w), dtok(plan->row_token), doff(plan->token_offsets), dtr(plan->token_rows);
-        Dev drows(rows.detach()), dsum(weighted.detach()), dplain(plain), dgrad_rows(rows.detach()),
-            dgrad_w(w), dgin(grad_rows_in), dgx(x.detach());
+        Dev dx(x.detach()), dg(g), dw(w), dtok(plan->row_token), doff(plan->token_offsets), dtr(plan->token_rows),
+            dgin(grad_rows_in);
+        // Outputs start uninitialised: a kernel that skips an element leaves NaN there.
+        const std::unique_ptr<Dev> drows_p = Dev::Like(rows), dsum_p = Dev::Like(weighted), dplain_p = Dev::Like(plain),
+                                   dgrad_rows_p = Dev::Like(rows), dgrad_w_p = Dev::Like(w), dgx_p = Dev::Like(x);
+        Dev &drows = *drows_p, &dsum = *dsum_p, &dplain = *dplain_p, &dgrad_rows = *dgrad_rows_p,
+            &dgrad_w = *dgrad_w_p, &dgx = *dgx_p;
         ASSERT_EQ(cudaGetLastError(), cudaSuccess);
         ASSERT_EQ(PermuteRows(dx.p, drows.p, dtok.as<int64_t>(), N, H, Of(dt), nullptr), cudaSuccess);
         ASSERT_EQ(SumRows(drows.p, dw.as<float>(), doff.as<int64_t>(), dtr.as<int64_t>(), dsum.p, T, H, Of(dt), nullptr),
@@ -147,7 +155,7 @@ TEST(CudaKernelsVsCpuTest, GroupedGemmMatchesGroupedMatmul) {
     const at::Tensor want = experts::GroupedMatmul(x, w, counts);
     for (bool grouped : {false, true}) {
       SCOPED_TRACE(::testing::Message() << (dt == at::kFloat ? "fp32 " : "bf16 ") << (grouped ? "grouped" : "loop"));
-      Dev dx(x), dw(w), dy(want);
+      Dev dx(x), dw(w), dy(want.numel() * want.element_size());
       ASSERT_EQ(GroupedGemm(h, dx.p, dw.p, dy.p, counts.data(), E, in, out, Of(dt), grouped, nullptr), cudaSuccess);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       // Both sum 48 products in fp32, in orders of their own (|products| ~ 1, sums ~ 7).
@@ -172,7 +180,7 @@ TEST(CudaKernelsVsCpuTest, TopKRouteMatchesGateRouter) {
         const at::Tensor logits = at::randn({T, E});
         absl::StatusOr<gate::Routing> r = gate::TopKRoute(logits, o);
         ASSERT_TRUE(r.ok()) << r.status();
-        Dev dl(logits), di(r->topk_indices), dwt(r->topk_weights.detach()), dc(at::zeros({E}, at::kLong));
+        Dev dl(logits), di(T * k * sizeof(int64_t)), dwt(T * k * sizeof(float)), dc(at::zeros({E}, at::kLong));
         ASSERT_EQ(TopKRoute(dl.as<float>(), T, E, k, mode == 2, mode == 1, /*normalize=*/mode == 2 && k > 1,
                             o.scaling_factor, di.as<int64_t>(), dwt.as<float>(), dc.as<int64_t>(), nullptr),
                   cudaSuccess);

@@ -80,6 +80,10 @@ bool InDevice(uintptr_t p, size_t bytes) {
 }
 
 std::set<cudaStream_t> streams;  // created ones; null is the default stream
+// Whether the device has stream-ordered memory pools: none until the first query of
+// cudaDevAttrMemoryPoolsSupported, which says yes, and flipped by every query after that
+// (see cudaDeviceGetAttribute).
+bool pools = false;
 
 bool KnownStream(cudaStream_t s) {
   std::lock_guard<std::mutex> l(mu);
@@ -99,7 +103,7 @@ struct Fiber {
   // scheduler are threads, and this is the scheduler's bookkeeping, not the kernel's memory.
   std::atomic<int> state{kRunnable};
   std::atomic<unsigned> mask{0};
-  std::atomic<int> src{0};
+  std::atomic<int> src{0}, width{32};
   std::atomic<uint64_t> value{0}, result{0};
   std::atomic<const char*> what{nullptr};
 #ifdef SY_EMU_ASAN
@@ -119,6 +123,7 @@ struct Block {
   ucontext_t scheduler;
   std::atomic<Fiber*> current{nullptr};
   int warps = 0;
+  std::atomic<int64_t> barriers{0};  // barriers released so far in this block (atomic: see Fiber)
 #ifdef SY_EMU_ASAN
   void* scheduler_fake_stack = nullptr;
   const void* scheduler_bottom = nullptr;
@@ -133,7 +138,10 @@ struct Block {
 // ThreadSanitizer's happens-before edges: the scheduler's set-up of a block before its
 // threads start, everything a block's threads did before the host goes on, and each barrier.
 // (Globals, as blocks run one at a time, so that a fiber can acquire before it reads anything.)
-char start_token, end_token, barrier_token;
+// Barriers alternate between two tokens: a thread released from barrier g reaches barrier
+// g + 1 (and releases there) before the slowest has acquired g's, so one token would order
+// the fast thread's accesses between the two barriers before the slow one's.
+char start_token, end_token, barrier_tokens[2];
 #endif
 
 thread_local Block* running = nullptr;
@@ -220,48 +228,52 @@ const char* StateName(int s) {
   }
 }
 
-// Resolves the shuffles whose lanes have all arrived; false if none could be.
-bool ResolveShuffles(Block& b, std::string& error) {
+// Resolves the shuffles of warp w whose lanes have all arrived; false if none could be (with
+// `error` set if one is wrong).
+bool ResolveWarp(Block& b, int w, std::string& error) {
   bool progressed = false;
   const int n = static_cast<int>(b.fibers.size());
-  for (int w = 0; w < b.warps; ++w) {
-    for (int lane = 0; lane < 32; ++lane) {
-      const int i = w * 32 + lane;
-      if (i >= n || b.fibers[i]->state.load(std::memory_order_relaxed) != kShuffle) continue;
-      Fiber& f = *b.fibers[i];
-      const unsigned mask = f.mask.load(std::memory_order_relaxed);
-      if (!(mask >> lane & 1u)) {
-        char buf[16];
-        std::snprintf(buf, sizeof(buf), "%08x", mask);
-        error = std::string(f.what.load()) + " in lane " + std::to_string(lane) + " of warp " + std::to_string(w) +
-                ": its mask " + buf + " leaves it out";
+  for (int lane = 0; lane < 32; ++lane) {
+    const int i = w * 32 + lane;
+    if (i >= n || b.fibers[i]->state.load(std::memory_order_relaxed) != kShuffle) continue;
+    Fiber& f = *b.fibers[i];
+    const unsigned mask = f.mask.load(std::memory_order_relaxed);
+    if (const int width = f.width.load(std::memory_order_relaxed); !ValidWidth(width)) {
+      error = std::string(f.what.load()) + " in lane " + std::to_string(lane) + " of warp " + std::to_string(w) +
+              ": width " + std::to_string(width) + " is not a power of two up to 32";
+      return false;
+    }
+    if (!(mask >> lane & 1u)) {
+      char buf[16];
+      std::snprintf(buf, sizeof(buf), "%08x", mask);
+      error = std::string(f.what.load()) + " in lane " + std::to_string(lane) + " of warp " + std::to_string(w) +
+              ": its mask " + buf + " leaves it out";
+      return false;
+    }
+    bool complete = true;
+    for (int l = 0; l < 32 && complete; ++l) {
+      if (!(mask >> l & 1u)) continue;
+      const int j = w * 32 + l;
+      complete = j < n && b.fibers[j]->state.load(std::memory_order_relaxed) == kShuffle &&
+                 b.fibers[j]->mask.load(std::memory_order_relaxed) == mask &&
+                 b.fibers[j]->what.load(std::memory_order_relaxed) == f.what.load(std::memory_order_relaxed);
+    }
+    if (!complete) continue;
+    for (int l = 0; l < 32; ++l) {
+      if (!(mask >> l & 1u)) continue;
+      Fiber& g = *b.fibers[w * 32 + l];
+      const int src = g.src.load(std::memory_order_relaxed);
+      if (src < 0 || src >= 32 || !(mask >> src & 1u)) {
+        error = std::string(g.what.load()) + " in lane " + std::to_string(l) + " of warp " + std::to_string(w) +
+                " reads lane " + std::to_string(src) + ", outside its mask";
         return false;
       }
-      bool complete = true;
-      for (int l = 0; l < 32 && complete; ++l) {
-        if (!(mask >> l & 1u)) continue;
-        const int j = w * 32 + l;
-        complete = j < n && b.fibers[j]->state.load(std::memory_order_relaxed) == kShuffle &&
-                   b.fibers[j]->mask.load(std::memory_order_relaxed) == mask &&
-                   b.fibers[j]->what.load(std::memory_order_relaxed) == f.what.load(std::memory_order_relaxed);
-      }
-      if (!complete) continue;
-      for (int l = 0; l < 32; ++l) {
-        if (!(mask >> l & 1u)) continue;
-        Fiber& g = *b.fibers[w * 32 + l];
-        const int src = g.src.load(std::memory_order_relaxed);
-        if (src < 0 || src >= 32 || !(mask >> src & 1u)) {
-          error = std::string(g.what.load()) + " in lane " + std::to_string(l) + " of warp " + std::to_string(w) +
-                  " reads lane " + std::to_string(src) + ", outside its mask";
-          return false;
-        }
-        g.result.store(b.fibers[w * 32 + src]->value.load(std::memory_order_relaxed), std::memory_order_relaxed);
-      }
-      for (int l = 0; l < 32; ++l) {
-        if (mask >> l & 1u) b.fibers[w * 32 + l]->state.store(kRunnable, std::memory_order_relaxed);
-      }
-      progressed = true;
+      g.result.store(b.fibers[w * 32 + src]->value.load(std::memory_order_relaxed), std::memory_order_relaxed);
     }
+    for (int l = 0; l < 32; ++l) {
+      if (mask >> l & 1u) b.fibers[w * 32 + l]->state.store(kRunnable, std::memory_order_relaxed);
+    }
+    progressed = true;
   }
   return progressed;
 }
@@ -312,17 +324,33 @@ std::string RunBlock(Block& b, const char* kernel, dim3 grid, dim3 block, uint3 
 #ifdef SY_EMU_TSAN
   __tsan_release(&start_token);
 #endif
+  // Warps in a random order, each run as far as it can go (its lanes in a random order to
+  // their next sync point, its shuffles resolved, again) before the next, as a GPU may run one
+  // warp far ahead of another; then the barrier, if every thread has reached it. So code
+  // missing a barrier reads another thread's data before or after it is written. (Seeded by
+  // the block: runs repeat.)
   std::string error;
-  // Between sync points the threads run in a fresh random order (the same in every run), so
-  // that code missing a barrier reads another thread's data before or after it is written.
-  std::vector<int> order(n);
-  std::iota(order.begin(), order.end(), 0);
   std::mt19937 random(block_idx.x + 65536u * (block_idx.y + 65536u * block_idx.z));
+  std::vector<int> warp_order(b.warps), lanes;
+  std::iota(warp_order.begin(), warp_order.end(), 0);
   for (;;) {
-    std::shuffle(order.begin(), order.end(), random);
-    for (int i : order) {
-      if (b.fibers[i]->state.load(std::memory_order_relaxed) == kRunnable) ToFiber(b, *b.fibers[i]);
+    bool ran = false;
+    std::shuffle(warp_order.begin(), warp_order.end(), random);
+    for (int w : warp_order) {
+      for (;;) {
+        lanes.clear();
+        for (int i = w * 32; i < std::min(n, w * 32 + 32); ++i) {
+          if (b.fibers[i]->state.load(std::memory_order_relaxed) == kRunnable) lanes.push_back(i);
+        }
+        if (lanes.empty()) break;
+        std::shuffle(lanes.begin(), lanes.end(), random);
+        for (int i : lanes) ToFiber(b, *b.fibers[i]);
+        ran = true;
+        if (!ResolveWarp(b, w, error)) break;
+      }
+      if (!error.empty()) break;
     }
+    if (!error.empty()) break;
     int done = 0, at_barrier = 0;
     for (int i = 0; i < n; ++i) {
       const int st = b.fibers[i]->state.load(std::memory_order_relaxed);
@@ -330,9 +358,8 @@ std::string RunBlock(Block& b, const char* kernel, dim3 grid, dim3 block, uint3 
       at_barrier += st == kBarrier;
     }
     if (done == n) break;
-    if (ResolveShuffles(b, error)) continue;
-    if (!error.empty()) break;
     if (at_barrier + done == n) {
+      b.barriers.fetch_add(1, std::memory_order_relaxed);
       for (int i = 0; i < n; ++i) {
         if (b.fibers[i]->state.load(std::memory_order_relaxed) == kBarrier) {
           b.fibers[i]->state.store(kRunnable, std::memory_order_relaxed);
@@ -340,8 +367,10 @@ std::string RunBlock(Block& b, const char* kernel, dim3 grid, dim3 block, uint3 
       }
       continue;
     }
-    error = "block cannot go on: " + Describe(b);
-    break;
+    if (!ran) {
+      error = "block cannot go on: " + Describe(b);
+      break;
+    }
   }
 #ifdef SY_EMU_TSAN
   __tsan_acquire(&end_token);
@@ -385,20 +414,22 @@ void Barrier() {
   Block& b = *running;
   Fiber& f = Me();
 #ifdef SY_EMU_TSAN
-  __tsan_release(&barrier_token);
+  char* token = &barrier_tokens[b.barriers.load(std::memory_order_relaxed) % 2];
+  __tsan_release(token);
 #endif
   f.state.store(kBarrier, std::memory_order_relaxed);
   ToScheduler(b, f);
 #ifdef SY_EMU_TSAN
-  __tsan_acquire(&barrier_token);
+  __tsan_acquire(token);
 #endif
 }
 
-uint64_t Shuffle(const char* what, unsigned mask, uint64_t bits, int src_lane) {
+uint64_t Shuffle(const char* what, unsigned mask, uint64_t bits, int src_lane, int width) {
   Block& b = *running;
   Fiber& f = Me();
   f.mask.store(mask, std::memory_order_relaxed);
   f.src.store(src_lane, std::memory_order_relaxed);
+  f.width.store(width, std::memory_order_relaxed);
   f.value.store(bits, std::memory_order_relaxed);
   f.what.store(what, std::memory_order_relaxed);
   f.state.store(kShuffle, std::memory_order_relaxed);
@@ -448,12 +479,18 @@ void RunKernel(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes, c
 #endif
   Block* outer = running;
   running = &b;
-  std::string error;
-  for (uint32_t z = 0; z < grid.z && error.empty(); ++z) {
-    for (uint32_t y = 0; y < grid.y && error.empty(); ++y) {
-      for (uint32_t x = 0; x < grid.x && error.empty(); ++x) error = RunBlock(b, kernel, grid, block, make_uint3(x, y, z));
+  // Blocks in a shuffled order (the same for every launch of this shape): a GPU promises none.
+  std::vector<uint3> order;
+  order.reserve(uint64_t{grid.x} * grid.y * grid.z);
+  for (uint32_t z = 0; z < grid.z; ++z) {
+    for (uint32_t y = 0; y < grid.y; ++y) {
+      for (uint32_t x = 0; x < grid.x; ++x) order.push_back(make_uint3(x, y, z));
     }
   }
+  std::mt19937 random(grid.x * 31 + grid.y * 17 + grid.z * 7 + n);
+  std::shuffle(order.begin(), order.end(), random);
+  std::string error;
+  for (size_t i = 0; i < order.size() && error.empty(); ++i) error = RunBlock(b, kernel, grid, block, order[i]);
   running = outer;
   if (!error.empty()) Fault(cudaErrorLaunchFailure, error);
 }
@@ -475,10 +512,11 @@ void StoreElement(void* p, cudaDataType_t t, int64_t i, float v) {
 }
 size_t ElementBytes(cudaDataType_t t) { return t == CUDA_R_32F ? 4 : 2; }
 
-// Column-major C[m, n] = alpha·op(A)·op(B) + beta·C, fp32 accumulation in order of k.
-cublasStatus_t Gemm(const char* what, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha,
-                    const void* A, cudaDataType_t at, int lda, const void* B, cudaDataType_t bt, int ldb, float beta,
-                    void* C, cudaDataType_t ct, int ldc, cublasComputeType_t compute) {
+// The checks of a column-major C[m, n] = alpha·op(A)·op(B) + beta·C: sizes and leading
+// dimensions as cuBLAS documents them, types, and operands inside device allocations.
+cublasStatus_t CheckGemm(const char* what, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                         const void* A, cudaDataType_t at, int lda, const void* B, cudaDataType_t bt, int ldb, void* C,
+                         cudaDataType_t ct, int ldc, cublasComputeType_t compute) {
   const bool ok_op = (ta == CUBLAS_OP_N || ta == CUBLAS_OP_T) && (tb == CUBLAS_OP_N || tb == CUBLAS_OP_T);
   if (!ok_op || m < 0 || n < 0 || k < 0 || lda < std::max(1, ta == CUBLAS_OP_N ? m : k) ||
       ldb < std::max(1, tb == CUBLAS_OP_N ? k : n) || ldc < std::max(1, m)) {
@@ -487,7 +525,8 @@ cublasStatus_t Gemm(const char* what, cublasOperation_t ta, cublasOperation_t tb
              std::to_string(ldc) + ")");
     return CUBLAS_STATUS_INVALID_VALUE;
   }
-  if (at != bt || at != ct || (at != CUDA_R_32F && at != CUDA_R_16BF) ||
+  // fp32 or bf16 operands, C of their type (or fp32 C for bf16 operands), fp32 compute.
+  if (at != bt || (at != CUDA_R_32F && at != CUDA_R_16BF) || (ct != at && ct != CUDA_R_32F) ||
       (compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_PEDANTIC)) {
     Diagnose(std::string(what) + ": type combination not emulated");
     return CUBLAS_STATUS_NOT_SUPPORTED;
@@ -498,11 +537,18 @@ cublasStatus_t Gemm(const char* what, cublasOperation_t ta, cublasOperation_t tb
   auto extent = [](int rows, int cols, int ld) { return (static_cast<size_t>(cols) - 1) * ld + rows; };
   const bool a_ok = k == 0 || IsDeviceRange(A, e * (ta == CUBLAS_OP_N ? extent(m, k, lda) : extent(k, m, lda)));
   const bool b_ok = k == 0 || IsDeviceRange(B, e * (tb == CUBLAS_OP_N ? extent(k, n, ldb) : extent(n, k, ldb)));
-  if (!a_ok || !b_ok || !IsDeviceRange(C, e * extent(m, n, ldc))) {
+  if (!a_ok || !b_ok || !IsDeviceRange(C, ElementBytes(ct) * extent(m, n, ldc))) {
     Fault(cudaErrorIllegalAddress, std::string(what) + ": operand " + (!a_ok ? "A" : !b_ok ? "B" : "C") +
                                        " is not inside one device allocation");
     return CUBLAS_STATUS_EXECUTION_FAILED;
   }
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+// The product, after CheckGemm: fp32 accumulation in order of k.
+void ComputeGemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const void* A,
+                 cudaDataType_t at, int lda, const void* B, cudaDataType_t bt, int ldb, float beta, void* C,
+                 cudaDataType_t ct, int ldc) {
   for (int j = 0; j < n; ++j) {
     for (int i = 0; i < m; ++i) {
       float acc = 0.f;
@@ -516,7 +562,6 @@ cublasStatus_t Gemm(const char* what, cublasOperation_t ta, cublasOperation_t tb
       StoreElement(C, ct, c, beta == 0.f ? alpha * acc : alpha * acc + beta * LoadElement(C, ct, c));
     }
   }
-  return CUBLAS_STATUS_SUCCESS;
 }
 
 }  // namespace
@@ -572,6 +617,7 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
     case cudaErrorUnknown: return "cudaErrorUnknown";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
     default: return "cudaError (not emulated)";
   }
 }
@@ -585,7 +631,7 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   // this one ends, so a pointer one past its end is still this allocation's. (Under
   // AddressSanitizer the tail is poisoned, so an access there is still reported.)
   void* m = nullptr;
-  if (posix_memalign(&m, 256, bytes + kTail) != 0) {
+  if (bytes > (size_t{1} << 48) || posix_memalign(&m, 256, bytes + kTail) != 0) {
     return Fail(cudaErrorMemoryAllocation, "cudaMalloc: out of memory for " + std::to_string(bytes) + " bytes");
   }
   std::memset(m, 0xff, bytes);  // a GPU leaves it undefined: NaN as floats
@@ -613,6 +659,15 @@ cudaError_t cudaFree(void* p) {
 
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream) {
   if (!sy_emu::KnownStream(stream)) return Fail(cudaErrorInvalidResourceHandle, "cudaMallocAsync: unknown stream");
+  bool pools;
+  {
+    std::lock_guard<std::mutex> l(sy_emu::mu);
+    pools = sy_emu::pools;
+  }
+  if (!pools) {
+    return Fail(cudaErrorNotSupported, "cudaMallocAsync on a device without memory pools "
+                                       "(cudaDevAttrMemoryPoolsSupported said 0)");
+  }
   return cudaMalloc(p, bytes);
 }
 
@@ -625,7 +680,9 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind 
   if (const cudaError_t s = Sticky(); s != cudaSuccess) return s;
   if (bytes == 0) return cudaSuccess;
   const bool dst_dev = sy_emu::IsDeviceRange(dst, bytes), src_dev = sy_emu::IsDeviceRange(src, bytes);
-  const bool ok = kind == cudaMemcpyDefault ||
+  // cudaMemcpyDefault: either side may be either, but a device side must lie in one allocation.
+  const bool ok = (kind == cudaMemcpyDefault && (dst_dev || !sy_emu::IsDeviceRange(dst, 0)) &&
+                   (src_dev || !sy_emu::IsDeviceRange(src, 0))) ||
                   (kind == cudaMemcpyHostToDevice && dst_dev && !sy_emu::IsDeviceRange(src, 0)) ||
                   (kind == cudaMemcpyDeviceToHost && src_dev && !sy_emu::IsDeviceRange(dst, 0)) ||
                   (kind == cudaMemcpyDeviceToDevice && dst_dev && src_dev) ||
@@ -700,8 +757,10 @@ cudaError_t cudaGetDevice(int* device) {
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   if (value == nullptr || device != 0) return Fail(cudaErrorInvalidValue, "cudaDeviceGetAttribute: bad arguments");
   if (attr == cudaDevAttrMemoryPoolsSupported) {
-    static std::atomic<int> asked{0};
-    *value = asked.fetch_add(1) % 2 == 0;  // yes and no in turn: callers' both paths run
+    // Yes and no in turn, and the device then has pools or not: callers' both paths run.
+    std::lock_guard<std::mutex> l(sy_emu::mu);
+    sy_emu::pools = !sy_emu::pools;
+    *value = sy_emu::pools;
     return cudaSuccess;
   }
   return Fail(cudaErrorInvalidValue, "cudaDeviceGetAttribute: attribute " + std::to_string(static_cast<int>(attr)) +
@@ -754,8 +813,13 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
                             cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
   if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (Sticky() != cudaSuccess) return CUBLAS_STATUS_EXECUTION_FAILED;
-  return sy_emu::Gemm("cublasGemmEx", transa, transb, m, n, k, *static_cast<const float*>(alpha), A, Atype, lda, B,
-                      Btype, ldb, *static_cast<const float*>(beta), C, Ctype, ldc, computeType);
+  const cublasStatus_t st = sy_emu::CheckGemm("cublasGemmEx", transa, transb, m, n, k, A, Atype, lda, B, Btype, ldb,
+                                              C, Ctype, ldc, computeType);
+  if (st == CUBLAS_STATUS_SUCCESS) {
+    sy_emu::ComputeGemm(transa, transb, m, n, k, *static_cast<const float*>(alpha), A, Atype, lda, B, Btype, ldb,
+                        *static_cast<const float*>(beta), C, Ctype, ldc);
+  }
+  return st;
 }
 
 cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t handle, const cublasOperation_t transa_array[],
@@ -785,14 +849,23 @@ cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t handle, const cublasOpe
   }
   const float* alpha = static_cast<const float*>(alpha_array);
   const float* beta = static_cast<const float*>(beta_array);
-  int64_t p = 0;
-  for (int g = 0; g < group_count; ++g) {
-    for (int i = 0; i < group_size[g]; ++i, ++p) {
-      const cublasStatus_t s =
-          sy_emu::Gemm("cublasGemmGroupedBatchedEx", transa_array[g], transb_array[g], m_array[g], n_array[g],
-                       k_array[g], alpha[g], Aarray[p], Atype, lda_array[g], Barray[p], Btype, ldb_array[g], beta[g],
-                       Carray[p], Ctype, ldc_array[g], computeType);
-      if (s != CUBLAS_STATUS_SUCCESS) return s;
+  // Every problem is checked before any is computed.
+  for (int pass = 0; pass < 2; ++pass) {
+    int64_t p = 0;
+    for (int g = 0; g < group_count; ++g) {
+      for (int i = 0; i < group_size[g]; ++i, ++p) {
+        if (pass == 0) {
+          const cublasStatus_t st = sy_emu::CheckGemm(
+              "cublasGemmGroupedBatchedEx", transa_array[g], transb_array[g], m_array[g], n_array[g], k_array[g],
+              Aarray[p], Atype, lda_array[g], Barray[p], Btype, ldb_array[g], Carray[p], Ctype, ldc_array[g],
+              computeType);
+          if (st != CUBLAS_STATUS_SUCCESS) return st;
+        } else if (m_array[g] > 0 && n_array[g] > 0) {
+          sy_emu::ComputeGemm(transa_array[g], transb_array[g], m_array[g], n_array[g], k_array[g], alpha[g],
+                              Aarray[p], Atype, lda_array[g], Barray[p], Btype, ldb_array[g], beta[g], Carray[p],
+                              Ctype, ldc_array[g]);
+        }
+      }
     }
   }
   return CUBLAS_STATUS_SUCCESS;

@@ -12,12 +12,18 @@
 // What it models:
 //   - Every CUDA thread of a block is a fiber; __syncthreads() and the warp shuffles
 //     (__shfl_sync, _xor, _up, _down) wait until every thread they involve has arrived, and a
-//     block that cannot go on (a barrier some threads never reach, a shuffle whose mask names
-//     a lane that has exited or waits elsewhere, a lane reading from outside the mask) is an
-//     error naming the kernel, the block and what each thread waits on. Blocks run one after
-//     another; threads of a block interleave only at those points, in an order shuffled
-//     afresh each time (fixed per block, so runs repeat), so that a missing barrier shows
-//     as a wrong result.
+//     block that cannot go on is an error naming the kernel, the block and what each thread
+//     waits on: a shuffle whose mask names a lane that has exited or waits elsewhere (at a
+//     barrier, say), a lane outside its own mask or reading from outside it, a bad width.
+//     Exited threads count as arrived at a barrier (as on sm_70 and later), and barriers
+//     reached from different places in the code release together. Blocks run one after
+//     another in a shuffled order. Threads of a block interleave only at those points: warps
+//     in a random order, each run as far as it can go before the next (as a GPU may let one
+//     warp run far ahead), its lanes in a random order. So a missing barrier or a dependence
+//     on block order shows as a wrong result. The order is seeded by the launch shape and
+//     the block: runs repeat.
+//   - __shared__ variables are function-local statics: zero at the first launch, then holding
+//     what the last block left (a GPU leaves them undefined).
 //   - Device memory is host memory from cudaMalloc, filled with 0xff bytes (NaN as floats),
 //     as a GPU leaves it undefined. Kernel pointer arguments must point into a device
 //     allocation (or be null), and copies and cuBLAS operands must lie inside one: else the
@@ -30,15 +36,20 @@
 //   - Streams complete every operation when it is issued, so the order of operations on one
 //     stream holds and nothing ever overlaps.
 //   - cuBLAS: cublasGemmEx and cublasGemmGroupedBatchedEx in column-major form, fp32 or bf16
-//     operands with fp32 compute, with the documented argument checks (leading dimensions,
-//     types) and device arrays of device pointers for the grouped call.
-//   - cudaDevAttrMemoryPoolsSupported answers yes and no in turn, so that both of a caller's
-//     paths run.
+//     operands (C of their type, or fp32) with fp32 compute, with the documented checks of
+//     sizes and leading dimensions, every group checked before any is computed, and device
+//     arrays of device pointers for the grouped call.
+//   - cudaDevAttrMemoryPoolsSupported answers yes and no in turn, and the device then has
+//     pools or not (cudaMallocAsync fails with cudaErrorNotSupported without), so that both
+//     of a caller's paths run and a caller that does not ask fails half the time.
 // What it does not model: timing, concurrency between blocks or streams, __expf's reduced
-// accuracy (it is expf here), warp-synchronous code without *_sync intrinsics, and what real
-// cuBLAS does beyond its documented contract. Under ThreadSanitizer the fibers are separate
-// threads to it and __syncthreads() orders memory, so races between threads of one block
-// are reported; under AddressSanitizer accesses outside device allocations are.
+// accuracy (it is expf here), warp-synchronous code without *_sync intrinsics, faults that a
+// GPU reports only at the next synchronisation (here at once), host memory a GPU may reach
+// (HMM), alignment rules of the grouped GEMM, and what real cuBLAS does beyond its
+// documented contract. The last error is process-wide, not per host thread. Under
+// ThreadSanitizer the fibers are separate threads to it and __syncthreads() orders memory,
+// so races between threads of one block are reported (between blocks not: blocks are
+// ordered one after another); under AddressSanitizer accesses outside device allocations.
 #ifndef THIRD_PARTY_CUDA_EMU_CUDA_EMU_H_
 #define THIRD_PARTY_CUDA_EMU_CUDA_EMU_H_
 
@@ -65,8 +76,9 @@ const ThreadContext& Current();
 void Barrier();
 
 // A warp shuffle: returns `bits` as held by lane `src_lane` of the calling lane's warp, once
-// every lane of `mask` has called it. `what` names the intrinsic in errors.
-uint64_t Shuffle(const char* what, unsigned mask, uint64_t bits, int src_lane);
+// every lane of `mask` has called it. `what` names the intrinsic in errors; a `width` that
+// is not a power of two up to 32 fails the launch.
+uint64_t Shuffle(const char* what, unsigned mask, uint64_t bits, int src_lane, int width);
 
 // The calling thread's lane in its warp.
 int Lane();
@@ -145,28 +157,44 @@ T FromBits(uint64_t b) {
 
 inline void __syncthreads() { ::sy_emu::Barrier(); }
 
+namespace sy_emu {
+// A shuffle's width must be a power of two up to 32 (else the launch fails); the lane
+// arithmetic below assumes one, so an invalid width is computed as 32 and reported.
+inline bool ValidWidth(int width) { return width >= 1 && width <= 32 && (width & (width - 1)) == 0; }
+inline int SegmentBase(int lane, int width) { return lane & ~((ValidWidth(width) ? width : 32) - 1); }
+}  // namespace sy_emu
+
+// Lane arithmetic as CUDA's programming guide gives it: a source outside the caller's
+// segment of `width` lanes wraps (shfl), or leaves the caller its own value (xor into a later
+// segment, up before the segment, down past it); the xor mask's low 5 bits count.
 template <typename T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
-  const int lane = ::sy_emu::Lane(), base = lane - lane % width;
-  return ::sy_emu::FromBits<T>(::sy_emu::Shuffle("__shfl_sync", mask, ::sy_emu::ToBits(v), base + src % width));
+  const int lane = ::sy_emu::Lane(), w = ::sy_emu::ValidWidth(width) ? width : 32;
+  return ::sy_emu::FromBits<T>(::sy_emu::Shuffle("__shfl_sync", mask, ::sy_emu::ToBits(v),
+                                                 ::sy_emu::SegmentBase(lane, width) + (src & (w - 1)), width));
 }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  const int lane = ::sy_emu::Lane(), base = lane - lane % width, src = lane ^ lane_mask;
-  return ::sy_emu::FromBits<T>(
-      ::sy_emu::Shuffle("__shfl_xor_sync", mask, ::sy_emu::ToBits(v), src < base + width ? src : lane));
+  const int lane = ::sy_emu::Lane(), w = ::sy_emu::ValidWidth(width) ? width : 32;
+  const int src = lane ^ (lane_mask & 31);
+  return ::sy_emu::FromBits<T>(::sy_emu::Shuffle("__shfl_xor_sync", mask, ::sy_emu::ToBits(v),
+                                                 src < ::sy_emu::SegmentBase(lane, width) + w ? src : lane, width));
 }
 template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  const int lane = ::sy_emu::Lane(), base = lane - lane % width, src = lane + static_cast<int>(delta);
-  return ::sy_emu::FromBits<T>(
-      ::sy_emu::Shuffle("__shfl_down_sync", mask, ::sy_emu::ToBits(v), src < base + width ? src : lane));
+  const int lane = ::sy_emu::Lane(), w = ::sy_emu::ValidWidth(width) ? width : 32;
+  const int64_t src = lane + int64_t{delta};
+  return ::sy_emu::FromBits<T>(::sy_emu::Shuffle(
+      "__shfl_down_sync", mask, ::sy_emu::ToBits(v),
+      src < ::sy_emu::SegmentBase(lane, width) + w ? static_cast<int>(src) : lane, width));
 }
 template <typename T>
 T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  const int lane = ::sy_emu::Lane(), base = lane - lane % width, src = lane - static_cast<int>(delta);
-  return ::sy_emu::FromBits<T>(
-      ::sy_emu::Shuffle("__shfl_up_sync", mask, ::sy_emu::ToBits(v), src >= base ? src : lane));
+  const int lane = ::sy_emu::Lane();
+  const int64_t src = lane - int64_t{delta};
+  return ::sy_emu::FromBits<T>(::sy_emu::Shuffle("__shfl_up_sync", mask, ::sy_emu::ToBits(v),
+                                                 src >= ::sy_emu::SegmentBase(lane, width) ? static_cast<int>(src) : lane,
+                                                 width));
 }
 
 // Atomic as ThreadSanitizer sees it too (to it, the threads of a block are threads).

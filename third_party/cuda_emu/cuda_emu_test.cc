@@ -4,6 +4,7 @@
 // contract and its argument checks.
 #include "third_party/cuda_emu/cuda_emu.h"
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -61,6 +62,32 @@ __global__ void StuckKernel(float* out) {
 }
 
 __global__ void WriteKernel(float* out) { out[threadIdx.x] = 1.f; }
+
+// Shuffles within segments of 8 lanes: a wrapping negative source, xor into an earlier and a
+// later segment, down past the segment's end.
+__global__ void SegmentShuffleKernel(int* idx, int* xor_early, int* xor_late, int* down) {
+  const int t = threadIdx.x;
+  idx[t] = __shfl_sync(0xffffffffu, t, -1, 8);          // lane 7 of the segment
+  xor_early[t] = __shfl_xor_sync(0xffffffffu, t, 8, 8);  // later segments read an earlier one
+  xor_late[t] = __shfl_xor_sync(0xffffffffu, t, 33, 16); // low 5 bits: 1
+  down[t] = __shfl_down_sync(0xffffffffu, t, 3, 8);
+}
+
+__global__ void BadWidthKernel(int* out) { out[threadIdx.x] = __shfl_sync(0xffffffffu, 1, 0, 12); }
+
+// Threads 32-63 exit; the rest meet at a barrier, which exited threads do not hold up.
+__global__ void EarlyExitBarrierKernel(int* out) {
+  __shared__ int v[32];
+  if (threadIdx.x >= 32) return;
+  v[threadIdx.x] = threadIdx.x;
+  __syncthreads();
+  out[threadIdx.x] = v[31 - threadIdx.x];
+}
+
+// Records the order in which blocks ran.
+__global__ void BlockOrderKernel(int* counter, int* order) {
+  if (threadIdx.x == 0) order[blockIdx.x] = atomicAdd(counter, 1);
+}
 
 // Thread 0 publishes its block's index in shared memory; everyone copies it out, after a
 // barrier or (the bug) without one.
@@ -168,6 +195,66 @@ TEST_F(CudaEmuTest, MissingBarrierGivesWrongResults) {
   cudaFree(out);
 }
 
+TEST_F(CudaEmuTest, ShuffleWidthsFollowTheProgrammingGuide) {
+  int *idx = nullptr, *xe = nullptr, *xl = nullptr, *down = nullptr;
+  for (int** p : {&idx, &xe, &xl, &down}) ASSERT_EQ(cudaMalloc(p, 32 * sizeof(int)), cudaSuccess);
+  SY_LAUNCH(SegmentShuffleKernel, 1, 32, 0, nullptr)(idx, xe, xl, down);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  const std::vector<int> i = HostCopy(idx, 32), e = HostCopy(xe, 32), l = HostCopy(xl, 32), d = HostCopy(down, 32);
+  for (int t = 0; t < 32; ++t) {
+    const int base = t & ~7;
+    EXPECT_EQ(i[t], base + 7) << t;
+    EXPECT_EQ(e[t], (t ^ 8) < base + 8 ? t ^ 8 : t) << t;  // lanes 8-15 and 24-31 read 8 below
+    EXPECT_EQ(l[t], t ^ 1) << t;
+    EXPECT_EQ(d[t], t + 3 < base + 8 ? t + 3 : t) << t;
+  }
+  SY_LAUNCH(BadWidthKernel, 1, 32, 0, nullptr)(idx);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorLaunchFailure);
+  EXPECT_NE(sy_emu::LastDiagnostic().find("width 12 is not a power of two"), std::string::npos)
+      << sy_emu::LastDiagnostic();
+}
+
+TEST_F(CudaEmuTest, ExitedThreadsDoNotHoldUpABarrier) {
+  int* out = nullptr;
+  ASSERT_EQ(cudaMalloc(&out, 32 * sizeof(int)), cudaSuccess);
+  SY_LAUNCH(EarlyExitBarrierKernel, 1, 64, 0, nullptr)(out);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  const std::vector<int> h = HostCopy(out, 32);
+  for (int t = 0; t < 32; ++t) EXPECT_EQ(h[t], 31 - t);
+}
+
+TEST_F(CudaEmuTest, BlocksRunInAShuffledOrder) {
+  const int blocks = 64;
+  int* counter = DeviceCopy(std::vector<int>{0});
+  int* order = nullptr;
+  ASSERT_EQ(cudaMalloc(&order, blocks * sizeof(int)), cudaSuccess);
+  SY_LAUNCH(BlockOrderKernel, blocks, 32, 0, nullptr)(counter, order);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  std::vector<int> h = HostCopy(order, blocks);
+  int in_place = 0;
+  for (int b = 0; b < blocks; ++b) in_place += h[b] == b;
+  EXPECT_LT(in_place, blocks / 4);
+  std::sort(h.begin(), h.end());
+  for (int b = 0; b < blocks; ++b) EXPECT_EQ(h[b], b);  // each ran once
+}
+
+// The device has pools only as cudaDevAttrMemoryPoolsSupported last said: a caller that
+// allocates from a pool without asking fails on the devices that have none.
+TEST_F(CudaEmuTest, MemoryPoolsAsTheAttributeSays) {
+  int pools = -1;
+  ASSERT_EQ(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, 0), cudaSuccess);
+  void* p = nullptr;
+  EXPECT_EQ(cudaMallocAsync(&p, 16, nullptr), pools ? cudaSuccess : cudaErrorNotSupported);
+  if (p != nullptr) EXPECT_EQ(cudaFreeAsync(p, nullptr), cudaSuccess);
+  int again = -1;
+  ASSERT_EQ(cudaDeviceGetAttribute(&again, cudaDevAttrMemoryPoolsSupported, 0), cudaSuccess);
+  EXPECT_NE(again, pools);
+  p = nullptr;
+  EXPECT_EQ(cudaMallocAsync(&p, 16, nullptr), again ? cudaSuccess : cudaErrorNotSupported);
+  if (p != nullptr) EXPECT_EQ(cudaFreeAsync(p, nullptr), cudaSuccess);
+  cudaGetLastError();
+}
+
 TEST_F(CudaEmuTest, NewDeviceMemoryIsNaN) {
   float* p = nullptr;
   ASSERT_EQ(cudaMalloc(&p, 4 * sizeof(float)), cudaSuccess);
@@ -235,6 +322,9 @@ TEST_F(CudaEmuTest, CopiesMustStayInsideOneAllocation) {
   // Direction reversed: the destination is the host vector.
   EXPECT_EQ(cudaMemcpy(h.data(), p, 4, cudaMemcpyHostToDevice), cudaErrorInvalidValue);
   EXPECT_EQ(cudaMemset(p, 0, 9 * sizeof(float)), cudaErrorInvalidValue);
+  // cudaMemcpyDefault takes either direction, but not past an allocation's end.
+  EXPECT_EQ(cudaMemcpy(p, h.data(), 8 * sizeof(float), cudaMemcpyDefault), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(h.data(), p + 1, 8 * sizeof(float), cudaMemcpyDefault), cudaErrorInvalidValue);
   EXPECT_EQ(cudaFree(p + 1), cudaErrorInvalidDevicePointer);
   EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidDevicePointer);
   EXPECT_EQ(cudaFree(p), cudaSuccess);
@@ -322,6 +412,42 @@ TEST_F(CudaEmuTest, GroupedGemmTakesDeviceArraysOfPointers) {
           s += __bfloat162float(a[p * m * k + i + l * m]) * __bfloat162float(b[p * k * n + l + j * k]);
         }
         EXPECT_EQ(__bfloat162float(c[p * m * n + i + j * m]), __bfloat162float(__float2bfloat16(s))) << p << i << j;
+      }
+    }
+  }
+  // Two groups of different shapes (m 3 and 2, one and two problems), fp32 C from bf16
+  // operands: each problem against its own loop; a bad ldc in the second group fails the
+  // call before the first group's C is written.
+  {
+    float* c32 = nullptr;
+    ASSERT_EQ(cudaMalloc(&c32, 3 * m * n * sizeof(float)), cudaSuccess);
+    std::vector<const void*> p2 = {da, da + m * k, da + 2 * 4, db, db + k * n, db, c32, c32 + m * n, c32 + 2 * m * n};
+    const void** dp2 = DeviceCopy(p2);
+    const cublasOperation_t ops[2] = {CUBLAS_OP_N, CUBLAS_OP_N};
+    const int ms2[2] = {m, 2}, ns2[2] = {n, n}, ks2[2] = {k, k}, lda2[2] = {m, 2}, ldc2[2] = {m, 2}, sizes[2] = {1, 2};
+    const float alpha2[2] = {1.f, -2.f}, beta2[2] = {0.f, 0.f};
+    int ldc_bad[2] = {m, 1};
+    EXPECT_EQ(cublasGemmGroupedBatchedEx(h, ops, ops, ms2, ns2, ks2, alpha2, dp2, CUDA_R_16BF, lda2, dp2 + 3,
+                                         CUDA_R_16BF, ks2, beta2, const_cast<void* const*>(dp2 + 6), CUDA_R_32F,
+                                         ldc_bad, 2, sizes, CUBLAS_COMPUTE_32F),
+              CUBLAS_STATUS_INVALID_VALUE);
+    for (float v : HostCopy(c32, 3 * m * n)) EXPECT_TRUE(std::isnan(v)) << "written before the check failed";
+    ASSERT_EQ(cublasGemmGroupedBatchedEx(h, ops, ops, ms2, ns2, ks2, alpha2, dp2, CUDA_R_16BF, lda2, dp2 + 3,
+                                         CUDA_R_16BF, ks2, beta2, const_cast<void* const*>(dp2 + 6), CUDA_R_32F,
+                                         ldc2, 2, sizes, CUBLAS_COMPUTE_32F),
+              CUBLAS_STATUS_SUCCESS);
+    const std::vector<float> c2 = HostCopy(c32, 3 * m * n);
+    const int64_t a_off[3] = {0, m * k, 2 * 4}, b_off[3] = {0, k * n, 0}, c_off[3] = {0, m * n, 2 * m * n};
+    for (int q = 0; q < 3; ++q) {
+      const int g = q == 0 ? 0 : 1, rows = ms2[g];
+      for (int j = 0; j < n; ++j) {
+        for (int i = 0; i < rows; ++i) {
+          float acc = 0;
+          for (int l = 0; l < k; ++l) {
+            acc += __bfloat162float(a[a_off[q] + i + l * lda2[g]]) * __bfloat162float(b[b_off[q] + l + j * k]);
+          }
+          EXPECT_EQ(c2[c_off[q] + i + j * ldc2[g]], alpha2[g] * acc) << q << " " << i << " " << j;
+        }
       }
     }
   }

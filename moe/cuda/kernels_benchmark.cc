@@ -20,13 +20,19 @@
 namespace switchyard::cuda {
 namespace {
 
-constexpr int64_t kTokens = 16384, kHidden = 4096;
+// SY_KERNELS_BENCHMARK_SMOKE: shapes small enough for the CPU emulator, which runs every
+// benchmark once as a test of this file (kernels_benchmark_emu_test); its times mean nothing.
+#ifdef SY_KERNELS_BENCHMARK_SMOKE
+constexpr int64_t kTokens = 96, kHidden = 64, kFfnCoarse = 96, kRouterTokens = 256;
+#else
+constexpr int64_t kTokens = 16384, kHidden = 4096, kFfnCoarse = 8192, kRouterTokens = 65536;
+#endif
 
 struct Shape {
   int experts, k;
   int64_t ffn;
 };
-Shape ShapeOf(int64_t i) { return i == 0 ? Shape{16, 2, 8192} : Shape{64, 8, 2048}; }
+Shape ShapeOf(int64_t i) { return i == 0 ? Shape{16, 2, kFfnCoarse} : Shape{64, 8, kFfnCoarse / 4}; }
 
 bool HaveGpu(benchmark::State& state) {
   int n = 0;
@@ -209,7 +215,7 @@ void BM_DenseGemm(benchmark::State& state) { Gemm(state, true, false); }
 
 void BM_TopKRoute(benchmark::State& state) {
   if (!HaveGpu(state)) return;
-  const int64_t T = 65536;
+  const int64_t T = kRouterTokens;
   const int E = static_cast<int>(state.range(0)), k = static_cast<int>(state.range(1));
   Buffers buf(state);
   float* logits = buf.Alloc<float>(T * E * 4);

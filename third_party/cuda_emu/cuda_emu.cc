@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -571,6 +572,13 @@ using sy_emu::Fail;
 using sy_emu::Fault;
 using sy_emu::Sticky;
 
+// Events hold the host time at which they were recorded (every operation has completed by
+// then): elapsed times are the emulator's, meaningless as GPU timings but positive.
+struct CUevent_st {
+  bool recorded = false;
+  std::chrono::steady_clock::time_point at;
+};
+
 struct cublasContext {
   cudaStream_t stream = nullptr;
   cublasMath_t mode = CUBLAS_DEFAULT_MATH;
@@ -745,6 +753,49 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   std::lock_guard<std::mutex> l(sy_emu::mu);
   if (stream == nullptr || sy_emu::streams.erase(stream) == 0) return cudaErrorInvalidResourceHandle;
   delete reinterpret_cast<char*>(stream);
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  if (count == nullptr) return Fail(cudaErrorInvalidValue, "cudaGetDeviceCount: null result pointer");
+  *count = 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventCreate(cudaEvent_t* event) {
+  if (event == nullptr) return Fail(cudaErrorInvalidValue, "cudaEventCreate: null result pointer");
+  *event = new CUevent_st;
+  return Sticky();
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  if (event == nullptr) return Fail(cudaErrorInvalidResourceHandle, "cudaEventDestroy: null event");
+  delete event;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  if (event == nullptr) return Fail(cudaErrorInvalidResourceHandle, "cudaEventRecord: null event");
+  if (!sy_emu::KnownStream(stream)) return Fail(cudaErrorInvalidResourceHandle, "cudaEventRecord: unknown stream");
+  event->recorded = true;
+  event->at = std::chrono::steady_clock::now();
+  return Sticky();
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  if (event == nullptr) return Fail(cudaErrorInvalidResourceHandle, "cudaEventSynchronize: null event");
+  return Sticky();
+}
+
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  if (ms == nullptr || start == nullptr || end == nullptr) {
+    return Fail(cudaErrorInvalidValue, "cudaEventElapsedTime: null argument");
+  }
+  if (const cudaError_t s = Sticky(); s != cudaSuccess) return s;
+  if (!start->recorded || !end->recorded) {
+    return Fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event was never recorded");
+  }
+  *ms = std::chrono::duration<float, std::milli>(end->at - start->at).count();
   return cudaSuccess;
 }
 

@@ -34,7 +34,8 @@
 //   - cudaDeviceReset() frees every allocation and stream and clears a fault, as the real one
 //     destroys the context.
 //   - Streams complete every operation when it is issued, so the order of operations on one
-//     stream holds and nothing ever overlaps.
+//     stream holds and nothing ever overlaps; events record the host's clock (their elapsed
+//     times time the emulator, not a GPU).
 //   - cuBLAS: cublasGemmEx and cublasGemmGroupedBatchedEx in column-major form, fp32 or bf16
 //     operands (C of their type, or fp32) with fp32 compute, with the documented checks of
 //     sizes and leading dimensions, every group checked before any is computed, and device

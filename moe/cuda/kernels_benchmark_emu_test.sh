@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every benchmark of kernels_benchmark (tiny shapes, CPU emulator) once; fails if the
+# Runs every benchmark of kernels_benchmark (tiny shapes, CPU emulator, a few iterations each,
+# as Google Benchmark 1.7 has no fixed count); fails if the
 # binary fails, a benchmark is missing from its report, or one reports an error (a failed CUDA
 # call skips a benchmark with its message, and Google Benchmark still exits 0).
 set -euo pipefail

@@ -124,7 +124,7 @@ struct Block {
   ucontext_t scheduler;
   std::atomic<Fiber*> current{nullptr};
   int warps = 0;
-  std::atomic<int64_t> barriers{0};  // barriers released so far in this block (atomic: see Fiber)
+  std::atomic<int64_t> barriers{0};  // barriers released so far in this launch (atomic: see Fiber)
 #ifdef SY_EMU_ASAN
   void* scheduler_fake_stack = nullptr;
   const void* scheduler_bottom = nullptr;
@@ -481,6 +481,12 @@ void RunKernel(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes, c
   Block* outer = running;
   running = &b;
   // Blocks in a shuffled order (the same for every launch of this shape): a GPU promises none.
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  if (blocks > (uint64_t{1} << 24)) {
+    Fail(cudaErrorNotSupported, std::string(kernel) + ": a grid of " + std::to_string(blocks) +
+                                    " blocks is more than the emulator runs (16M)");
+    return;
+  }
   std::vector<uint3> order;
   order.reserve(uint64_t{grid.x} * grid.y * grid.z);
   for (uint32_t z = 0; z < grid.z; ++z) {
@@ -681,6 +687,15 @@ cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream) {
 
 cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
   if (!sy_emu::KnownStream(stream)) return Fail(cudaErrorInvalidResourceHandle, "cudaFreeAsync: unknown stream");
+  bool pools;
+  {
+    std::lock_guard<std::mutex> l(sy_emu::mu);
+    pools = sy_emu::pools;
+  }
+  if (!pools) {
+    return Fail(cudaErrorNotSupported, "cudaFreeAsync on a device without memory pools "
+                                       "(cudaDevAttrMemoryPoolsSupported said 0)");
+  }
   return cudaFree(p);
 }
 
@@ -733,6 +748,7 @@ cudaError_t cudaDeviceReset() {
   for (cudaStream_t s : sy_emu::streams) delete reinterpret_cast<char*>(s);
   sy_emu::streams.clear();
   sy_emu::last_error = sy_emu::sticky_error = cudaSuccess;
+  sy_emu::pools = false;
   return cudaSuccess;
 }
 

@@ -26,8 +26,11 @@
 //     what the last block left (a GPU leaves them undefined).
 //   - Device memory is host memory from cudaMalloc, filled with 0xff bytes (NaN as floats),
 //     as a GPU leaves it undefined. Kernel pointer arguments must point into a device
-//     allocation (or be null), and copies and cuBLAS operands must lie inside one: else the
-//     launch fails with a sticky cudaErrorIllegalAddress and a message on stderr.
+//     allocation (or be null), else the launch fails with a sticky cudaErrorIllegalAddress;
+//     copies and memsets must lie inside one allocation (else cudaErrorInvalidValue, as a
+//     failed call, not sticky), and cuBLAS's operands too (else a sticky
+//     cudaErrorIllegalAddress). Each with a message on stderr. Accesses a kernel makes past
+//     the end of an allocation show only under AddressSanitizer.
 //   - Launch limits (threads per block ≤ 1024 in x·y·z, x, y ≤ 1024, z ≤ 64; grid y, z ≤
 //     65535; static shared memory is a function-local static here) give
 //     cudaErrorInvalidConfiguration, as the runtime does.
@@ -40,9 +43,11 @@
 //     operands (C of their type, or fp32) with fp32 compute, with the documented checks of
 //     sizes and leading dimensions, every group checked before any is computed, and device
 //     arrays of device pointers for the grouped call.
-//   - cudaDevAttrMemoryPoolsSupported answers yes and no in turn, and the device then has
-//     pools or not (cudaMallocAsync fails with cudaErrorNotSupported without), so that both
-//     of a caller's paths run and a caller that does not ask fails half the time.
+//   - Memory pools: the device has none until cudaDevAttrMemoryPoolsSupported is asked,
+//     which then answers yes and no in turn, the device having pools or not accordingly
+//     (cudaMallocAsync and cudaFreeAsync fail with cudaErrorNotSupported without), so that a
+//     caller's both paths run and one that never asks fails. On a GPU the answer is fixed, so
+//     a caller that keeps it across another query would fail here and not there.
 // What it does not model: timing, concurrency between blocks or streams, __expf's reduced
 // accuracy (it is expf here), warp-synchronous code without *_sync intrinsics, faults that a
 // GPU reports only at the next synchronisation (here at once), host memory a GPU may reach
@@ -50,7 +55,9 @@
 // documented contract. The last error is process-wide, not per host thread. Under
 // ThreadSanitizer the fibers are separate threads to it and __syncthreads() orders memory,
 // so races between threads of one block are reported (between blocks not: blocks are
-// ordered one after another); under AddressSanitizer accesses outside device allocations.
+// ordered one after another; and conservatively, a thread's writes before it exits are not
+// ordered before the reads of threads that pass a later barrier); under AddressSanitizer
+// accesses outside device allocations.
 #ifndef THIRD_PARTY_CUDA_EMU_CUDA_EMU_H_
 #define THIRD_PARTY_CUDA_EMU_CUDA_EMU_H_
 

@@ -243,6 +243,7 @@ TEST_F(CudaEmuTest, BlocksRunInAShuffledOrder) {
 TEST_F(CudaEmuTest, MemoryPoolsAsTheAttributeSays) {
   int pools = -1;
   ASSERT_EQ(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, 0), cudaSuccess);
+  EXPECT_EQ(pools, 1);  // the first answer after a reset
   void* p = nullptr;
   EXPECT_EQ(cudaMallocAsync(&p, 16, nullptr), pools ? cudaSuccess : cudaErrorNotSupported);
   if (p != nullptr) EXPECT_EQ(cudaFreeAsync(p, nullptr), cudaSuccess);
@@ -252,6 +253,10 @@ TEST_F(CudaEmuTest, MemoryPoolsAsTheAttributeSays) {
   p = nullptr;
   EXPECT_EQ(cudaMallocAsync(&p, 16, nullptr), again ? cudaSuccess : cudaErrorNotSupported);
   if (p != nullptr) EXPECT_EQ(cudaFreeAsync(p, nullptr), cudaSuccess);
+  // Without pools, cudaMalloc's memory cannot go back through cudaFreeAsync either.
+  void* q = nullptr;
+  ASSERT_EQ(cudaMalloc(&q, 16), cudaSuccess);
+  EXPECT_EQ(cudaFreeAsync(q, nullptr), again ? cudaSuccess : cudaErrorNotSupported);
   cudaGetLastError();
 }
 

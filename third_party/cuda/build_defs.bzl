@@ -7,7 +7,7 @@ Default builds never call nvcc: CUDA targets are incompatible (skipped by //...)
 --config=cuda is given.
 """
 
-load("@local_cuda//:defs.bzl", "CUDA_HOME", "NVCC")
+load("@local_cuda//:defs.bzl", "CUDA_FOUND", "CUDA_HOME", "NVCC")
 
 def if_cuda(if_true, if_false = []):
     """`if_true` under --config=cuda, else `if_false`."""
@@ -22,6 +22,10 @@ CUDA_ONLY = select({
     "@switchyard//third_party/cuda:enabled": [],
     "//conditions:default": ["@switchyard//third_party/cuda:cuda_only"],
 })
+
+# target_compatible_with value for targets that need a CUDA toolkit's headers but no nvcc or
+# GPU (the CPU emulator's, third_party/cuda_emu): skipped where no toolkit is installed.
+CUDA_HEADERS_ONLY = [] if CUDA_FOUND else ["@switchyard//third_party/cuda:cuda_only"]
 
 # Hopper (H100/H200). sm_90a would allow Hopper-only instructions (wgmma, TMA).
 DEFAULT_CUDA_ARCH = "sm_90"

@@ -113,7 +113,7 @@ __global__ void WeightedSumBackwardKernel(const T* g, const T* x, const float* w
     __syncthreads();
     if (threadIdx.x == 0) {
       float sum = 0.f;
-      for (int i = 0; i < blockDim.x / 32; ++i) sum += partial[i];
+      for (int i = 0; i < static_cast<int>(blockDim.x) / 32; ++i) sum += partial[i];
       grad_w[r] = t < 0 ? 0.f : sum;
     }
     __syncthreads();

@@ -28,7 +28,9 @@ struct Dev {
   explicit Dev(const at::Tensor& t) : bytes(t.numel() * t.element_size()) {
     const at::Tensor c = t.contiguous();
     EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(bytes, 1)), cudaSuccess);
-    if (bytes) EXPECT_EQ(cudaMemcpy(p, c.data_ptr(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    if (bytes) {
+      EXPECT_EQ(cudaMemcpy(p, c.data_ptr(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    }
   }
   // Uninitialised (NaN as floats, on the emulator) room for a tensor like `like`.
   static std::unique_ptr<Dev> Like(const at::Tensor& like) { return std::unique_ptr<Dev>(new Dev(like.numel() * like.element_size())); }

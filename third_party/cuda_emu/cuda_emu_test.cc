@@ -246,13 +246,17 @@ TEST_F(CudaEmuTest, MemoryPoolsAsTheAttributeSays) {
   EXPECT_EQ(pools, 1);  // the first answer after a reset
   void* p = nullptr;
   EXPECT_EQ(cudaMallocAsync(&p, 16, nullptr), pools ? cudaSuccess : cudaErrorNotSupported);
-  if (p != nullptr) EXPECT_EQ(cudaFreeAsync(p, nullptr), cudaSuccess);
+  if (p != nullptr) {
+    EXPECT_EQ(cudaFreeAsync(p, nullptr), cudaSuccess);
+  }
   int again = -1;
   ASSERT_EQ(cudaDeviceGetAttribute(&again, cudaDevAttrMemoryPoolsSupported, 0), cudaSuccess);
   EXPECT_NE(again, pools);
   p = nullptr;
   EXPECT_EQ(cudaMallocAsync(&p, 16, nullptr), again ? cudaSuccess : cudaErrorNotSupported);
-  if (p != nullptr) EXPECT_EQ(cudaFreeAsync(p, nullptr), cudaSuccess);
+  if (p != nullptr) {
+    EXPECT_EQ(cudaFreeAsync(p, nullptr), cudaSuccess);
+  }
   // Without pools, cudaMalloc's memory cannot go back through cudaFreeAsync either.
   void* q = nullptr;
   ASSERT_EQ(cudaMalloc(&q, 16), cudaSuccess);

@@ -86,6 +86,16 @@ std::set<cudaStream_t> streams;  // created ones; null is the default stream
 // (see cudaDeviceGetAttribute).
 bool pools = false;
 
+// cudaSuccess where the device has pools, else a failed call of `what`.
+cudaError_t NeedPools(const char* what) {
+  {
+    std::lock_guard<std::mutex> l(mu);
+    if (pools) return cudaSuccess;
+  }
+  return Fail(cudaErrorNotSupported,
+              std::string(what) + " on a device without memory pools (cudaDevAttrMemoryPoolsSupported said 0)");
+}
+
 bool KnownStream(cudaStream_t s) {
   std::lock_guard<std::mutex> l(mu);
   return s == nullptr || streams.count(s) != 0;
@@ -118,7 +128,6 @@ struct Fiber {
 constexpr size_t kStackBytes = 256 * 1024;
 
 struct Block {
-  const char* kernel = nullptr;
   const std::function<void()>* body = nullptr;
   std::vector<Fiber*> fibers;  // one per thread of the block
   ucontext_t scheduler;
@@ -468,10 +477,15 @@ void RunKernel(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes, c
     Fault(cudaErrorIllegalAddress, bad_argument);
     return;
   }
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  if (blocks > (uint64_t{1} << 24)) {
+    Fail(cudaErrorNotSupported, std::string(kernel) + ": a grid of " + std::to_string(blocks) +
+                                    " blocks is more than the emulator runs (16M)");
+    return;
+  }
   std::lock_guard<std::mutex> l(launch_mu);
   const int n = static_cast<int>(threads);
   Block b;
-  b.kernel = kernel;
   b.body = &thread;
   for (int i = 0; i < n; ++i) b.fibers.push_back(FiberPool(n)[i].get());
   b.warps = (n + 31) / 32;
@@ -481,14 +495,8 @@ void RunKernel(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes, c
   Block* outer = running;
   running = &b;
   // Blocks in a shuffled order (the same for every launch of this shape): a GPU promises none.
-  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
-  if (blocks > (uint64_t{1} << 24)) {
-    Fail(cudaErrorNotSupported, std::string(kernel) + ": a grid of " + std::to_string(blocks) +
-                                    " blocks is more than the emulator runs (16M)");
-    return;
-  }
   std::vector<uint3> order;
-  order.reserve(uint64_t{grid.x} * grid.y * grid.z);
+  order.reserve(blocks);
   for (uint32_t z = 0; z < grid.z; ++z) {
     for (uint32_t y = 0; y < grid.y; ++y) {
       for (uint32_t x = 0; x < grid.x; ++x) order.push_back(make_uint3(x, y, z));
@@ -673,29 +681,13 @@ cudaError_t cudaFree(void* p) {
 
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream) {
   if (!sy_emu::KnownStream(stream)) return Fail(cudaErrorInvalidResourceHandle, "cudaMallocAsync: unknown stream");
-  bool pools;
-  {
-    std::lock_guard<std::mutex> l(sy_emu::mu);
-    pools = sy_emu::pools;
-  }
-  if (!pools) {
-    return Fail(cudaErrorNotSupported, "cudaMallocAsync on a device without memory pools "
-                                       "(cudaDevAttrMemoryPoolsSupported said 0)");
-  }
+  if (const cudaError_t e = sy_emu::NeedPools("cudaMallocAsync"); e != cudaSuccess) return e;
   return cudaMalloc(p, bytes);
 }
 
 cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
   if (!sy_emu::KnownStream(stream)) return Fail(cudaErrorInvalidResourceHandle, "cudaFreeAsync: unknown stream");
-  bool pools;
-  {
-    std::lock_guard<std::mutex> l(sy_emu::mu);
-    pools = sy_emu::pools;
-  }
-  if (!pools) {
-    return Fail(cudaErrorNotSupported, "cudaFreeAsync on a device without memory pools "
-                                       "(cudaDevAttrMemoryPoolsSupported said 0)");
-  }
+  if (const cudaError_t e = sy_emu::NeedPools("cudaFreeAsync"); e != cudaSuccess) return e;
   return cudaFree(p);
 }
 

@@ -281,6 +281,9 @@ TEST_F(CudaEmuTest, BadLaunchConfigurationIsNotSticky) {
   EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
   SY_LAUNCH(WriteKernel, dim3(1, 65536), 1, 0, nullptr)(p);
   EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
+  // Within CUDA's limits but more blocks than the emulator runs: refused, and later launches work.
+  SY_LAUNCH(WriteKernel, dim3(1 << 13, 1 << 12), 1, 0, nullptr)(p);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorNotSupported);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // read and cleared
   SY_LAUNCH(WriteKernel, 1, 1024, 0, nullptr)(p);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);

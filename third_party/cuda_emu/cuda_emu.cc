@@ -38,8 +38,8 @@ namespace {
 // --- Errors -------------------------------------------------------------------------------
 
 std::mutex mu;  // guards everything below that host threads share
-cudaError_t last_error = cudaSuccess;
-cudaError_t sticky_error = cudaSuccess;  // a kernel fault: every later call returns it
+thread_local cudaError_t last_error = cudaSuccess;  // per host thread, as the runtime keeps it
+cudaError_t sticky_error = cudaSuccess;  // a kernel fault: every later call, on any thread, returns it
 std::string last_diagnostic;
 
 void Diagnose(const std::string& message) {
@@ -618,14 +618,14 @@ extern "C" {
 
 cudaError_t cudaGetLastError() {
   std::lock_guard<std::mutex> l(sy_emu::mu);
-  const cudaError_t e = sy_emu::last_error;
-  sy_emu::last_error = sy_emu::sticky_error;
+  const cudaError_t e = sy_emu::last_error != cudaSuccess ? sy_emu::last_error : sy_emu::sticky_error;
+  sy_emu::last_error = cudaSuccess;
   return e;
 }
 
 cudaError_t cudaPeekAtLastError() {
   std::lock_guard<std::mutex> l(sy_emu::mu);
-  return sy_emu::last_error;
+  return sy_emu::last_error != cudaSuccess ? sy_emu::last_error : sy_emu::sticky_error;
 }
 
 const char* cudaGetErrorName(cudaError_t e) {

@@ -52,7 +52,7 @@
 // accuracy (it is expf here), warp-synchronous code without *_sync intrinsics, faults that a
 // GPU reports only at the next synchronisation (here at once), host memory a GPU may reach
 // (HMM), alignment rules of the grouped GEMM, and what real cuBLAS does beyond its
-// documented contract. The last error is process-wide, not per host thread. Under
+// documented contract. Under
 // ThreadSanitizer the fibers are separate threads to it and __syncthreads() orders memory,
 // so races between threads of one block are reported (between blocks not: blocks are
 // ordered one after another; and conservatively, a thread's writes before it exits are not

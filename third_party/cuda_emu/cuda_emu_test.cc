@@ -8,6 +8,7 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include <cublas_v2.h>
@@ -303,6 +304,19 @@ TEST_F(CudaEmuTest, HostPointerArgumentIsAStickyFault) {
   EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorIllegalAddress);
   float* p = nullptr;
   EXPECT_EQ(cudaMalloc(&p, 4), cudaErrorIllegalAddress);
+}
+
+// The last error is each host thread's own; a fault is every thread's.
+TEST_F(CudaEmuTest, LastErrorPerThreadFaultForAll) {
+  EXPECT_EQ(cudaFree(reinterpret_cast<void*>(0x10)), cudaErrorInvalidDevicePointer);
+  cudaError_t seen = cudaErrorUnknown;
+  std::thread([&] { seen = cudaGetLastError(); }).join();
+  EXPECT_EQ(seen, cudaSuccess);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidDevicePointer);
+  std::vector<float> host(32);
+  SY_LAUNCH(WriteKernel, 1, 32, 0, nullptr)(host.data());  // a fault
+  std::thread([&] { seen = cudaGetLastError(); }).join();
+  EXPECT_EQ(seen, cudaErrorIllegalAddress);
 }
 
 TEST_F(CudaEmuTest, ShuffleNamingAnExitedLaneIsAnError) {

@@ -92,21 +92,71 @@ __global__ void SumRowsWordsKernel(const T* in, const float* w, const int64_t* o
   }
 }
 
+// How WeightedSumBackwardKernel walks a row: one value a thread at a time (any row), or one
+// 16-byte word (rows of whole words at 16-byte aligned bases). As in SumRowsWordsKernel, one
+// 2-byte load in flight a thread keeps too few bytes in flight per SM for HBM's bandwidth.
+// (Types, not a second template argument, so that a launch names the kernel without a comma.)
 template <typename T>
-__global__ void WeightedSumBackwardKernel(const T* g, const T* x, const float* w, const int64_t* tok,
-                                          T* grad_rows, float* grad_w, int64_t n, int64_t hidden) {
+struct Elements {
+  using Type = T;
+  static constexpr int kVec = 1;
+};
+template <typename T>
+struct Words {
+  using Type = T;
+  static constexpr int kVec = 16 / sizeof(T);
+};
+
+// kVec values from p into v, and back.
+template <int kVec, typename T>
+__device__ inline void LoadVec(const T* p, float (&v)[kVec]) {
+  if constexpr (kVec == 1) {
+    v[0] = Load(p, 0);
+  } else {
+    const uint4 word = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&word);
+    for (int i = 0; i < kVec; ++i) v[i] = Load(e, i);
+  }
+}
+template <int kVec, typename T>
+__device__ inline void StoreVec(T* p, const float (&v)[kVec]) {
+  if constexpr (kVec == 1) {
+    Store(p, 0, v[0]);
+  } else {
+    uint4 word;
+    T* e = reinterpret_cast<T*>(&word);
+    for (int i = 0; i < kVec; ++i) Store(e, i, v[i]);
+    *reinterpret_cast<uint4*>(p) = word;
+  }
+}
+
+// One block per row: grad_rows[r] = w[r] · g[tok[r]] and grad_w[r] = <g[tok[r]], x[r]>, the dot
+// reduced across the block's warps through shared memory (a block may handle several rows,
+// hence the second barrier).
+template <typename V>
+__global__ void WeightedSumBackwardKernel(const typename V::Type* g, const typename V::Type* x, const float* w,
+                                          const int64_t* tok, typename V::Type* grad_rows, float* grad_w, int64_t n,
+                                          int64_t hidden) {
+  constexpr int kVec = V::kVec;
   __shared__ float partial[kThreads / 32];
+  const int64_t chunks = hidden / kVec;
   for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
     const int64_t t = tok[r];
+    const float wr = w ? w[r] : 1.f;
     float dot = 0.f;
-    for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      float gv[kVec], xv[kVec], out[kVec];
       if (t < 0) {
-        Store(grad_rows, r * hidden + c, 0.f);
-        continue;
+        for (int i = 0; i < kVec; ++i) out[i] = 0.f;
+      } else {
+        LoadVec<kVec>(g + t * hidden + c * kVec, gv);
+        LoadVec<kVec>(x + r * hidden + c * kVec, xv);
+        for (int i = 0; i < kVec; ++i) {
+          out[i] = wr * gv[i];
+          dot += gv[i] * xv[i];
+        }
       }
-      const float gv = Load(g, t * hidden + c);
-      Store(grad_rows, r * hidden + c, (w ? w[r] : 1.f) * gv);
-      dot += gv * Load(x, r * hidden + c);
+      StoreVec<kVec>(grad_rows + r * hidden + c * kVec, out);
     }
     for (int s = 16; s > 0; s /= 2) dot += __shfl_down_sync(0xffffffffu, dot, s);
     if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
@@ -275,14 +325,32 @@ cudaError_t WeightedSumBackward(const void* g, const void* rows, const float* w,
                                 const int64_t* row_token, void* grad_rows, float* grad_w,
                                 int64_t n_rows, int64_t hidden, DType dtype, cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
+  const int blocks = Blocks(n_rows);
+  const bool words = hidden % (16 / Bytes(dtype)) == 0 &&
+                     (reinterpret_cast<uintptr_t>(g) | reinterpret_cast<uintptr_t>(rows) |
+                      reinterpret_cast<uintptr_t>(grad_rows)) % 16 == 0;
   if (dtype == DType::kFloat32) {
-    SY_LAUNCH(WeightedSumBackwardKernel, Blocks(n_rows), kThreads, 0, stream)(
-        static_cast<const float*>(g), static_cast<const float*>(rows), w, row_token,
-        static_cast<float*>(grad_rows), grad_w, n_rows, hidden);
+    const auto* gp = static_cast<const float*>(g);
+    const auto* xp = static_cast<const float*>(rows);
+    auto* op = static_cast<float*>(grad_rows);
+    if (words) {
+      SY_LAUNCH(WeightedSumBackwardKernel<Words<float>>, blocks, kThreads, 0, stream)(gp, xp, w, row_token, op,
+                                                                                       grad_w, n_rows, hidden);
+    } else {
+      SY_LAUNCH(WeightedSumBackwardKernel<Elements<float>>, blocks, kThreads, 0, stream)(gp, xp, w, row_token, op,
+                                                                                          grad_w, n_rows, hidden);
+    }
   } else {
-    SY_LAUNCH(WeightedSumBackwardKernel, Blocks(n_rows), kThreads, 0, stream)(
-        static_cast<const __nv_bfloat16*>(g), static_cast<const __nv_bfloat16*>(rows), w, row_token,
-        static_cast<__nv_bfloat16*>(grad_rows), grad_w, n_rows, hidden);
+    const auto* gp = static_cast<const __nv_bfloat16*>(g);
+    const auto* xp = static_cast<const __nv_bfloat16*>(rows);
+    auto* op = static_cast<__nv_bfloat16*>(grad_rows);
+    if (words) {
+      SY_LAUNCH(WeightedSumBackwardKernel<Words<__nv_bfloat16>>, blocks, kThreads, 0, stream)(
+          gp, xp, w, row_token, op, grad_w, n_rows, hidden);
+    } else {
+      SY_LAUNCH(WeightedSumBackwardKernel<Elements<__nv_bfloat16>>, blocks, kThreads, 0, stream)(
+          gp, xp, w, row_token, op, grad_w, n_rows, hidden);
+    }
   }
   return cudaGetLastError();
 }

@@ -1,6 +1,7 @@
 // The CUDA kernels against their limits on one GPU (events, manual time):
-//   - BM_PermuteRows (+ SumRows, the weighted unpermute) vs BM_CopyD2D: a device-to-device
-//     cudaMemcpy of the same bytes; goal ≥ 70% of its bandwidth.
+//   - BM_PermuteRows (+ SumRows, the weighted unpermute, and WeightedSumBackward, its
+//     backward) vs BM_CopyD2D: a device-to-device cudaMemcpy of the same bytes; goal ≥ 70% of
+//     its bandwidth.
 //   - BM_GroupedGemm (bf16, cuBLAS grouped batched; /loop: one GEMM per expert) vs
 //     BM_DenseGemm: one cuBLAS GEMM with the same FLOPs; goal ≥ 70% of its throughput.
 //   - BM_TopKRoute: the fused router kernel.
@@ -172,6 +173,32 @@ void BM_SumRows(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * (rows + kTokens) * kHidden * 2);
 }
 
+void BM_WeightedSumBackward(benchmark::State& state) {
+  if (!HaveGpu(state)) return;
+  const Shape s = ShapeOf(state.range(0));
+  const int64_t rows = kTokens * s.k;
+  std::vector<int64_t> tok(rows);
+  std::mt19937 g(4);
+  for (int64_t r = 0; r < rows; ++r) tok[r] = g() % kTokens;
+  Buffers buf(state);
+  auto* grad = buf.Alloc<__nv_bfloat16>(kTokens * kHidden * 2);
+  auto* x = buf.Alloc<__nv_bfloat16>(rows * kHidden * 2);
+  void* grad_rows = buf.Alloc<void>(rows * kHidden * 2);
+  float* w = buf.Alloc<float>(rows * 4);
+  float* grad_w = buf.Alloc<float>(rows * 4);
+  int64_t* dt = buf.Alloc<int64_t>(rows * 8);
+  if (buf.Ok()) buf.Random(grad, kTokens * kHidden);
+  if (buf.Ok()) buf.Random(x, rows * kHidden);
+  if (buf.Ok()) buf.Random(w, rows);
+  if (buf.Ok()) buf.Note(cudaMemcpy(dt, tok.data(), rows * 8, cudaMemcpyHostToDevice));
+  if (!buf.Ok()) return;
+  Time(state, [&] {
+    return WeightedSumBackward(grad, x, w, dt, grad_rows, grad_w, rows, kHidden, DType::kBFloat16, nullptr);
+  });
+  // Bytes moved: per row, its token's gradient read (gathered), x read, the row gradient written.
+  state.SetBytesProcessed(state.iterations() * rows * kHidden * 2 * 3);
+}
+
 void BM_CopyD2D(benchmark::State& state) {
   if (!HaveGpu(state)) return;
   const Shape s = ShapeOf(state.range(0));
@@ -234,6 +261,7 @@ void BM_TopKRoute(benchmark::State& state) {
 
 BENCHMARK(BM_PermuteRows)->ArgName("fine")->Arg(0)->Arg(1)->UseManualTime();
 BENCHMARK(BM_SumRows)->ArgName("fine")->Arg(0)->Arg(1)->UseManualTime();
+BENCHMARK(BM_WeightedSumBackward)->ArgName("fine")->Arg(0)->Arg(1)->UseManualTime();
 BENCHMARK(BM_CopyD2D)->ArgName("fine")->Arg(0)->Arg(1)->UseManualTime();
 BENCHMARK(BM_GroupedGemm)->ArgName("fine")->Arg(0)->Arg(1)->UseManualTime();
 BENCHMARK(BM_GroupedGemmLoop)->ArgName("fine")->Arg(0)->Arg(1)->UseManualTime();

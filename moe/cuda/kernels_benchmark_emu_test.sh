@@ -12,6 +12,7 @@ import json, sys
 report = json.load(open(sys.argv[1]))["benchmarks"]
 names = [b["name"] for b in report]
 want = ["BM_PermuteRows/fine:0", "BM_PermuteRows/fine:1", "BM_SumRows/fine:0", "BM_SumRows/fine:1",
+        "BM_WeightedSumBackward/fine:0", "BM_WeightedSumBackward/fine:1",
         "BM_CopyD2D/fine:0", "BM_CopyD2D/fine:1", "BM_GroupedGemm/fine:0", "BM_GroupedGemm/fine:1",
         "BM_GroupedGemmLoop/fine:0", "BM_GroupedGemmLoop/fine:1", "BM_DenseGemm/fine:0",
         "BM_DenseGemm/fine:1", "BM_TopKRoute/E:64/k:2", "BM_TopKRoute/E:256/k:8"]

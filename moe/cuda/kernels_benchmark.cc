@@ -131,18 +131,24 @@ class Buffers {
   bool ok_ = true;
 };
 
+// A device array of `rows` random tokens (each row's source token, as a plan's row_token).
+int64_t* RandomRowTokens(Buffers& buf, int64_t rows, uint32_t seed) {
+  std::vector<int64_t> tok(rows);
+  std::mt19937 g(seed);
+  for (int64_t r = 0; r < rows; ++r) tok[r] = g() % kTokens;
+  int64_t* dt = buf.Alloc<int64_t>(rows * 8);
+  if (buf.Ok()) buf.Note(cudaMemcpy(dt, tok.data(), rows * 8, cudaMemcpyHostToDevice));
+  return dt;
+}
+
 void BM_PermuteRows(benchmark::State& state) {
   if (!HaveGpu(state)) return;
   const Shape s = ShapeOf(state.range(0));
   const int64_t rows = kTokens * s.k;
-  std::vector<int64_t> tok(rows);
-  std::mt19937 g(2);
-  for (int64_t r = 0; r < rows; ++r) tok[r] = g() % kTokens;
   Buffers buf(state);
   void* in = buf.Alloc<void>(kTokens * kHidden * 2);
   void* out = buf.Alloc<void>(rows * kHidden * 2);
-  int64_t* dt = buf.Alloc<int64_t>(rows * 8);
-  if (buf.Ok()) buf.Note(cudaMemcpy(dt, tok.data(), rows * 8, cudaMemcpyHostToDevice));
+  int64_t* dt = RandomRowTokens(buf, rows, 2);
   if (!buf.Ok()) return;
   Time(state, [&] { return PermuteRows(in, out, dt, rows, kHidden, DType::kBFloat16, nullptr); });
   // Bytes moved: each output row read once and written once. (At k = 8 of 64 some source
@@ -177,20 +183,16 @@ void BM_WeightedSumBackward(benchmark::State& state) {
   if (!HaveGpu(state)) return;
   const Shape s = ShapeOf(state.range(0));
   const int64_t rows = kTokens * s.k;
-  std::vector<int64_t> tok(rows);
-  std::mt19937 g(4);
-  for (int64_t r = 0; r < rows; ++r) tok[r] = g() % kTokens;
   Buffers buf(state);
   auto* grad = buf.Alloc<__nv_bfloat16>(kTokens * kHidden * 2);
   auto* x = buf.Alloc<__nv_bfloat16>(rows * kHidden * 2);
   void* grad_rows = buf.Alloc<void>(rows * kHidden * 2);
   float* w = buf.Alloc<float>(rows * 4);
   float* grad_w = buf.Alloc<float>(rows * 4);
-  int64_t* dt = buf.Alloc<int64_t>(rows * 8);
+  int64_t* dt = RandomRowTokens(buf, rows, 4);
   if (buf.Ok()) buf.Random(grad, kTokens * kHidden);
   if (buf.Ok()) buf.Random(x, rows * kHidden);
   if (buf.Ok()) buf.Random(w, rows);
-  if (buf.Ok()) buf.Note(cudaMemcpy(dt, tok.data(), rows * 8, cudaMemcpyHostToDevice));
   if (!buf.Ok()) return;
   Time(state, [&] {
     return WeightedSumBackward(grad, x, w, dt, grad_rows, grad_w, rows, kHidden, DType::kBFloat16, nullptr);

@@ -9,7 +9,7 @@
 
 // Launches are written SY_LAUNCH(kernel, grid, block, shared bytes, stream)(arguments): the
 // <<<>>> launch here, and a call into the CPU emulator (third_party/cuda_emu, which defines
-// SY_LAUNCH) when kernels_emu_test compiles this file as C++.
+// SY_LAUNCH) when the emulated tests (moe/cuda/BUILD's kernels_emu*) compile this file as C++.
 #ifndef SY_LAUNCH
 #define SY_LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
 #endif

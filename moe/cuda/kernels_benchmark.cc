@@ -22,7 +22,8 @@ namespace switchyard::cuda {
 namespace {
 
 // SY_KERNELS_BENCHMARK_SMOKE: shapes small enough for the CPU emulator, which runs every
-// benchmark once as a test of this file (kernels_benchmark_emu_test); its times mean nothing.
+// benchmark for a few iterations as a test of this file (kernels_benchmark_emu_test); its
+// times mean nothing.
 #ifdef SY_KERNELS_BENCHMARK_SMOKE
 constexpr int64_t kTokens = 96, kHidden = 64, kFfnCoarse = 96, kRouterTokens = 256;
 #else

@@ -1,6 +1,7 @@
 // The CUDA kernels against plain C++ references (and, for top-k, Megatron-Core's numbers in
 // moe/gate/testdata/megatron_router.txt, which the CPU router is checked against too).
-// Needs a GPU: tagged "gpu", built with --config=cuda.
+// Needs a GPU: tagged "gpu", built with --config=cuda. kernels_emu_test runs the same file on
+// the CPU emulator (third_party/cuda_emu).
 #include "moe/cuda/kernels.h"
 
 #include <algorithm>

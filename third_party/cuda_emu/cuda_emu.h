@@ -33,7 +33,8 @@
 //     the end of an allocation show only under AddressSanitizer.
 //   - Launch limits (threads per block ≤ 1024 in x·y·z, x, y ≤ 1024, z ≤ 64; grid y, z ≤
 //     65535; static shared memory is a function-local static here) give
-//     cudaErrorInvalidConfiguration, as the runtime does.
+//     cudaErrorInvalidConfiguration, as the runtime does; grids of over 16M blocks, legal on a
+//     GPU, cudaErrorNotSupported (more than the emulator runs).
 //   - cudaDeviceReset() frees every allocation and stream and clears a fault, as the real one
 //     destroys the context.
 //   - Streams complete every operation when it is issued, so the order of operations on one
@@ -52,12 +53,11 @@
 // accuracy (it is expf here), warp-synchronous code without *_sync intrinsics, faults that a
 // GPU reports only at the next synchronisation (here at once), host memory a GPU may reach
 // (HMM), alignment rules of the grouped GEMM, and what real cuBLAS does beyond its
-// documented contract. Under
-// ThreadSanitizer the fibers are separate threads to it and __syncthreads() orders memory,
-// so races between threads of one block are reported (between blocks not: blocks are
-// ordered one after another; and conservatively, a thread's writes before it exits are not
-// ordered before the reads of threads that pass a later barrier); under AddressSanitizer
-// accesses outside device allocations.
+// documented contract. Under ThreadSanitizer the fibers are separate threads to it and
+// __syncthreads() orders memory, so races between threads of one block are reported (between
+// blocks not: blocks are ordered one after another; and conservatively, a thread's writes
+// before it exits are not ordered before the reads of threads that pass a later barrier);
+// under AddressSanitizer, accesses outside device allocations are.
 #ifndef THIRD_PARTY_CUDA_EMU_CUDA_EMU_H_
 #define THIRD_PARTY_CUDA_EMU_CUDA_EMU_H_
 

@@ -6,7 +6,6 @@
 // plan arrays, weights and ties, not the GPU's speed or its __expf.
 #include <cmath>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -32,10 +31,9 @@ struct Dev {
       EXPECT_EQ(cudaMemcpy(p, c.data_ptr(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
     }
   }
-  // Uninitialised (NaN as floats, on the emulator) room for a tensor like `like`.
-  static std::unique_ptr<Dev> Like(const at::Tensor& like) { return std::unique_ptr<Dev>(new Dev(like.numel() * like.element_size())); }
   Dev(const Dev&) = delete;
   ~Dev() { cudaFree(p); }
+  // Uninitialised room for n bytes (NaN as floats, on the emulator).
   explicit Dev(size_t n) : bytes(n) { EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(bytes, 1)), cudaSuccess); }
   template <typename T>
   T* as() const {
@@ -108,10 +106,9 @@ TEST(CudaKernelsVsCpuTest, PermutationMatchesMoeDispatch) {
         Dev dx(x.detach()), dg(g), dw(w), dtok(plan->row_token), doff(plan->token_offsets), dtr(plan->token_rows),
             dgin(grad_rows_in);
         // Outputs start uninitialised: a kernel that skips an element leaves NaN there.
-        const std::unique_ptr<Dev> drows_p = Dev::Like(rows), dsum_p = Dev::Like(weighted), dplain_p = Dev::Like(plain),
-                                   dgrad_rows_p = Dev::Like(rows), dgrad_w_p = Dev::Like(w), dgx_p = Dev::Like(x);
-        Dev &drows = *drows_p, &dsum = *dsum_p, &dplain = *dplain_p, &dgrad_rows = *dgrad_rows_p,
-            &dgrad_w = *dgrad_w_p, &dgx = *dgx_p;
+        auto bytes = [](const at::Tensor& t) { return static_cast<size_t>(t.numel() * t.element_size()); };
+        Dev drows(bytes(rows)), dsum(bytes(weighted)), dplain(bytes(plain)), dgrad_rows(bytes(rows)), dgrad_w(bytes(w)),
+            dgx(bytes(x));
         ASSERT_EQ(cudaGetLastError(), cudaSuccess);
         ASSERT_EQ(PermuteRows(dx.p, drows.p, dtok.as<int64_t>(), N, H, Of(dt), nullptr), cudaSuccess);
         ASSERT_EQ(SumRows(drows.p, dw.as<float>(), doff.as<int64_t>(), dtr.as<int64_t>(), dsum.p, T, H, Of(dt), nullptr),

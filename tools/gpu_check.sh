@@ -2,32 +2,73 @@
 # The GPU checks, in two halves: Bazel does not run on the GPU machines (TOOLCHAIN.md), so the
 # CUDA binaries are built here and run there.
 #
-#   tools/gpu_check.sh stage    # here: build moe/cuda's test and benchmark with --config=cuda
+#   tools/gpu_check.sh stage    # here: build moe/cuda's tests and benchmark with --config=cuda
 #                               # into gpu_bin/ (git-ignored; carry it to the GPU machine)
 #   tools/gpu_check.sh run DIR  # there, from the repository root: run them, logs and
 #                               # gtest XML / benchmark JSON into DIR
 #
+# kernels_vs_cpu_test checks the kernels against moe/dispatch, moe/experts and moe/gate, so it
+# links LibTorch: `stage` builds against LIBTORCH_HOME, or else the oracle venv's torch
+# (tests/oracles/.venv, PEERS.md), which should be the GPU machines' version (2.11.0+cu130, in
+# /opt/torch/.venv there); `run` loads that machine's (SY_TORCH_VENV overrides the venv). The
+# LibTorch build leaves this workspace's @libtorch on that LibTorch until the next build without
+# LIBTORCH_HOME, which rebuilds from the disk cache. `stage` copies beside the binaries the
+# libraries they load that a bare machine may lack (Bazel's, Abseil, oneDNN, ...): everything
+# but the C and C++ runtimes, CUDA's and LibTorch's own, which the GPU machine has.
+#
 # `run` finds cuBLAS and the CUDA runtime (13.x, what the binaries link) in the machine's
-# torch venv (/opt/torch/.venv: its nvidia/*/lib folders) or in /usr/local/cuda, names a
-# missing library instead of failing inside the loader, limits each binary's time (120 s for
-# the test, 360 s for the benchmark), and exits non-zero if either fails (a benchmark that
-# skipped itself with an error counts: Google Benchmark still exits 0 then).
+# torch venv (its nvidia/*/lib folders) or in /usr/local/cuda, names a missing library instead
+# of failing inside the loader, limits each binary's time (120 s for each test, 360 s for the
+# benchmark), and exits non-zero if any fails (a benchmark that skipped itself with an error
+# counts: Google Benchmark still exits 0 then).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bin="$here/gpu_bin"
-targets=(//moe/cuda:kernels_test //moe/cuda:kernels_benchmark)
+tests=(kernels_test kernels_vs_cpu_test)
+binaries=("${tests[@]}" kernels_benchmark)
+
+# Libraries every Linux machine with a C++ runtime has, and libgomp, which LibTorch's lib/
+# brings: not copied.
+base_libs='^(linux-vdso|ld-linux|libc|libm|libdl|libpthread|librt|libutil|libstdc\+\+|libgcc_s|libgomp)\.'
 
 stage() {
   cd "$here"
-  tools/bazel build --config=cuda -c opt "${targets[@]}"
+  local torch="${LIBTORCH_HOME:-}"
+  if [[ -z "$torch" ]]; then
+    torch="$(ls -d "$here"/tests/oracles/.venv/lib/python3*/site-packages/torch 2>/dev/null | head -1 || true)"
+  fi
+  if [[ -z "$torch" || ! -d "$torch/include" || ! -d "$torch/lib" ]]; then
+    echo "gpu_check: kernels_vs_cpu_test links LibTorch: set LIBTORCH_HOME to the torch/ folder of a" \
+      "torch==2.11.0 wheel (the GPU machines' version), or create tests/oracles/.venv (tests/oracles/PEERS.md)" >&2
+    exit 2
+  fi
+  local version
+  version="$(sed -n "s/^__version__ = '\(.*\)'/\1/p" "$torch/version.py" 2>/dev/null || true)"
+  echo "gpu_check: building against LibTorch ${version:-of unknown version} at $torch"
+  local labels=()
+  for b in "${binaries[@]}"; do labels+=("//moe/cuda:$b"); done
+  LIBTORCH_HOME="$torch" tools/bazel build --config=cuda -c opt "${labels[@]}"
   rm -rf "$bin"
   mkdir -p "$bin/solib"
-  cp bazel-bin/moe/cuda/kernels_test bazel-bin/moe/cuda/kernels_benchmark "$bin/"
-  # The shared libraries Bazel built for them (their RPATH points into bazel-bin), and Google
-  # Benchmark's, which the GPU machine's system need not have.
-  find -L bazel-bin/_solib_k8 -maxdepth 1 -name 'libmoe_*.so' -exec cp {} "$bin/solib/" \;
-  ldd "$bin/kernels_benchmark" | awk '/libbenchmark/ {print $3}' | xargs -r -I{} cp -L {} "$bin/solib/"
+  echo "${version:-unknown}" >"$bin/TORCH_VERSION"
+  local lib name path
+  for b in "${binaries[@]}"; do
+    cp "bazel-bin/moe/cuda/$b" "$bin/"
+    # What the loader resolves here, less the base set, CUDA's and LibTorch's (and its venv's
+    # nvidia-* packages): Bazel's shared libraries (their RPATH points into bazel-bin),
+    # Abseil, oneDNN and the rest of what Debian gave this machine.
+    while read -r name path; do
+      [[ "$path" == /* ]] || continue
+      [[ "$name" =~ $base_libs ]] && continue
+      case "$path" in /usr/local/cuda*|"$(dirname "$(dirname "$torch")")"/*) continue ;; esac
+      cp -L "$path" "$bin/solib/$name"
+    done < <(ldd "bazel-bin/moe/cuda/$b" | awk '$2 == "=>" {print $1, $3}')
+    if ldd "bazel-bin/moe/cuda/$b" | grep 'not found'; then
+      echo "gpu_check: $b: the libraries above do not resolve here either" >&2
+      exit 1
+    fi
+  done
   chmod -R u+w "$bin"
   du -sh "$bin"
 }
@@ -46,22 +87,35 @@ run() {
   local out="${1:?usage: gpu_check.sh run OUTPUT_DIR}"
   mkdir -p "$out"
   out="$(cd "$out" && pwd)"  # a relative OUTPUT_DIR names the folder it was given from
-  cd "$here"  # the test reads moe/gate/testdata/megatron_router.txt from here
-  [[ -x "$bin/kernels_test" ]] || { echo "gpu_check: $bin/kernels_test missing: run 'stage' first and carry gpu_bin" >&2; exit 2; }
-  local path="$bin/solib"
-  for d in /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib /usr/local/cuda/lib64; do
+  cd "$here"  # kernels_test reads moe/gate/testdata/megatron_router.txt from here
+  for b in "${binaries[@]}"; do
+    [[ -x "$bin/$b" ]] || { echo "gpu_check: $bin/$b missing: run 'stage' first and carry gpu_bin" >&2; exit 2; }
+  done
+  local venv="${SY_TORCH_VENV:-/opt/torch/.venv}" path="$bin/solib"
+  local torch_lib
+  torch_lib="$(ls -d "$venv"/lib/python3*/site-packages/torch/lib 2>/dev/null | head -1 || true)"
+  if [[ -n "$torch_lib" ]]; then
+    local built there
+    built="$(cat "$bin/TORCH_VERSION" 2>/dev/null || echo unknown)"
+    there="$(sed -n "s/^__version__ = '\(.*\)'/\1/p" "$(dirname "$torch_lib")/version.py" 2>/dev/null || true)"
+    echo "gpu_check: LibTorch ${there:-of unknown version} at $torch_lib (built against $built)" | tee "$out/torch.txt"
+    [[ "$built" == "$there" ]] || echo "gpu_check: warning: kernels_vs_cpu_test was built against LibTorch $built" >&2
+    path="$path:$torch_lib"
+  fi
+  for d in "$venv"/lib/python3*/site-packages/nvidia/*/lib /usr/local/cuda/lib64; do
     [[ -d "$d" ]] && path="$path:$d"
   done
   export LD_LIBRARY_PATH="$path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   nvidia-smi -L 2>&1 | tee "$out/nvidia-smi.txt" || true
   local rc=0
   # Each binary runs if its libraries resolve (a missing one is named), under a time limit.
-  if Resolves kernels_test; then
-    timeout -k 15 120 "$bin/kernels_test" --gtest_output="xml:$out/kernels_test.xml" 2>&1 | tee "$out/kernels_test.log" ||
-      rc=$?
-  else
-    rc=3
-  fi
+  for t in "${tests[@]}"; do
+    if Resolves "$t"; then
+      timeout -k 15 120 "$bin/$t" --gtest_output="xml:$out/$t.xml" 2>&1 | tee "$out/$t.log" || { local s=$?; ((rc)) || rc=$s; }
+    else
+      ((rc)) || rc=3
+    fi
+  done
   if Resolves kernels_benchmark; then
     timeout -k 15 360 "$bin/kernels_benchmark" --benchmark_counters_tabular=true \
       --benchmark_out="$out/kernels_benchmark.json" --benchmark_out_format=json 2>&1 |

@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 
 #include "gtest/gtest.h"
+#include "moe/cuda/device_environment.h"
 
 namespace switchyard::cuda {
 namespace {

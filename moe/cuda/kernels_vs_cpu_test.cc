@@ -14,6 +14,7 @@
 #include <cuda_bf16.h>
 
 #include "gtest/gtest.h"
+#include "moe/cuda/device_environment.h"
 #include "moe/cuda/kernels.h"
 #include "moe/dispatch/permute.h"
 #include "moe/experts/experts.h"

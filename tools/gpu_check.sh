@@ -2,31 +2,44 @@
 # The GPU checks, in two halves: Bazel does not run on the GPU machines (TOOLCHAIN.md), so the
 # CUDA binaries are built here and run there.
 #
-#   tools/gpu_check.sh stage    # here: build moe/cuda's tests and benchmark with --config=cuda
+#   tools/gpu_check.sh stage    # here: build the GPU tests and benchmark with --config=cuda
 #                               # into gpu_bin/ (git-ignored; carry it to the GPU machine)
 #   tools/gpu_check.sh run DIR  # there, from the repository root: run them, logs and
 #                               # gtest XML / benchmark JSON into DIR
 #
-# kernels_vs_cpu_test checks the kernels against moe/dispatch, moe/experts and moe/gate, so it
-# links LibTorch: `stage` builds against LIBTORCH_HOME, or else the oracle venv's torch
-# (tests/oracles/.venv, PEERS.md), which should be the GPU machines' version (2.11.0+cu130, in
-# /opt/torch/.venv there); `run` loads that machine's (SY_TORCH_VENV overrides the venv). The
-# LibTorch build leaves this workspace's @libtorch on that LibTorch until the next build without
-# LIBTORCH_HOME, which rebuilds from the disk cache. `stage` copies beside the binaries the
-# libraries they load that a bare machine may lack (Bazel's, Abseil, oneDNN, ...): everything
-# but the C and C++ runtimes, CUDA's and LibTorch's own, which the GPU machine has.
+# The tests: moe/cuda's kernels against plain C++ references (kernels_test) and against
+# moe/dispatch, moe/experts and moe/gate (kernels_vs_cpu_test), and dist/groups' NCCL groups
+# (nccl_test: on one GPU only its one-rank case and the error cases run). The benchmark:
+# moe/cuda's kernels against a device copy and a dense cuBLAS GEMM.
 #
-# `run` finds cuBLAS and the CUDA runtime (13.x, what the binaries link) in the machine's
-# torch venv (its nvidia/*/lib folders) or in /usr/local/cuda, names a missing library instead
-# of failing inside the loader, limits each binary's time (120 s for each test, 360 s for the
-# benchmark), and exits non-zero if any fails (a benchmark that skipped itself with an error
-# counts: Google Benchmark still exits 0 then).
+# kernels_vs_cpu_test and nccl_test link LibTorch: `stage` builds against LIBTORCH_HOME, or
+# else the oracle venv's torch (tests/oracles/.venv, PEERS.md), which should be the GPU
+# machines' version (2.11.0+cu130, in /opt/torch/.venv there); `run` loads that machine's
+# (SY_TORCH_VENV overrides the venv). The LibTorch build leaves this workspace's @libtorch on
+# that LibTorch until the next build without LIBTORCH_HOME, which rebuilds from the disk cache.
+# `stage` copies beside the binaries the libraries they load that a bare machine may lack
+# (Bazel's, Abseil, oneDNN, ...): everything but the C and C++ runtimes, CUDA's and LibTorch's
+# own, which the GPU machine has.
+#
+# `run` finds LibTorch, NCCL, cuBLAS and the CUDA runtime (13.x, what the binaries link) in the
+# machine's torch venv (torch/lib, nvidia/*/lib) or in /usr/local/cuda, names a missing library
+# instead of failing inside the loader, limits each binary's time (120 s for each test, 360 s
+# for the benchmark), and exits non-zero if any fails (a benchmark that skipped itself with an
+# error counts: Google Benchmark still exits 0 then).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bin="$here/gpu_bin"
-tests=(kernels_test kernels_vs_cpu_test)
-binaries=("${tests[@]}" kernels_benchmark)
+# Labels; their binaries' names are distinct, so all lie side by side in gpu_bin/.
+test_labels=(//moe/cuda:kernels_test //moe/cuda:kernels_vs_cpu_test //dist/groups:nccl_test)
+benchmark_label=//moe/cuda:kernels_benchmark
+labels=("${test_labels[@]}" "$benchmark_label")
+tests=()
+for l in "${test_labels[@]}"; do tests+=("${l##*:}"); done
+binaries=("${tests[@]}" "${benchmark_label##*:}")
+
+# bazel-bin/ path of a label's binary.
+Built() { local l="${1#//}"; echo "bazel-bin/${l%%:*}/${l##*:}"; }
 
 # Libraries every Linux machine with a C++ runtime has, and libgomp, which LibTorch's lib/
 # brings: not copied.
@@ -46,15 +59,15 @@ stage() {
   local version
   version="$(sed -n "s/^__version__ = '\(.*\)'/\1/p" "$torch/version.py" 2>/dev/null || true)"
   echo "gpu_check: building against LibTorch ${version:-of unknown version} at $torch"
-  local labels=()
-  for b in "${binaries[@]}"; do labels+=("//moe/cuda:$b"); done
   LIBTORCH_HOME="$torch" tools/bazel build --config=cuda -c opt "${labels[@]}"
   rm -rf "$bin"
   mkdir -p "$bin/solib"
   echo "${version:-unknown}" >"$bin/TORCH_VERSION"
-  local lib name path
-  for b in "${binaries[@]}"; do
-    cp "bazel-bin/moe/cuda/$b" "$bin/"
+  local label b built name path
+  for label in "${labels[@]}"; do
+    b="${label##*:}"
+    built="$(Built "$label")"
+    cp "$built" "$bin/"
     # What the loader resolves here, less the base set, CUDA's and LibTorch's (and its venv's
     # nvidia-* packages): Bazel's shared libraries (their RPATH points into bazel-bin),
     # Abseil, oneDNN and the rest of what Debian gave this machine.
@@ -63,8 +76,8 @@ stage() {
       [[ "$name" =~ $base_libs ]] && continue
       case "$path" in /usr/local/cuda*|"$(dirname "$(dirname "$torch")")"/*) continue ;; esac
       cp -L "$path" "$bin/solib/$name"
-    done < <(ldd "bazel-bin/moe/cuda/$b" | awk '$2 == "=>" {print $1, $3}')
-    if ldd "bazel-bin/moe/cuda/$b" | grep 'not found'; then
+    done < <(ldd "$built" | awk '$2 == "=>" {print $1, $3}')
+    if ldd "$built" | grep 'not found'; then
       echo "gpu_check: $b: the libraries above do not resolve here either" >&2
       exit 1
     fi
@@ -99,7 +112,7 @@ run() {
     built="$(cat "$bin/TORCH_VERSION" 2>/dev/null || echo unknown)"
     there="$(sed -n "s/^__version__ = '\(.*\)'/\1/p" "$(dirname "$torch_lib")/version.py" 2>/dev/null || true)"
     echo "gpu_check: LibTorch ${there:-of unknown version} at $torch_lib (built against $built)" | tee "$out/torch.txt"
-    [[ "$built" == "$there" ]] || echo "gpu_check: warning: kernels_vs_cpu_test was built against LibTorch $built" >&2
+    [[ "$built" == "$there" ]] || echo "gpu_check: warning: the tests were built against LibTorch $built" >&2
     path="$path:$torch_lib"
   fi
   for d in "$venv"/lib/python3*/site-packages/nvidia/*/lib /usr/local/cuda/lib64; do

@@ -21,7 +21,8 @@ TEST(Nccl, Available) { EXPECT_TRUE(NcclAvailable().ok()) << NcclAvailable(); }
 // Available fails with the reason and nothing else runs.
 #if defined(SY_TORCH_NCCL)
 // The multi-rank tests skip below 2 GPUs rather than fail: NCCL refuses two ranks of one
-// communicator on the same device, so a 1-GPU machine cannot run them at all.
+// communicator on the same device, so a 1-GPU machine cannot run them at all (it runs the
+// one-rank test below).
 int Gpus() { return static_cast<int>(c10::cuda::device_count()); }
 
 TEST(Nccl, EveryCollectiveOnEveryGroupKind) {
@@ -38,6 +39,17 @@ TEST(Nccl, EveryCollectiveOnEveryGroupKind) {
     });
     EXPECT_TRUE(s.ok()) << "world " << spec.world_size << ": " << s;
   }
+}
+
+// One rank on GPU 0: NCCL's communicator of one, every collective on every group kind (each
+// of size 1) with CUDA tensors, zero-length all_gather_v and all_to_all_v parts included. What
+// a machine with one GPU can check of the NCCL path.
+TEST(Nccl, EveryCollectiveOnOneGpu) {
+  if (Gpus() < 1) GTEST_SKIP() << "needs a GPU";
+  absl::Status s = testing::RunRanks({.layout = {.world_size = 1}, .backend = Backend::kNccl}, [](Communicator& comm) {
+    return testing::CheckAllCollectivesOnEveryKind(comm, at::Device(at::kCUDA, 0));
+  });
+  EXPECT_TRUE(s.ok()) << s;
 }
 
 // CPU tensors on an NCCL communicator still go over Gloo.

@@ -41,6 +41,9 @@ binaries=("${tests[@]}" "${benchmark_label##*:}")
 # bazel-bin/ path of a label's binary.
 Built() { local l="${1#//}"; echo "bazel-bin/${l%%:*}/${l##*:}"; }
 
+# The version a LibTorch folder (a wheel's torch/) says it is, or nothing.
+TorchVersion() { sed -n "s/^__version__ = '\(.*\)'/\1/p" "$1/version.py" 2>/dev/null || true; }
+
 # Libraries every Linux machine with a C++ runtime has, and libgomp, which LibTorch's lib/
 # brings: not copied.
 base_libs='^(linux-vdso|ld-linux|libc|libm|libdl|libpthread|librt|libutil|libstdc\+\+|libgcc_s|libgomp)\.'
@@ -52,12 +55,12 @@ stage() {
     torch="$(ls -d "$here"/tests/oracles/.venv/lib/python3*/site-packages/torch 2>/dev/null | head -1 || true)"
   fi
   if [[ -z "$torch" || ! -d "$torch/include" || ! -d "$torch/lib" ]]; then
-    echo "gpu_check: kernels_vs_cpu_test links LibTorch: set LIBTORCH_HOME to the torch/ folder of a" \
+    echo "gpu_check: kernels_vs_cpu_test and nccl_test link LibTorch: set LIBTORCH_HOME to the torch/ folder of a" \
       "torch==2.11.0 wheel (the GPU machines' version), or create tests/oracles/.venv (tests/oracles/PEERS.md)" >&2
     exit 2
   fi
   local version
-  version="$(sed -n "s/^__version__ = '\(.*\)'/\1/p" "$torch/version.py" 2>/dev/null || true)"
+  version="$(TorchVersion "$torch")"
   echo "gpu_check: building against LibTorch ${version:-of unknown version} at $torch"
   LIBTORCH_HOME="$torch" tools/bazel build --config=cuda -c opt "${labels[@]}"
   rm -rf "$bin"
@@ -68,13 +71,13 @@ stage() {
     b="${label##*:}"
     built="$(Built "$label")"
     cp "$built" "$bin/"
-    # What the loader resolves here, less the base set, CUDA's and LibTorch's (and its venv's
-    # nvidia-* packages): Bazel's shared libraries (their RPATH points into bazel-bin),
-    # Abseil, oneDNN and the rest of what Debian gave this machine.
+    # What the loader resolves here, less the base set, CUDA's and LibTorch's (a wheel's
+    # lib/ finds its nvidia-* packages as lib/../../nvidia): Bazel's shared libraries (their
+    # RPATH points into bazel-bin), Abseil, oneDNN and the rest of what Debian gave this machine.
     while read -r name path; do
       [[ "$path" == /* ]] || continue
       [[ "$name" =~ $base_libs ]] && continue
-      case "$path" in /usr/local/cuda*|"$(dirname "$(dirname "$torch")")"/*) continue ;; esac
+      case "$path" in /usr/local/cuda*|"$torch"/*|"$(dirname "$torch")"/nvidia/*) continue ;; esac
       cp -L "$path" "$bin/solib/$name"
     done < <(ldd "$built" | awk '$2 == "=>" {print $1, $3}')
     if ldd "$built" | grep 'not found'; then
@@ -108,11 +111,12 @@ run() {
   local torch_lib
   torch_lib="$(ls -d "$venv"/lib/python3*/site-packages/torch/lib 2>/dev/null | head -1 || true)"
   if [[ -n "$torch_lib" ]]; then
-    local built there
-    built="$(cat "$bin/TORCH_VERSION" 2>/dev/null || echo unknown)"
-    there="$(sed -n "s/^__version__ = '\(.*\)'/\1/p" "$(dirname "$torch_lib")/version.py" 2>/dev/null || true)"
-    echo "gpu_check: LibTorch ${there:-of unknown version} at $torch_lib (built against $built)" | tee "$out/torch.txt"
-    [[ "$built" == "$there" ]] || echo "gpu_check: warning: the tests were built against LibTorch $built" >&2
+    local built_against there
+    built_against="$(cat "$bin/TORCH_VERSION" 2>/dev/null || echo unknown)"
+    there="$(TorchVersion "$(dirname "$torch_lib")")"
+    echo "gpu_check: LibTorch ${there:-of unknown version} at $torch_lib (built against $built_against)" |
+      tee "$out/torch.txt"
+    [[ "$built_against" == "$there" ]] || echo "gpu_check: warning: the tests were built against LibTorch $built_against" >&2
     path="$path:$torch_lib"
   fi
   for d in "$venv"/lib/python3*/site-packages/nvidia/*/lib /usr/local/cuda/lib64; do

@@ -9,7 +9,8 @@
 #
 # The tests: moe/cuda's kernels against plain C++ references (kernels_test) and against
 # moe/dispatch, moe/experts and moe/gate (kernels_vs_cpu_test), and dist/groups' NCCL groups
-# (nccl_test: on one GPU only its one-rank case and the error cases run). The benchmark:
+# (nccl_test: on one GPU only its error cases and a one-rank job, whose groups of one never
+# reach NCCL, run; its multi-rank cases need 2 GPUs). The benchmark:
 # moe/cuda's kernels against a device copy and a dense cuBLAS GEMM.
 #
 # kernels_vs_cpu_test and nccl_test link LibTorch: `stage` builds against LIBTORCH_HOME, or

@@ -22,7 +22,7 @@ TEST(Nccl, Available) { EXPECT_TRUE(NcclAvailable().ok()) << NcclAvailable(); }
 #if defined(SY_TORCH_NCCL)
 // The multi-rank tests skip below 2 GPUs rather than fail: NCCL refuses two ranks of one
 // communicator on the same device, so a 1-GPU machine cannot run them at all (it runs the
-// one-rank test below).
+// one-GPU job below, which does not reach NCCL).
 int Gpus() { return static_cast<int>(c10::cuda::device_count()); }
 
 TEST(Nccl, EveryCollectiveOnEveryGroupKind) {
@@ -41,9 +41,10 @@ TEST(Nccl, EveryCollectiveOnEveryGroupKind) {
   }
 }
 
-// One rank on GPU 0: NCCL's communicator of one, every collective on every group kind (each
-// of size 1) with CUDA tensors, zero-length all_gather_v and all_to_all_v parts included. What
-// a machine with one GPU can check of the NCCL path.
+// A one-GPU job: one rank on GPU 0 with the NCCL backend, every collective on every group
+// kind (each of size 1) with CUDA tensors, zero-length all_gather_v and all_to_all_v parts
+// included. Groups of one need no process group, so this checks the facade's CUDA-tensor path
+// for them, not NCCL's communication, which needs the multi-rank tests above.
 TEST(Nccl, EveryCollectiveOnOneGpu) {
   if (Gpus() < 1) GTEST_SKIP() << "needs a GPU";
   absl::Status s = testing::RunRanks({.layout = {.world_size = 1}, .backend = Backend::kNccl}, [](Communicator& comm) {

@@ -1,7 +1,8 @@
 // For the CUDA tests: one clear failure when the machine has no usable GPU (no driver, a
 // driver older than the runtime, no device), instead of every case failing on its first
 // cudaMalloc with a bare error number. A fatal failure in a global environment's SetUp makes
-// GoogleTest run none of the tests. Include it in exactly one file of a test binary.
+// GoogleTest run none of the tests. The variable is inline: one environment per binary,
+// however many of its files include this.
 #ifndef SWITCHYARD_MOE_CUDA_DEVICE_ENVIRONMENT_H_
 #define SWITCHYARD_MOE_CUDA_DEVICE_ENVIRONMENT_H_
 

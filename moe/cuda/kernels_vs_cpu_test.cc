@@ -155,6 +155,10 @@ TEST(CudaKernelsVsCpuTest, GroupedGemmMatchesGroupedMatmul) {
   for (int64_t c : counts) N += c;
   cublasHandle_t h;
   ASSERT_EQ(cublasCreate(&h), CUBLAS_STATUS_SUCCESS);
+  // No reduced-precision split-K reductions: the bf16 bound assumes one rounding (as in kernels_test).
+  ASSERT_EQ(cublasSetMathMode(h, static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH |
+                                                            CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
+            CUBLAS_STATUS_SUCCESS);
   for (at::ScalarType dt : {at::kFloat, at::kBFloat16}) {
     at::manual_seed(11);
     const at::Tensor x = at::randn({N, in}).to(dt), w = at::randn({E, in, out}).to(dt);

@@ -23,10 +23,15 @@
 # own, which the GPU machine has.
 #
 # `run` finds LibTorch, NCCL, cuBLAS and the CUDA runtime (13.x, what the binaries link) in the
-# machine's torch venv (torch/lib, nvidia/*/lib) or in /usr/local/cuda, names a missing library
-# instead of failing inside the loader, limits each binary's time (120 s for each test, 360 s
-# for the benchmark), and exits non-zero if any fails (a benchmark that skipped itself with an
-# error counts: Google Benchmark still exits 0 then).
+# machine's torch venv (torch/lib, nvidia/*/lib) or in /usr/local/cuda, and takes the C++
+# runtime staged from the build machine only where the machine's own is older than the
+# binaries need. It names a missing library (or C library version, which cannot be shipped)
+# instead of failing inside the loader. It limits each binary's time (120 s for each test,
+# 300 s for the benchmark) and all of them together (SY_GPU_CHECK_SECONDS, 450 s: a device
+# call may last 600), so a hung test cannot keep the benchmark from running; a binary stopped
+# at its limit counts as exit code 5 (124 and 137 would read as the whole call timing out).
+# DIR/rc.txt has each binary's exit code; `run` exits with the first non-zero one (a
+# benchmark that skipped itself with an error counts as 4: Google Benchmark still exits 0).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,9 +50,14 @@ Built() { local l="${1#//}"; echo "bazel-bin/${l%%:*}/${l##*:}"; }
 # The version a LibTorch folder (a wheel's torch/) says it is, or nothing.
 TorchVersion() { sed -n "s/^__version__ = '\(.*\)'/\1/p" "$1/version.py" 2>/dev/null || true; }
 
-# Libraries every Linux machine with a C++ runtime has, and libgomp, which LibTorch's lib/
-# brings: not copied.
-base_libs='^(linux-vdso|ld-linux|libc|libm|libdl|libpthread|librt|libutil|libstdc\+\+|libgcc_s|libgomp)\.'
+# Libraries every Linux machine has, and libgomp, which LibTorch's lib/ brings: not copied.
+base_libs='^(linux-vdso|ld-linux|libc|libm|libdl|libpthread|librt|libutil|libgomp)\.'
+# The C++ runtime: copied to gpu_bin/cxxrt, used there only if the machine's is too old.
+cxx_runtime='^(libstdc\+\+|libgcc_s)\.'
+
+total_s=${SY_GPU_CHECK_SECONDS:-450}
+test_s=120
+benchmark_s=300
 
 stage() {
   cd "$here"
@@ -65,7 +75,7 @@ stage() {
   echo "gpu_check: building against LibTorch ${version:-of unknown version} at $torch"
   LIBTORCH_HOME="$torch" tools/bazel build --config=cuda -c opt "${labels[@]}"
   rm -rf "$bin"
-  mkdir -p "$bin/solib"
+  mkdir -p "$bin/solib" "$bin/cxxrt"
   echo "${version:-unknown}" >"$bin/TORCH_VERSION"
   local label b built name path
   for label in "${labels[@]}"; do
@@ -78,6 +88,10 @@ stage() {
     while read -r name path; do
       [[ "$path" == /* ]] || continue
       [[ "$name" =~ $base_libs ]] && continue
+      if [[ "$name" =~ $cxx_runtime ]]; then
+        cp -L "$path" "$bin/cxxrt/$name"
+        continue
+      fi
       case "$path" in /usr/local/cuda*|"$torch"/*|"$(dirname "$torch")"/nvidia/*) continue ;; esac
       cp -L "$path" "$bin/solib/$name"
     done < <(ldd "$built" | awk '$2 == "=>" {print $1, $3}')
@@ -95,21 +109,55 @@ Resolves() {
   local missing
   missing="$(ldd "$bin/$1" | grep 'not found' || true)"
   [[ -z "$missing" ]] && return 0
-  echo "gpu_check: $1: libraries not found (LD_LIBRARY_PATH=$LD_LIBRARY_PATH):" >&2
+  echo "gpu_check: $1: libraries or versions not found (LD_LIBRARY_PATH=$LD_LIBRARY_PATH):" >&2
   echo "$missing" >&2
   return 1
 }
 
+# Whether some binary needs a newer C++ runtime (GLIBCXX_, CXXABI_ or GCC_ versions) than the
+# one the loader finds now.
+CxxRuntimeTooOld() {
+  local b
+  for b in "${binaries[@]}"; do
+    ldd "$bin/$b" 2>&1 | grep -qE "version .(GLIBCXX|CXXABI|GCC)_[0-9.]+. not found" && return 0
+  done
+  return 1
+}
+
+# Runs gpu_bin/$1 with the remaining arguments for at most $2 seconds or what is left of the
+# whole check's, output into $out/$1.log; appends "$1 CODE" to $out/rc.txt and returns CODE
+# (5: stopped at its limit; 6: not started, no time left).
+Exec() {
+  local name="$1" limit="$2" code=0
+  shift 2
+  local left=$((deadline - SECONDS))
+  ((left < limit)) && limit=$left
+  if ((limit < 10)); then
+    echo "gpu_check: $name: not run, the check's $total_s s are spent" >&2
+    echo "$name 6" >>"$out/rc.txt"
+    return 6
+  fi
+  timeout -k 10 "$limit" "$bin/$name" "$@" 2>&1 | tee "$out/$name.log" || code=$?
+  if ((code == 124 || code == 137)); then
+    echo "gpu_check: $name: stopped after $limit s" >&2
+    code=5
+  fi
+  echo "$name $code" >>"$out/rc.txt"
+  return "$code"
+}
+
 run() {
   local out="${1:?usage: gpu_check.sh run OUTPUT_DIR}"
+  local deadline=$((SECONDS + total_s))
   mkdir -p "$out"
   out="$(cd "$out" && pwd)"  # a relative OUTPUT_DIR names the folder it was given from
+  local venv="${SY_TORCH_VENV:-/opt/torch/.venv}"
+  [[ -d "$venv" ]] && venv="$(cd "$venv" && pwd)"
   cd "$here"  # kernels_test reads moe/gate/testdata/megatron_router.txt from here
   for b in "${binaries[@]}"; do
     [[ -x "$bin/$b" ]] || { echo "gpu_check: $bin/$b missing: run 'stage' first and carry gpu_bin" >&2; exit 2; }
   done
-  local venv="${SY_TORCH_VENV:-/opt/torch/.venv}" path="$bin/solib"
-  local torch_lib
+  local path="$bin/solib" torch_lib
   torch_lib="$(ls -d "$venv"/lib/python3*/site-packages/torch/lib 2>/dev/null | head -1 || true)"
   if [[ -n "$torch_lib" ]]; then
     local built_against there
@@ -124,28 +172,41 @@ run() {
     [[ -d "$d" ]] && path="$path:$d"
   done
   export LD_LIBRARY_PATH="$path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  nvidia-smi -L 2>&1 | tee "$out/nvidia-smi.txt" || true
-  local rc=0
-  # Each binary runs if its libraries resolve (a missing one is named), under a time limit.
+  if CxxRuntimeTooOld; then
+    echo "gpu_check: this machine's C++ runtime is older than the binaries need: using gpu_bin/cxxrt" >&2
+    export LD_LIBRARY_PATH="$bin/cxxrt:$LD_LIBRARY_PATH"
+  fi
+  timeout 20 nvidia-smi -L 2>&1 | tee "$out/nvidia-smi.txt" || true
+  : >"$out/rc.txt"
+  local rc=0 code
+  # Each binary runs if its libraries resolve (a missing one is named), under its time limit.
   for t in "${tests[@]}"; do
+    code=0
     if Resolves "$t"; then
-      timeout -k 15 120 "$bin/$t" --gtest_output="xml:$out/$t.xml" 2>&1 | tee "$out/$t.log" || { local s=$?; ((rc)) || rc=$s; }
+      Exec "$t" "$test_s" --gtest_output="xml:$out/$t.xml" || code=$?
     else
-      ((rc)) || rc=3
+      code=3
+      echo "$t 3" >>"$out/rc.txt"
     fi
+    ((rc)) || rc=$code
   done
-  if Resolves kernels_benchmark; then
-    timeout -k 15 360 "$bin/kernels_benchmark" --benchmark_counters_tabular=true \
-      --benchmark_out="$out/kernels_benchmark.json" --benchmark_out_format=json 2>&1 |
-      tee "$out/kernels_benchmark.log" || { local s=$?; ((rc)) || rc=$s; }
+  local bench="${benchmark_label##*:}"
+  code=0
+  if Resolves "$bench"; then
+    Exec "$bench" "$benchmark_s" --benchmark_counters_tabular=true \
+      --benchmark_out="$out/$bench.json" --benchmark_out_format=json || code=$?
     # Google Benchmark exits 0 even when benchmarks skipped themselves with an error.
-    if grep -q 'ERROR OCCURRED' "$out/kernels_benchmark.log"; then
+    if ((code == 0)) && grep -q 'ERROR OCCURRED' "$out/$bench.log"; then
       echo "gpu_check: some benchmarks failed (ERROR OCCURRED above)" >&2
-      ((rc)) || rc=4
+      code=4
+      echo "$bench (errors) 4" >>"$out/rc.txt"
     fi
   else
-    ((rc)) || rc=3
+    code=3
+    echo "$bench 3" >>"$out/rc.txt"
   fi
+  ((rc)) || rc=$code
+  cat "$out/rc.txt"
   return "$rc"
 }
 

@@ -126,10 +126,14 @@ CxxRuntimeTooOld() {
 
 # Runs gpu_bin/$1 with the remaining arguments for at most $2 seconds or what is left of the
 # whole check's, output into $out/$1.log; appends "$1 CODE" to $out/rc.txt and returns CODE
-# (5: stopped at its limit; 6: not started, no time left).
+# (3: its libraries do not resolve; 5: stopped at its limit; 6: not started, no time left).
 Exec() {
   local name="$1" limit="$2" code=0
   shift 2
+  if ! Resolves "$name"; then
+    echo "$name 3" >>"$out/rc.txt"
+    return 3
+  fi
   local left=$((deadline - SECONDS))
   ((left < limit)) && limit=$left
   if ((limit < 10)); then
@@ -182,28 +186,18 @@ run() {
   # Each binary runs if its libraries resolve (a missing one is named), under its time limit.
   for t in "${tests[@]}"; do
     code=0
-    if Resolves "$t"; then
-      Exec "$t" "$test_s" --gtest_output="xml:$out/$t.xml" || code=$?
-    else
-      code=3
-      echo "$t 3" >>"$out/rc.txt"
-    fi
+    Exec "$t" "$test_s" --gtest_output="xml:$out/$t.xml" || code=$?
     ((rc)) || rc=$code
   done
   local bench="${benchmark_label##*:}"
   code=0
-  if Resolves "$bench"; then
-    Exec "$bench" "$benchmark_s" --benchmark_counters_tabular=true \
-      --benchmark_out="$out/$bench.json" --benchmark_out_format=json || code=$?
-    # Google Benchmark exits 0 even when benchmarks skipped themselves with an error.
-    if ((code == 0)) && grep -q 'ERROR OCCURRED' "$out/$bench.log"; then
-      echo "gpu_check: some benchmarks failed (ERROR OCCURRED above)" >&2
-      code=4
-      echo "$bench (errors) 4" >>"$out/rc.txt"
-    fi
-  else
-    code=3
-    echo "$bench 3" >>"$out/rc.txt"
+  Exec "$bench" "$benchmark_s" --benchmark_counters_tabular=true \
+    --benchmark_out="$out/$bench.json" --benchmark_out_format=json || code=$?
+  # Google Benchmark exits 0 even when benchmarks skipped themselves with an error.
+  if ((code == 0)) && grep -q 'ERROR OCCURRED' "$out/$bench.log"; then
+    echo "gpu_check: some benchmarks failed (ERROR OCCURRED above)" >&2
+    code=4
+    echo "$bench (errors) 4" >>"$out/rc.txt"
   fi
   ((rc)) || rc=$code
   cat "$out/rc.txt"

@@ -138,7 +138,10 @@ int Group::rank() const { return impl_->rank; }
 int Group::size() const { return static_cast<int>(impl_->ranks.size()); }
 const std::vector<int>& Group::ranks() const { return impl_->ranks; }
 
+// Every member holds the same number of elements in these collectives, so when there are
+// none all of them return here alike (Gloo divides by the element count).
 Work Group::AllReduce(at::Tensor& tensor, ReduceOp op) {
+  if (tensor.defined() && tensor.numel() == 0) return Work();
   std::function<void()> finish;
   if (op == ReduceOp::kAvg) {
     finish = [tensor, n = size()]() mutable { tensor.div_(n); };
@@ -157,6 +160,7 @@ Work Group::Broadcast(at::Tensor& tensor, int root) {
     return Work(absl::InvalidArgumentError(absl::StrFormat(
         "%s: broadcast root %d is not a member index", impl_->Where(), root)));
   }
+  if (tensor.defined() && tensor.numel() == 0) return Work();
   return impl_->Run("broadcast", tensor, [&](C10dBackend& b) {
     std::vector<at::Tensor> ts{tensor};
     c10d::BroadcastOptions o;
@@ -177,6 +181,7 @@ Work Group::AllGather(const at::Tensor& in, at::Tensor& out) {
     out.copy_(in);
     return Work();
   }
+  if (in.numel() == 0) return Work();
   // c10d's all-gather writes into a list of outputs: give it views of `out`.
   auto outs = std::make_shared<std::vector<std::vector<at::Tensor>>>(1);
   for (int i = 0; i < size(); ++i) (*outs)[0].push_back(out.narrow(0, i * n, n));
@@ -204,6 +209,7 @@ Work Group::AllGatherV(const at::Tensor& in, at::Tensor& out, const std::vector<
         "%s: all_gather_v output has %d rows, counts add up to %d", impl_->Where(),
         out.size(0), total)));
   }
+  if (total == 0) return Work();  // counts are the same on every member
   // Gloo gathers equal sizes only: pad every contribution to the largest, then compact.
   std::vector<int64_t> shape = in.sizes().vec();
   shape[0] = max_rows;

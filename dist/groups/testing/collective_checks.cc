@@ -49,6 +49,47 @@ absl::Status CheckEveryGroupKind(Communicator& comm, at::Device dev) {
   return absl::OkStatus();
 }
 
+// Collectives with nothing in them (an MoE rank or TP slice without tokens, every member at
+// once): each must finish at once with nothing written. Gloo divides by the element count in
+// some of them, so the facade must not hand them over. Then an all_to_all_v where member 0
+// neither sends nor receives while the others exchange a row with each other.
+static absl::Status CheckEmptyCollectives(Group& g, const std::vector<int>& members, int me, at::Device dev) {
+  const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat).device(dev);
+  const int n = static_cast<int>(members.size());
+  const int pos = g.rank();
+  at::Tensor none = at::empty({0, 3}, f32), none_n = at::empty({0, 3}, f32);
+  SY_RETURN_IF_ERROR(g.AllReduce(none, ReduceOp::kSum).Wait());
+  SY_RETURN_IF_ERROR(g.AllReduce(none, ReduceOp::kAvg).Wait());
+  SY_RETURN_IF_ERROR(g.Broadcast(none, 0).Wait());
+  SY_RETURN_IF_ERROR(g.AllGather(none, none_n).Wait());
+  SY_RETURN_IF_ERROR(g.AllGatherV(none, none_n, std::vector<int64_t>(n, 0)).Wait());
+  at::Tensor rs_out = at::empty({0, 3}, f32);
+  SY_RETURN_IF_ERROR(g.ReduceScatter(none, rs_out, ReduceOp::kSum).Wait());
+  at::Tensor a_out = at::empty({0, 3}, f32);
+  SY_RETURN_IF_ERROR(g.AllToAllV(none, a_out, std::vector<int64_t>(n, 0), std::vector<int64_t>(n, 0)).Wait());
+  // Member 0 idle: the others send one row to every other non-zero member.
+  std::vector<int64_t> counts(n, 0);
+  for (int j = 1; j < n; ++j) counts[j] = (pos != 0 && j != pos) ? 1 : 0;
+  const int64_t rows = pos == 0 ? 0 : std::max(0, n - 2);
+  at::Tensor in = at::empty({rows, 3}, f32);
+  int64_t row = 0;
+  for (int j = 1; j < n; ++j) {
+    if (counts[j] == 0) continue;
+    in[row][0] = me; in[row][1] = members[j]; in[row][2] = 0;
+    ++row;
+  }
+  at::Tensor out = at::full({rows, 3}, -1.0f, f32);
+  SY_RETURN_IF_ERROR(g.AllToAllV(in, out, counts, counts).Wait());
+  row = 0;
+  for (int j = 1; j < n; ++j) {
+    if (counts[j] == 0) continue;
+    SY_RETURN_IF_ERROR(Expect(out[row][0].item<float>() == members[j] && out[row][1].item<float>() == me,
+                              g.name() + ": all_to_all_v with an idle member"));
+    ++row;
+  }
+  return absl::OkStatus();
+}
+
 // Every collective on one group, with expectations computed from the member list alone.
 // Values encode (global rank, position) so a misplaced row is caught, not just a wrong sum.
 absl::Status CheckAllCollectives(Group& g, const std::vector<int>& members, int me, at::Device dev) {
@@ -114,6 +155,7 @@ absl::Status CheckAllCollectives(Group& g, const std::vector<int>& members, int 
       SY_RETURN_IF_ERROR(Expect(a_out[row][0].item<float>() == members[j] &&
                                     a_out[row][1].item<float>() == me && a_out[row][2].item<float>() == k,
                                 g.name() + ": all_to_all_v"));
+  SY_RETURN_IF_ERROR(CheckEmptyCollectives(g, members, me, dev));
   // broadcast from the last member.
   at::Tensor b = at::full({4}, static_cast<float>(me), f32);
   SY_RETURN_IF_ERROR(g.Broadcast(b, n - 1).Wait());

@@ -37,6 +37,12 @@ using C10dBackend = c10d::ProcessGroup;
 #endif
 
 
+// Gloo in LibTorch 1.13 knows no bfloat16 ("Invalid scalar type"). Moving data needs no
+// arithmetic: a CPU bf16 tensor travels as 16-bit words (kHalf has the same size), a view of
+// the same storage. Reductions run on an fp32 copy instead (see AllReduce). NCCL has bf16.
+bool GlooBf16(const at::Tensor& t) { return t.defined() && t.scalar_type() == at::kBFloat16 && !t.is_cuda(); }
+at::Tensor Words(const at::Tensor& t) { return GlooBf16(t) ? t.view(at::kHalf) : t; }
+
 c10d::ReduceOp ToC10d(ReduceOp op) {
   switch (op) {
     case ReduceOp::kMax: return c10d::ReduceOp::MAX;
@@ -142,6 +148,16 @@ const std::vector<int>& Group::ranks() const { return impl_->ranks; }
 // none all of them return here alike (Gloo divides by the element count).
 Work Group::AllReduce(at::Tensor& tensor, ReduceOp op) {
   if (tensor.defined() && tensor.numel() == 0) return Work();
+  if (GlooBf16(tensor)) {
+    // Summed in fp32 and rounded once, which is also closer than a bf16 running sum.
+    at::Tensor wide = tensor.to(at::kFloat);
+    Work w = AllReduce(wide, op);
+    return impl_->Then("all_reduce", [w, wide, tensor]() mutable {
+      const absl::Status s = w.Wait();
+      if (!s.ok()) throw std::runtime_error(std::string(s.message()));
+      tensor.copy_(wide);
+    });
+  }
   std::function<void()> finish;
   if (op == ReduceOp::kAvg) {
     finish = [tensor, n = size()]() mutable { tensor.div_(n); };
@@ -162,7 +178,7 @@ Work Group::Broadcast(at::Tensor& tensor, int root) {
   }
   if (tensor.defined() && tensor.numel() == 0) return Work();
   return impl_->Run("broadcast", tensor, [&](C10dBackend& b) {
-    std::vector<at::Tensor> ts{tensor};
+    std::vector<at::Tensor> ts{Words(tensor)};
     c10d::BroadcastOptions o;
     o.rootRank = root;
     o.timeout = impl_->timeout;
@@ -184,9 +200,9 @@ Work Group::AllGather(const at::Tensor& in, at::Tensor& out) {
   if (in.numel() == 0) return Work();
   // c10d's all-gather writes into a list of outputs: give it views of `out`.
   auto outs = std::make_shared<std::vector<std::vector<at::Tensor>>>(1);
-  for (int i = 0; i < size(); ++i) (*outs)[0].push_back(out.narrow(0, i * n, n));
+  for (int i = 0; i < size(); ++i) (*outs)[0].push_back(Words(out).narrow(0, i * n, n));
   return impl_->Run("all_gather", in, [&](C10dBackend& b) {
-    std::vector<at::Tensor> ins{in};
+    std::vector<at::Tensor> ins{Words(in)};
     c10d::AllgatherOptions o;
     o.timeout = impl_->timeout;
     return b.allgather(*outs, ins, o);
@@ -281,7 +297,7 @@ Work Group::AllToAllV(const at::Tensor& in, at::Tensor& out,
     return Work();
   }
   return impl_->Run("all_to_all_v", in, [&](C10dBackend& b) {
-    at::Tensor o = out, i = in;
+    at::Tensor o = Words(out), i = Words(in);
     std::vector<int64_t> rc = recv_counts, sc = send_counts;
     c10d::AllToAllOptions opts;
     opts.timeout = impl_->timeout;
@@ -303,7 +319,7 @@ Work Group::Send(const at::Tensor& tensor, int dst, int tag) {
         absl::StrFormat("%s: send to member %d is not another member", impl_->Where(), dst)));
   }
   return impl_->Run("send", tensor, [&](C10dBackend& b) {
-    std::vector<at::Tensor> ts{tensor};
+    std::vector<at::Tensor> ts{Words(tensor)};
     return b.send(ts, dst, tag);
   });
 }
@@ -314,7 +330,7 @@ Work Group::Recv(at::Tensor& tensor, int src, int tag) {
         absl::StrFormat("%s: recv from member %d is not another member", impl_->Where(), src)));
   }
   return impl_->Run("recv", tensor, [&](C10dBackend& b) {
-    std::vector<at::Tensor> ts{tensor};
+    std::vector<at::Tensor> ts{Words(tensor)};
     return b.recv(ts, src, tag);
   });
 }

@@ -23,10 +23,6 @@ void WaitOrThrow(groups::Work w) {
   TORCH_CHECK(s.ok(), std::string(s.message()));
 }
 
-// Gloo in LibTorch 1.13 moves no bfloat16: bf16 rows travel as 16-bit words (kHalf has the
-// same size, and nothing here does arithmetic on them).
-at::Tensor Wire(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.view(at::kHalf) : t; }
-
 at::Tensor Rows(const at::Tensor& like, int64_t n) {
   std::vector<int64_t> shape = like.sizes().vec();
   shape[0] = n;
@@ -37,16 +33,14 @@ at::Tensor DoAllToAll(const at::Tensor& x, groups::Group& g, const std::vector<i
                       const std::vector<int64_t>& recv) {
   const at::Tensor in = x.contiguous();
   at::Tensor out = Rows(in, Sum(recv));
-  at::Tensor wire_out = Wire(out);
-  WaitOrThrow(g.AllToAllV(Wire(in), wire_out, send, recv));
+  WaitOrThrow(g.AllToAllV(in, out, send, recv));
   return out;
 }
 
 at::Tensor DoAllGatherV(const at::Tensor& x, groups::Group& g, const std::vector<int64_t>& counts) {
   const at::Tensor in = x.contiguous();
   at::Tensor out = Rows(in, Sum(counts));
-  at::Tensor wire_out = Wire(out);
-  WaitOrThrow(g.AllGatherV(Wire(in), wire_out, counts));
+  WaitOrThrow(g.AllGatherV(in, out, counts));
   return out;
 }
 

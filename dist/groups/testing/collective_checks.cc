@@ -90,6 +90,51 @@ static absl::Status CheckEmptyCollectives(Group& g, const std::vector<int>& memb
   return absl::OkStatus();
 }
 
+// bfloat16 through every collective (Gloo in LibTorch 1.13 has no bf16 of its own): moved
+// rows keep their bits; sums are those of the members' values, rounded once.
+static absl::Status CheckBf16Collectives(Group& g, const std::vector<int>& members, int me, at::Device dev) {
+  const at::TensorOptions bf16 = at::TensorOptions().dtype(at::kBFloat16).device(dev);
+  const int n = static_cast<int>(members.size());
+  const int pos = g.rank();
+  auto value = [](int rank) { return rank + 1.0f / 3; };  // not exact in bf16: bits must survive
+  at::Tensor t = at::full({4}, value(me), bf16);
+  SY_RETURN_IF_ERROR(g.AllReduce(t, ReduceOp::kSum).Wait());
+  double sum = 0;
+  for (int r : members) sum += at::full({1}, value(r), bf16).item<double>();
+  SY_RETURN_IF_ERROR(Expect(at::equal(t, at::full({4}, sum, bf16)), g.name() + ": bf16 all_reduce"));
+  at::Tensor rs_in = at::full({2 * n, 3}, value(me), bf16), rs_out = at::empty({2, 3}, bf16);
+  SY_RETURN_IF_ERROR(g.ReduceScatter(rs_in, rs_out, ReduceOp::kSum).Wait());
+  SY_RETURN_IF_ERROR(Expect(at::equal(rs_out, at::full({2, 3}, sum, bf16)), g.name() + ": bf16 reduce_scatter"));
+  // all_gather_v: member i gives i % 2 + 1 rows of its value.
+  std::vector<int64_t> counts(n);
+  int64_t total = 0;
+  for (int i = 0; i < n; ++i) total += counts[i] = i % 2 + 1;
+  at::Tensor vout = at::empty({total, 3}, bf16);
+  SY_RETURN_IF_ERROR(g.AllGatherV(at::full({counts[pos], 3}, value(me), bf16), vout, counts).Wait());
+  std::vector<at::Tensor> want;
+  for (int i = 0; i < n; ++i) want.push_back(at::full({counts[i], 3}, value(members[i]), bf16));
+  SY_RETURN_IF_ERROR(Expect(at::equal(vout, at::cat(want)), g.name() + ": bf16 all_gather_v"));
+  // all_to_all_v: one row to every member, of the sender's value.
+  at::Tensor a_out = at::empty({n, 3}, bf16);
+  const std::vector<int64_t> ones(n, 1);
+  SY_RETURN_IF_ERROR(g.AllToAllV(at::full({n, 3}, value(me), bf16), a_out, ones, ones).Wait());
+  for (int i = 0; i < n; ++i) want[i] = at::full({1, 3}, value(members[i]), bf16);
+  SY_RETURN_IF_ERROR(Expect(at::equal(a_out, at::cat(want)), g.name() + ": bf16 all_to_all_v"));
+  at::Tensor b = at::full({5}, value(me), bf16);
+  SY_RETURN_IF_ERROR(g.Broadcast(b, 0).Wait());
+  SY_RETURN_IF_ERROR(Expect(at::equal(b, at::full({5}, value(members[0]), bf16)), g.name() + ": bf16 broadcast"));
+  if (n > 1) {
+    at::Tensor got = at::empty({2}, bf16);
+    Work sw = g.Send(at::full({2}, value(me), bf16), (pos + 1) % n, 4);
+    Work rw = g.Recv(got, (pos + n - 1) % n, 4);
+    SY_RETURN_IF_ERROR(sw.Wait());
+    SY_RETURN_IF_ERROR(rw.Wait());
+    SY_RETURN_IF_ERROR(Expect(at::equal(got, at::full({2}, value(members[(pos + n - 1) % n]), bf16)),
+                              g.name() + ": bf16 send/recv"));
+  }
+  return absl::OkStatus();
+}
+
 // Every collective on one group, with expectations computed from the member list alone.
 // Values encode (global rank, position) so a misplaced row is caught, not just a wrong sum.
 absl::Status CheckAllCollectives(Group& g, const std::vector<int>& members, int me, at::Device dev) {
@@ -156,6 +201,7 @@ absl::Status CheckAllCollectives(Group& g, const std::vector<int>& members, int 
                                     a_out[row][1].item<float>() == me && a_out[row][2].item<float>() == k,
                                 g.name() + ": all_to_all_v"));
   SY_RETURN_IF_ERROR(CheckEmptyCollectives(g, members, me, dev));
+  SY_RETURN_IF_ERROR(CheckBf16Collectives(g, members, me, dev));
   // broadcast from the last member.
   at::Tensor b = at::full({4}, static_cast<float>(me), f32);
   SY_RETURN_IF_ERROR(g.Broadcast(b, n - 1).Wait());

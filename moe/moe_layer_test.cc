@@ -11,6 +11,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include "absl/strings/str_format.h"
+#include "common/status_macros.h"
 #include "dist/groups/comm.h"
 #include "dist/groups/testing/multi_rank.h"
 #include "moe/dispatch/exchange.h"
@@ -38,19 +39,23 @@ double RelErr(const at::Tensor& a, const at::Tensor& b) {
 struct Case {
   std::string name;
   groups::LayoutSpec layout;
+  int num_experts = kExperts;
   int top_k = 2;
   double capacity_factor = 0;  // 0: dropless
   gate::DropPolicy drop_policy = gate::DropPolicy::kByScore;
   bool pad_to_capacity = false;
   experts::Activation activation = experts::Activation::kSwiglu;
   int shared_experts = 0;
-  std::vector<int64_t> dp_tokens;  // tokens of each data-parallel block (0 allowed)
-  int silent_expert = -1;          // an expert no token picks
+  std::vector<int64_t> dp_tokens;   // tokens of each data-parallel block (0 allowed)
+  std::vector<int> silent_experts;  // experts no token picks
+  at::ScalarType dtype = at::kFloat;
+  double tolerance = 1e-5;          // relative, per tensor and per expert
+  int ranks_without_tokens = 0;     // ranks (or TP slices) that route nothing: checked
 };
 
 MoEConfig Config(const Case& c) {
   MoEConfig m;
-  m.router = {.hidden_size = kHidden, .num_experts = kExperts};
+  m.router = {.hidden_size = kHidden, .num_experts = c.num_experts};
   m.router.topk.top_k = c.top_k;
   m.router.topk.capacity_factor = c.capacity_factor;
   m.router.topk.drop_policy = c.drop_policy;
@@ -59,14 +64,14 @@ MoEConfig Config(const Case& c) {
   m.ffn_hidden_size = kFfn;
   m.activation = c.activation;
   m.num_shared_experts = c.shared_experts;
+  m.dtype = c.dtype;
   m.init_std = 0.3f;
   return m;
 }
 
-void Silence(MoELayer& layer, int expert) {
-  if (expert < 0) return;
+void Silence(MoELayer& layer, const std::vector<int>& experts) {
   at::NoGradGuard no_grad;
-  layer.router().weight()[expert][0] = -50.0f;  // feature 0 is a constant 3: logit ≈ −150
+  for (int e : experts) layer.router().weight()[e][0] = -50.0f;  // feature 0 is a constant 3: logit ≈ −150
 }
 
 struct Reference {
@@ -76,21 +81,32 @@ struct Reference {
   at::Tensor tokens_per_expert;
 };
 
+// The inputs every run shares, in the layer's dtype.
+struct Inputs {
+  at::Tensor x, R;
+};
+Inputs MakeInputs(const Case& c) {
+  at::manual_seed(99);
+  const int64_t T = std::accumulate(c.dp_tokens.begin(), c.dp_tokens.end(), int64_t{0});
+  at::Tensor x = at::randn({T, kHidden});
+  if (!c.silent_experts.empty()) x.select(1, 0).fill_(3.0f);
+  return {x.to(c.dtype), at::randn({T, kHidden}).to(c.dtype)};
+}
+
 // The single-process layer. Dropless: the whole global batch at once (with the batch aux
 // loss). With capacity, each routing shard (what one rank routes) separately, as capacity is
 // counted per shard; the aux loss then is per shard too.
 Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& shards) {
   Reference ref;
-  at::manual_seed(99);
-  const int64_t T = std::accumulate(c.dp_tokens.begin(), c.dp_tokens.end(), int64_t{0});
-  ref.x = at::randn({T, kHidden});
-  if (c.silent_expert >= 0) ref.x.select(1, 0).fill_(3.0f);
-  ref.R = at::randn({T, kHidden});
+  const Inputs in = MakeInputs(c);
+  ref.x = in.x;
+  ref.R = in.R;
+  const int64_t T = ref.x.size(0);
   MoEConfig cfg = Config(c);
   cfg.router.aux_loss = gate::AuxLoss::kBatch;
   auto layer = MoELayer::Create(cfg, kSeed);
   EXPECT_TRUE(layer.ok()) << layer.status();
-  Silence(*layer, c.silent_expert);
+  Silence(*layer, c.silent_experts);
   at::Tensor x = ref.x.clone().requires_grad_(true);
   std::vector<at::Tensor> outs;
   at::Tensor loss = at::zeros({});
@@ -128,10 +144,26 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
   return ref;
 }
 
-absl::Status Check(const std::string& what, const at::Tensor& got, const at::Tensor& want, int rank) {
+// RunRanks names the rank of a failure.
+absl::Status Check(const std::string& what, const at::Tensor& got, const at::Tensor& want, double tolerance) {
+  if (got.sizes() != want.sizes()) {
+    return absl::InternalError(absl::StrFormat("%s has shape %s, want %s", what,
+                                               c10::str(got.sizes()), c10::str(want.sizes())));
+  }
   const double e = RelErr(got, want);
-  if (!(e <= 1e-5)) {
-    return absl::InternalError(absl::StrFormat("rank %d: %s differs, relative error %g", rank, what, e));
+  if (!(e <= tolerance)) {
+    return absl::InternalError(absl::StrFormat("%s differs, relative error %g", what, e));
+  }
+  return absl::OkStatus();
+}
+
+// Per expert as well as whole: an expert with few tokens (or none, whose gradient must then
+// be exactly 0) would hide behind the busiest one's scale. Row i of dim 0 is expert first + i.
+absl::Status CheckEach(const std::string& what, const at::Tensor& got, const at::Tensor& want, int first,
+                       double tolerance) {
+  SY_RETURN_IF_ERROR(Check(what, got, want, tolerance));
+  for (int64_t i = 0; i < want.size(0); ++i) {
+    SY_RETURN_IF_ERROR(Check(absl::StrFormat("%s of expert %d", what, first + i), got[i], want[i], tolerance));
   }
   return absl::OkStatus();
 }
@@ -139,7 +171,8 @@ absl::Status Check(const std::string& what, const at::Tensor& got, const at::Ten
 at::Tensor SumOver(Communicator& comm, GroupKind kind, const at::Tensor& t) {
   at::Tensor s = t.clone().contiguous();
   if (comm.Has(kind)) {
-    EXPECT_TRUE(comm.Get(kind).AllReduce(s).Wait().ok());
+    const absl::Status st = comm.Get(kind).AllReduce(s).Wait();
+    EXPECT_TRUE(st.ok()) << st;
   }
   return s;
 }
@@ -167,13 +200,17 @@ void RunCase(const Case& c) {
   if (c.capacity_factor > 0) {
     EXPECT_GT(ref.dropped, 0);
   }
-  if (c.silent_expert >= 0) {
-    EXPECT_EQ(ref.tokens_per_expert[c.silent_expert].item<int64_t>(), 0);
+  for (int e : c.silent_experts) {
+    EXPECT_EQ(ref.tokens_per_expert[e].item<int64_t>(), 0) << "expert " << e;
   }
   const bool swiglu = c.activation == experts::Activation::kSwiglu;
+  const double tol = c.tolerance;
 
   std::mutex mu;
   double aux_total = 0;
+  int64_t dropped_total = 0;
+  at::Tensor routed_total = at::zeros({c.num_experts}, at::kLong);
+  int ranks_without_tokens = 0;
   const absl::Status s = groups::testing::RunRanks({.layout = c.layout}, [&](Communicator& comm) -> absl::Status {
     const int rank = comm.rank();
     const int d = comm.layout().Dense(rank).dp;
@@ -184,32 +221,43 @@ void RunCase(const Case& c) {
     cfg.router.aux_loss = c.capacity_factor > 0 ? gate::AuxLoss::kBatch : gate::AuxLoss::kGlobal;
     auto layer = MoELayer::Create(cfg, kSeed, &comm);
     if (!layer.ok()) return layer.status();
-    Silence(*layer, c.silent_expert);
+    Silence(*layer, c.silent_experts);
     at::Tensor x = ref.x.narrow(0, off, n).clone().requires_grad_(true);
     auto out = layer->Forward(x, {});
     if (!out.ok()) return out.status();
     ((out->output * ref.R.narrow(0, off, n)).sum() + out->aux_loss).backward();
     {
+      // Each rank routes its own tokens (its TP slice of them): counts and drops add up.
       std::lock_guard<std::mutex> l(mu);
       aux_total += out->aux_loss_value;
+      dropped_total += out->dropped;
+      routed_total += out->tokens_per_expert;
+      if (out->tokens_per_expert.sum().item<int64_t>() == 0) ++ranks_without_tokens;
     }
-    absl::Status st = Check("output", out->output, ref.out.narrow(0, off, n), rank);
-    if (st.ok()) st = Check("input gradient", x.grad(), ref.x_grad.narrow(0, off, n), rank);
+    SY_RETURN_IF_ERROR(Check("output", out->output, ref.out.narrow(0, off, n), tol));
+    SY_RETURN_IF_ERROR(Check("input gradient", x.grad(), ref.x_grad.narrow(0, off, n), tol));
     // Router and shared experts: replicated, fed different tokens; their gradients add up
-    // over the stage (DP and the TP slices).
-    if (st.ok()) st = Check("router gradient", SumOver(comm, GroupKind::kGate, layer->router().weight().grad()), ref.router_grad, rank);
-    if (st.ok() && c.shared_experts > 0) {
-      st = Check("shared fc1 gradient", SumOver(comm, GroupKind::kGate, layer->shared_experts()->fc1().grad()), ref.shared_fc1_grad, rank);
-      if (st.ok()) st = Check("shared fc2 gradient", SumOver(comm, GroupKind::kGate, layer->shared_experts()->fc2().grad()), ref.shared_fc2_grad, rank);
+    // over the stage (DP and the TP slices). Router row e belongs to expert e.
+    SY_RETURN_IF_ERROR(CheckEach("router gradient", SumOver(comm, GroupKind::kGate, layer->router().weight().grad()),
+                                 ref.router_grad, 0, tol));
+    if (c.shared_experts > 0) {
+      experts::GroupedExperts& sh = *layer->shared_experts();
+      SY_RETURN_IF_ERROR(Check("shared fc1 gradient", SumOver(comm, GroupKind::kGate, sh.fc1().grad()), ref.shared_fc1_grad, tol));
+      SY_RETURN_IF_ERROR(Check("shared fc2 gradient", SumOver(comm, GroupKind::kGate, sh.fc2().grad()), ref.shared_fc2_grad, tol));
     }
     // Routed experts: summed over their replicas (EDP); each rank holds its EP × ETP shard.
-    const experts::GroupedExperts& ex = layer->routed_experts();
-    if (st.ok()) st = Check("fc1 gradient", SumOver(comm, GroupKind::kEdp, layer->routed_experts().fc1().grad()), ExpertShard(ref.fc1_grad, ex, true, swiglu), rank);
-    if (st.ok()) st = Check("fc2 gradient", SumOver(comm, GroupKind::kEdp, layer->routed_experts().fc2().grad()), ExpertShard(ref.fc2_grad, ex, false, swiglu), rank);
-    return st;
+    experts::GroupedExperts& ex = layer->routed_experts();
+    SY_RETURN_IF_ERROR(CheckEach("fc1 gradient", SumOver(comm, GroupKind::kEdp, ex.fc1().grad()),
+                                 ExpertShard(ref.fc1_grad, ex, true, swiglu), ex.first_expert(), tol));
+    return CheckEach("fc2 gradient", SumOver(comm, GroupKind::kEdp, ex.fc2().grad()),
+                     ExpertShard(ref.fc2_grad, ex, false, swiglu), ex.first_expert(), tol);
   });
   EXPECT_TRUE(s.ok()) << s;
   EXPECT_NEAR(aux_total, ref.aux, 1e-6 * std::abs(ref.aux)) << "aux loss summed over ranks";
+  EXPECT_EQ(dropped_total, ref.dropped) << "dropped copies summed over ranks";
+  EXPECT_TRUE(at::equal(routed_total, ref.tokens_per_expert)) << "routed copies per expert summed over ranks: "
+                                                              << routed_total << " want " << ref.tokens_per_expert;
+  EXPECT_EQ(ranks_without_tokens, c.ranks_without_tokens) << "ranks that routed no token";
 }
 
 using experts::Activation;
@@ -224,11 +272,35 @@ TEST(MoELayerEquivalenceTest, DataParallelOnly) {
 }
 
 TEST(MoELayerEquivalenceTest, ExpertParallel2) {
-  RunCase({.name = "EP=2", .layout = {.world_size = 2, .ep = 2}, .dp_tokens = {16, 11}});
+  RunCase({.name = "EP=2, a shared expert",
+           .layout = {.world_size = 2, .ep = 2},
+           .shared_experts = 1,
+           .dp_tokens = {16, 11}});
+}
+
+TEST(MoELayerEquivalenceTest, ExpertParallel2TopK1) {
+  RunCase({.name = "EP=2, k=1 dropless", .layout = {.world_size = 2, .ep = 2}, .top_k = 1, .dp_tokens = {13, 15}});
+}
+
+TEST(MoELayerEquivalenceTest, ExpertParallel2RankWhoseExpertsGetNothing) {
+  // Experts 4-7 live on EP rank 1: it receives no row, runs empty GEMMs and sends nothing back.
+  RunCase({.name = "EP=2, experts 4-7 (all of EP rank 1's) get nothing",
+           .layout = {.world_size = 2, .ep = 2},
+           .dp_tokens = {10, 9},
+           .silent_experts = {4, 5, 6, 7}});
 }
 
 TEST(MoELayerEquivalenceTest, ExpertParallel4TopK8) {
-  RunCase({.name = "EP=4, k=8", .layout = {.world_size = 4, .ep = 4}, .top_k = 8, .dp_tokens = {8, 9, 7, 8}});
+  // 16 experts, so k = 8 leaves uneven counts (and all-to-all splits) per expert.
+  RunCase({.name = "EP=4, k=8 of 16 experts",
+           .layout = {.world_size = 4, .ep = 4},
+           .num_experts = 16,
+           .top_k = 8,
+           .dp_tokens = {8, 9, 7, 8}});
+}
+
+TEST(MoELayerEquivalenceTest, EveryTokenToEveryExpert) {
+  RunCase({.name = "EP=4, k=8 of 8 experts", .layout = {.world_size = 4, .ep = 4}, .top_k = 8, .dp_tokens = {5, 6, 4, 5}});
 }
 
 TEST(MoELayerEquivalenceTest, DataParallel2xExpertParallel2TopK1WithDrops) {
@@ -241,10 +313,28 @@ TEST(MoELayerEquivalenceTest, DataParallel2xExpertParallel2TopK1WithDrops) {
 
 TEST(MoELayerEquivalenceTest, TensorParallel2WithSlicing) {
   // 9 tokens per block over 2 TP slices: 5 and 4; GELU experts.
-  RunCase({.name = "TP=2 slicing",
+  RunCase({.name = "TP=2 slicing, a shared expert",
            .layout = {.world_size = 2, .tp = 2, .etp = 1},
            .activation = Activation::kGelu,
+           .shared_experts = 1,
            .dp_tokens = {9}});
+}
+
+TEST(MoELayerEquivalenceTest, TensorParallel2SliceWithoutTokens) {
+  // One token over 2 TP slices: TP rank 1 routes nothing but still gathers the output.
+  RunCase({.name = "TP=2 slicing, one token",
+           .layout = {.world_size = 2, .tp = 2, .etp = 1},
+           .shared_experts = 1,
+           .dp_tokens = {1},
+           .ranks_without_tokens = 1});
+}
+
+TEST(MoELayerEquivalenceTest, TensorParallel2xExpertParallel2Dropless) {
+  // DP block 0 is empty: both of its TP slices route nothing.
+  RunCase({.name = "TP=2 x EP=2 dropless, one DP block without tokens",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 1},
+           .dp_tokens = {0, 7},
+           .ranks_without_tokens = 2});
 }
 
 TEST(MoELayerEquivalenceTest, TensorParallel2xExpertParallel2PaddedCapacityByPosition) {
@@ -263,27 +353,64 @@ TEST(MoELayerEquivalenceTest, ExpertTensorParallel2xExpertParallel2SwigluShared)
            .dp_tokens = {14, 17}});
 }
 
+TEST(MoELayerEquivalenceTest, ExpertTensorParallelWithoutGating) {
+  // GELU and ReLU split fc1 by columns alone (no gate/up halves).
+  RunCase({.name = "ETP=2 x EP=2, GELU, k=1, a shared expert",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 2},
+           .top_k = 1,
+           .activation = Activation::kGelu,
+           .shared_experts = 1,
+           .dp_tokens = {11, 10}});
+  RunCase({.name = "ETP=2 x EP=2, ReLU, capacity 1.0",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 2},
+           .capacity_factor = 1.0,
+           .activation = Activation::kRelu,
+           .dp_tokens = {12, 14}});
+}
+
 TEST(MoELayerEquivalenceTest, SilentExpertAndRankWithoutTokens) {
   RunCase({.name = "EP=2 x DP=2, expert 5 gets nothing, rank 0 has no tokens, ReLU",
            .layout = {.world_size = 4, .ep = 2},
            .activation = Activation::kRelu,
            .dp_tokens = {0, 10, 12, 9},
-           .silent_expert = 5});
+           .silent_experts = {5},
+           .ranks_without_tokens = 1});
 }
 
 TEST(MoELayerEquivalenceTest, RankWithoutTokensUnderCapacity) {
   RunCase({.name = "DP=2 x EP=2, capacity 1.25, rank 2 has no tokens (its aux loss is 0)",
            .layout = {.world_size = 4, .ep = 2},
            .capacity_factor = 1.25,
-           .dp_tokens = {11, 13, 0, 12}});
+           .dp_tokens = {11, 13, 0, 12},
+           .ranks_without_tokens = 1});
 }
 
 TEST(MoELayerEquivalenceTest, TopK8WithCapacityUnderEtpAndEp) {
-  RunCase({.name = "ETP=2 x EP=2, k=8, capacity 0.5",
+  RunCase({.name = "ETP=2 x EP=2, k=8 of 16 experts, capacity 0.5, a shared expert",
            .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 2},
+           .num_experts = 16,
            .top_k = 8,
            .capacity_factor = 0.5,
+           .shared_experts = 1,
            .dp_tokens = {12, 12}});
+}
+
+// bf16 experts under EP and ETP against the bf16 single-rank layer: the router is fp32 on the
+// same bf16 inputs, so routing agrees; expert GEMMs over differently sized blocks round
+// differently, hence the tolerance (a doubled or missing gradient is off by 100 %).
+TEST(MoELayerEquivalenceTest, Bf16UnderExpertAndExpertTensorParallel) {
+  RunCase({.name = "EP=2, bf16",
+           .layout = {.world_size = 2, .ep = 2},
+           .shared_experts = 1,
+           .dp_tokens = {16, 11},
+           .dtype = at::kBFloat16,
+           .tolerance = 2e-2});
+  RunCase({.name = "ETP=2 x EP=2, bf16, capacity 1.0",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 2},
+           .capacity_factor = 1.0,
+           .dp_tokens = {14, 17},
+           .dtype = at::kBFloat16,
+           .tolerance = 2e-2});
 }
 
 // The single-process layer against the mixture written with plain ATen ops and autograd:
@@ -341,32 +468,97 @@ TEST(MoELayerTest, MatchesPlainOpsMixture) {
   at::set_num_threads(threads);
 }
 
+// Every field of every parameter's tag, and its local shape, against what the layout says
+// (computed here from the layout's coordinates, not read back from the layer).
 TEST(MoELayerTest, TagsEveryParameter) {
   MoEConfig c = Config({.shared_experts = 1});
   c.name = "layers.3.mlp";
-  absl::Status s = groups::testing::RunRanks({.layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 1}},
-                                             [&](Communicator& comm) -> absl::Status {
-    auto layer = MoELayer::Create(c, kSeed, &comm);
-    if (!layer.ok()) return layer.status();
-    const std::vector<TaggedParam> params = layer->Parameters();
-    EXPECT_EQ(params.size(), 5u);
-    for (const TaggedParam& p : params) {
-      EXPECT_TRUE(p.tensor.requires_grad()) << p.tag.name;
-      if (p.tag.domain == ParamDomain::kExpert) {
-        EXPECT_EQ(p.tag.expert_group, "layers.3.mlp");
-        EXPECT_EQ(p.tag.ep_size, 2);
-        EXPECT_EQ(p.tag.num_local_experts, 4);
-        EXPECT_EQ(p.tag.first_global_expert, 4 * comm.layout().Expert(comm.rank()).ep);
-        EXPECT_EQ(p.tensor.size(0), 4);
-      } else {
-        EXPECT_EQ(p.tag.domain, ParamDomain::kDenseTpReplicated) << p.tag.name;
+  c.router.noisy_gating = true;
+  const int64_t H = kHidden, F = kFfn, Fs = kFfn;  // one shared expert of F
+  for (const groups::LayoutSpec& spec :
+       {groups::LayoutSpec{.world_size = 2}, groups::LayoutSpec{.world_size = 4, .ep = 4},
+        groups::LayoutSpec{.world_size = 4, .tp = 2, .ep = 2, .etp = 1},
+        groups::LayoutSpec{.world_size = 4, .tp = 2, .ep = 2, .etp = 2}}) {
+    SCOPED_TRACE(absl::StrFormat("world %d, tp %d, ep %d, etp %d", spec.world_size, spec.tp, spec.ep, spec.etp));
+    absl::Status s = groups::testing::RunRanks({.layout = spec}, [&](Communicator& comm) -> absl::Status {
+      auto layer = MoELayer::Create(c, kSeed, &comm);
+      if (!layer.ok()) return layer.status();
+      const groups::Layout& l = comm.layout();
+      const groups::ExpertCoord e = l.Expert(comm.rank());
+      const int local = kExperts / l.ep();
+      const int64_t fl = F / l.etp();
+      const ParamDomain replicated = l.tp() > 1 ? ParamDomain::kDenseTpReplicated : ParamDomain::kDense;
+      const ParamTag dense{.domain = replicated};
+      const ParamTag expert{.domain = ParamDomain::kExpert,
+                            .expert_group = "layers.3.mlp",
+                            .first_global_expert = local * e.ep,
+                            .num_local_experts = local,
+                            .ep_size = l.ep(),
+                            .etp_size = l.etp()};
+      const std::vector<std::tuple<std::string, ParamTag, std::vector<int64_t>>> want = {
+          {"router.weight", dense, {kExperts, H}},
+          {"router.noise_weight", dense, {kExperts, H}},
+          {"experts.fc1", expert, {local, H, 2 * fl}},  // SwiGLU: gate and up slices
+          {"experts.fc2", expert, {local, fl, H}},
+          {"shared_experts.fc1", dense, {1, H, 2 * Fs}},
+          {"shared_experts.fc2", dense, {1, Fs, H}}};
+      const std::vector<TaggedParam> params = layer->Parameters();
+      EXPECT_EQ(params.size(), want.size());
+      for (size_t i = 0; i < std::min(params.size(), want.size()); ++i) {
+        const auto& [name, tag, shape] = want[i];
+        const ParamTag& got = params[i].tag;
+        SCOPED_TRACE(name);
+        EXPECT_EQ(got.name, "layers.3.mlp." + name);
+        EXPECT_EQ(got.domain, tag.domain);
+        EXPECT_EQ(got.expert_group, tag.expert_group);
+        EXPECT_EQ(got.first_global_expert, tag.first_global_expert);
+        EXPECT_EQ(got.num_local_experts, tag.num_local_experts);
+        EXPECT_EQ(got.ep_size, tag.ep_size);
+        EXPECT_EQ(got.etp_size, tag.etp_size);
+        EXPECT_EQ(params[i].tensor.sizes().vec(), shape);
+        EXPECT_TRUE(params[i].tensor.requires_grad());
       }
+      // The tags share the layer's tensors (the optimizer steps these).
+      EXPECT_TRUE(params[0].tensor.is_same(layer->router().weight()));
+      EXPECT_TRUE(params[2].tensor.is_same(layer->routed_experts().fc1()));
+      return absl::OkStatus();
+    });
+    EXPECT_TRUE(s.ok()) << s;
+  }
+  // One process: everything dense, the experts all local.
+  auto one = MoELayer::Create(c, kSeed);
+  ASSERT_TRUE(one.ok()) << one.status();
+  for (const TaggedParam& p : one->Parameters()) {
+    EXPECT_EQ(p.tag.domain == ParamDomain::kExpert, p.tag.name.find(".experts.") != std::string::npos) << p.tag.name;
+    if (p.tag.domain == ParamDomain::kExpert) {
+      EXPECT_EQ(p.tag.first_global_expert, 0);
+      EXPECT_EQ(p.tag.num_local_experts, kExperts);
+      EXPECT_EQ(p.tag.ep_size, 1);
+    } else {
+      EXPECT_EQ(p.tag.domain, ParamDomain::kDense) << p.tag.name;
     }
-    EXPECT_EQ(params[0].tag.name, "layers.3.mlp.router.weight");
-    EXPECT_EQ(params[1].tag.name, "layers.3.mlp.experts.fc1");
-    return absl::OkStatus();
-  });
-  EXPECT_TRUE(s.ok()) << s;
+  }
+}
+
+// Padding [E, C, H] blocks changes the layout in memory, not the numbers.
+TEST(MoELayerTest, PaddingToCapacityChangesNoNumber) {
+  std::vector<at::Tensor> results[2];
+  for (bool pad : {false, true}) {
+    auto layer = MoELayer::Create(Config({.capacity_factor = 0.75, .pad_to_capacity = pad}), kSeed);
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    at::manual_seed(3);
+    at::Tensor x = at::randn({40, kHidden}).requires_grad_(true);
+    const at::Tensor R = at::randn({40, kHidden});
+    auto out = layer->Forward(x, {});
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_GT(out->dropped, 0);
+    ((out->output * R).sum() + out->aux_loss).backward();
+    results[pad] = {out->output.detach(), x.grad(), layer->router().weight().grad(), layer->routed_experts().fc1().grad(),
+                    layer->routed_experts().fc2().grad()};
+  }
+  for (size_t i = 0; i < results[0].size(); ++i) {
+    EXPECT_LT(RelErr(results[1][i], results[0][i]), 1e-6) << "tensor " << i;
+  }
 }
 
 TEST(MoELayerTest, LayoutThatDoesNotFitIsAClearError) {
@@ -377,6 +569,16 @@ TEST(MoELayerTest, LayoutThatDoesNotFitIsAClearError) {
     auto layer = MoELayer::Create(c, kSeed, &comm);
     EXPECT_FALSE(layer.ok());
     EXPECT_THAT(std::string(layer.status().message()), HasSubstr("parallel.ep = 4 does not divide num_experts = 6"));
+    return absl::OkStatus();
+  });
+  EXPECT_TRUE(s.ok()) << s;
+  c = Config({});
+  c.ffn_hidden_size = 13;
+  s = groups::testing::RunRanks({.layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 2}},
+                                [&](Communicator& comm) -> absl::Status {
+    auto layer = MoELayer::Create(c, kSeed, &comm);
+    EXPECT_FALSE(layer.ok());
+    EXPECT_THAT(std::string(layer.status().message()), HasSubstr("parallel.etp = 2 does not divide ffn_hidden_size = 13"));
     return absl::OkStatus();
   });
   EXPECT_TRUE(s.ok()) << s;

@@ -134,7 +134,8 @@ TEST(PermuteTest, LargeRowsMatchTheGather) {
 TEST(PermuteTest, CapacityLayoutHasZeroSlots) {
   for (const int64_t H : {3, 16}) {  // 12-byte rows; whole 64-byte lines
     SCOPED_TRACE(::testing::Message() << "H = " << H);
-    const int64_t T = 12, E = 4, C = 5;
+    // 12 tokens over the 3 experts in use, 3 slots each: some expert must drop.
+    const int64_t T = 12, E = 4, C = 3;
     const at::Tensor map = RandomMap(T, E, 1, /*empty_expert=*/2, -1, 5);
     // Drop to capacity: keep each expert's first C tokens.
     at::Tensor kept = map.clone();
@@ -144,6 +145,7 @@ TEST(PermuteTest, CapacityLayoutHasZeroSlots) {
         if (kept[t][e].item<bool>() && ++seen > C) kept[t][e] = false;
       }
     }
+    ASSERT_TRUE((map & ~kept).any().item<bool>()) << "nothing dropped";
     auto plan = MakePlan(kept, C);
     ASSERT_TRUE(plan.ok()) << plan.status();
     ASSERT_EQ(plan->num_rows(), E * C);
@@ -176,6 +178,12 @@ TEST(PermuteTest, CapacityLayoutHasZeroSlots) {
       EXPECT_TRUE(at::equal(w[e].narrow(0, 0, n), at::full({n}, 0.5f))) << e;
       EXPECT_EQ(w[e].narrow(0, n, C - n).abs().sum().item<double>(), 0.0) << e;
     }
+    // The routing weights' gradient: ⟨x[t], g[t]⟩ where (t, e) kept its slot, 0 where dropped.
+    const at::Tensor p = (at::rand({T, E}) * kept).requires_grad_(true);
+    const at::Tensor g = at::randn({T, H});
+    Unpermute(rows.detach().reshape({E * C, H}), p, *plan).backward(g);
+    const at::Tensor dot = (x.detach() * g).sum(1, /*keepdim=*/true);
+    EXPECT_TRUE(at::allclose(p.grad(), dot * kept, 1e-5, 1e-6)) << p.grad() << dot * kept;
   }
 
   const int64_t E = 4, C = 5;

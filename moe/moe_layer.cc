@@ -1,7 +1,9 @@
 #include "moe/moe_layer.h"
 
+#include <numeric>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <ATen/ATen.h>
 
@@ -98,6 +100,26 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
       SY_ASSIGN_OR_RETURN(x, dispatch::SliceTokens(hidden, *slice, slice_counts));
     }
     gate::ForwardArgs ga{.training = args.training, .num_sequences = args.num_sequences};
+    // The TP group's routers each route a share of one block of tokens: their losses are
+    // shares of the block's (else TP = 2 would double the aux and z-loss gradients).
+    groups::Group* tp = slice != nullptr ? slice : config_.sequence_parallel ? GroupOrNull(GroupKind::kTp) : nullptr;
+    if (tp != nullptr) {
+      std::vector<int64_t> parts = slice_counts;
+      if (slice == nullptr) {  // sequence parallel: every rank's share, in TP order
+        at::Tensor n = at::zeros({tp->size()}, at::kLong);
+        n[tp->rank()] = hidden.size(0);
+        SY_RETURN_IF_ERROR(Sum(*tp, n));
+        parts.assign(n.data_ptr<int64_t>(), n.data_ptr<int64_t>() + tp->size());
+      }
+      ga.block_tokens = std::accumulate(parts.begin(), parts.end(), int64_t{0});
+      ga.block_offset = std::accumulate(parts.begin(), parts.begin() + tp->rank(), int64_t{0});
+      ga.sum_over_block = [tp](const at::Tensor& t) {
+        at::Tensor s = t.contiguous().clone();
+        const absl::Status st = Sum(*tp, s);
+        TORCH_CHECK(st.ok(), std::string(st.message()));
+        return s;
+      };
+    }
     groups::Group* stage = GroupOrNull(GroupKind::kGate);
     if (stage != nullptr) {
       ga.sum_over_dp = [stage](const at::Tensor& t) {

@@ -431,12 +431,63 @@ absl::StatusOr<at::Tensor> SequenceLoadBalancingLoss(const at::Tensor& scores,
     return Invalid(absl::StrFormat("router: %d tokens do not split into %d sequences", T,
                                    num_sequences));
   }
+  if (T == 0) return scores.sum() * 0.0;  // no tokens, no load (and no 0/0)
   const int64_t S = T / num_sequences;
   const at::Tensor per_seq_scores = scores.view({num_sequences, S, E}).sum(1);
   const at::Tensor per_seq_counts = routing_map.view({num_sequences, S, E}).to(scores.scalar_type()).sum(1);
   return (per_seq_scores * per_seq_counts).sum() *
          (static_cast<double>(E) * coeff /
           (static_cast<double>(top_k) * S * S * static_cast<double>(num_sequences)));
+}
+
+namespace {
+
+absl::Status CheckPart(int64_t part_tokens, int64_t first_token, int64_t block_tokens, int64_t num_sequences) {
+  if (num_sequences < 1 || block_tokens < 0 || block_tokens % num_sequences != 0) {
+    return Invalid(absl::StrFormat("router: a block of %d tokens does not split into %d sequences", block_tokens,
+                                   num_sequences));
+  }
+  if (first_token < 0 || part_tokens > block_tokens - first_token) {
+    return Invalid(absl::StrFormat("router: tokens [%d, %d) are not inside the block of %d", first_token,
+                                   first_token + part_tokens, block_tokens));
+  }
+  return absl::OkStatus();
+}
+
+// Each of the part's tokens' sequence in the block.
+at::Tensor SequenceOfToken(int64_t part_tokens, int64_t first_token, int64_t block_tokens, int64_t num_sequences,
+                           const at::Device& device) {
+  const int64_t len = block_tokens / num_sequences;
+  return at::arange(first_token, first_token + part_tokens, at::TensorOptions().dtype(at::kLong).device(device))
+      .div(len, "floor");
+}
+
+}  // namespace
+
+absl::StatusOr<at::Tensor> SequenceCounts(const at::Tensor& routing_map, int64_t first_token,
+                                          int64_t block_tokens, int64_t num_sequences) {
+  const int64_t T = routing_map.size(0), E = routing_map.size(1);
+  if (absl::Status s = CheckPart(T, first_token, block_tokens, num_sequences); !s.ok()) return s;
+  at::Tensor counts = at::zeros({num_sequences, E}, routing_map.options().dtype(at::kFloat));
+  if (T == 0) return counts;
+  return counts.index_add_(0, SequenceOfToken(T, first_token, block_tokens, num_sequences, routing_map.device()),
+                           routing_map.to(at::kFloat));
+}
+
+absl::StatusOr<at::Tensor> SequenceLoadBalancingLossOfPart(const at::Tensor& scores, int64_t first_token,
+                                                           int64_t block_tokens, const at::Tensor& block_counts,
+                                                           int top_k, double coeff) {
+  const int64_t T = scores.size(0), E = scores.size(1), N = block_counts.defined() ? block_counts.size(0) : 0;
+  if (!block_counts.defined() || block_counts.dim() != 2 || block_counts.size(1) != E) {
+    return Invalid(absl::StrFormat("router: block_counts must be [num_sequences, %d]", E));
+  }
+  if (absl::Status s = CheckPart(T, first_token, block_tokens, N); !s.ok()) return s;
+  if (T == 0) return scores.sum() * 0.0;  // nothing of the block here (or an empty block)
+  const double len = static_cast<double>(block_tokens / N);
+  const at::Tensor seq = SequenceOfToken(T, first_token, block_tokens, N, scores.device());
+  const at::Tensor part_scores = at::zeros({N, E}, scores.options()).index_add(0, seq, scores);
+  return (part_scores * block_counts.to(scores.scalar_type())).sum() *
+         (static_cast<double>(E) * coeff / (static_cast<double>(top_k) * len * len * static_cast<double>(N)));
 }
 
 at::Tensor UpdateExpertBias(const at::Tensor& expert_bias, const at::Tensor& tokens_per_expert,
@@ -457,8 +508,11 @@ at::Tensor LoadBalancingLoss(const at::Tensor& scores, const at::Tensor& tokens_
          (E * coeff / (top_k * T * T));
 }
 
-at::Tensor ZLoss(const at::Tensor& logits, double coeff) {
-  return at::logsumexp(logits.to(at::kFloat), {-1}).square().mean() * coeff;
+at::Tensor ZLoss(const at::Tensor& logits, double coeff, int64_t total_tokens) {
+  const int64_t n = total_tokens >= 0 ? total_tokens : logits.size(0);
+  const at::Tensor sq = at::logsumexp(logits.to(at::kFloat), {-1}).square();
+  if (n == 0) return sq.sum() * 0.0;
+  return sq.sum() * (coeff / static_cast<double>(n));
 }
 
 }  // namespace switchyard::gate

@@ -135,6 +135,18 @@ absl::StatusOr<at::Tensor> SequenceLoadBalancingLoss(const at::Tensor& scores,
                                                      int64_t num_sequences, int top_k,
                                                      double coeff);
 
+// A part of a block of `block_tokens` tokens, `num_sequences` sequences of equal length one
+// after another: the part's t-th token is token `first_token` + t of the block (a TP rank's
+// contiguous share when the group splits the block). SequenceCounts: the part's per-sequence
+// top-k counts [num_sequences, E]. SequenceLoadBalancingLossOfPart: its share of the block's
+// sequence loss, given `block_counts` (the counts summed over every part); the parts' shares
+// add up to SequenceLoadBalancingLoss of the whole block.
+absl::StatusOr<at::Tensor> SequenceCounts(const at::Tensor& routing_map, int64_t first_token,
+                                          int64_t block_tokens, int64_t num_sequences);
+absl::StatusOr<at::Tensor> SequenceLoadBalancingLossOfPart(const at::Tensor& scores, int64_t first_token,
+                                                           int64_t block_tokens, const at::Tensor& block_counts,
+                                                           int top_k, double coeff);
+
 // Aux-loss-free balancing: bias + rate·sign(mean(n) − n), where n are the token counts of
 // the last step summed over every rank that shares the router (the caller all-reduces).
 // Under-loaded experts move up, over-loaded ones down, exactly average ones stay.
@@ -143,8 +155,10 @@ absl::StatusOr<at::Tensor> SequenceLoadBalancingLoss(const at::Tensor& scores,
 at::Tensor UpdateExpertBias(const at::Tensor& expert_bias, const at::Tensor& tokens_per_expert,
                             double rate, bool center = false);
 
-// Router z-loss β·mean over tokens of logsumexp(logits)².
-at::Tensor ZLoss(const at::Tensor& logits, double coeff);
+// Router z-loss β·mean over tokens of logsumexp(logits)². With `total_tokens` ≥ 0 the sum
+// over these tokens is divided by that count instead: a part's share of a larger block's loss.
+// No tokens: 0.
+at::Tensor ZLoss(const at::Tensor& logits, double coeff, int64_t total_tokens = -1);
 
 }  // namespace switchyard::gate
 

@@ -99,6 +99,13 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
     return absl::InvalidArgumentError(absl::StrFormat(
         "router: hidden states must be [tokens, %d]", config_.hidden_size));
   }
+  const bool part = args.block_tokens >= 0;
+  if (part && (!args.sum_over_block || args.block_offset < 0 ||
+               hidden.size(0) > args.block_tokens - args.block_offset)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "router: a part of a block needs ForwardArgs.sum_over_block and tokens [%d, %d) inside the block of %d",
+        args.block_offset, args.block_offset + hidden.size(0), args.block_tokens));
+  }
   RouterOutput out;
   const bool jitter = args.training && config_.jitter_eps > 0, noisy = args.training && config_.noisy_gating;
   // Router math in fp32 whatever the model's dtype; RouterLogits converts hidden itself, in
@@ -123,7 +130,16 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
     absl::StatusOr<AuxLossInputs> in = AuxLossScores(logits, config_.topk.top_k, config_.topk.score);
     if (!in.ok()) return in.status();
     const int64_t T = logits.size(0);
-    if (config_.aux_loss == AuxLoss::kSequence) {
+    if (config_.aux_loss == AuxLoss::kSequence && part) {
+      absl::StatusOr<at::Tensor> counts =
+          SequenceCounts(in->routing_map, args.block_offset, args.block_tokens, args.num_sequences);
+      if (!counts.ok()) return counts.status();
+      absl::StatusOr<at::Tensor> l =
+          SequenceLoadBalancingLossOfPart(in->scores, args.block_offset, args.block_tokens,
+                                          args.sum_over_block(*counts), config_.topk.top_k, config_.aux_loss_coeff);
+      if (!l.ok()) return l.status();
+      out.aux_loss = *l;
+    } else if (config_.aux_loss == AuxLoss::kSequence) {
       absl::StatusOr<at::Tensor> l = SequenceLoadBalancingLoss(
           in->scores, in->routing_map, args.num_sequences, config_.topk.top_k, config_.aux_loss_coeff);
       if (!l.ok()) return l.status();
@@ -135,12 +151,16 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
       const at::Tensor counts = args.sum_over_dp(in->tokens_per_expert.to(at::kFloat));
       const int64_t total = args.sum_over_dp(at::full({1}, static_cast<float>(T))).item<float>();
       out.aux_loss = LoadBalancingLoss(in->scores, counts, total, config_.topk.top_k, config_.aux_loss_coeff);
+    } else if (part) {
+      out.aux_loss = LoadBalancingLoss(in->scores, args.sum_over_block(in->tokens_per_expert.to(at::kFloat)),
+                                       args.block_tokens, config_.topk.top_k, config_.aux_loss_coeff);
     } else {
       out.aux_loss = LoadBalancingLoss(in->scores, in->tokens_per_expert, T, config_.topk.top_k,
                                        config_.aux_loss_coeff);
     }
   }
-  out.z_loss = config_.z_loss_coeff > 0 ? ZLoss(logits, config_.z_loss_coeff) : at::zeros({}, at::kFloat);
+  out.z_loss = config_.z_loss_coeff > 0 ? ZLoss(logits, config_.z_loss_coeff, part ? args.block_tokens : -1)
+                                        : at::zeros({}, at::kFloat);
   out.aux_loss_value = out.aux_loss.item<double>();
   out.z_loss_value = out.z_loss.item<double>();
   return out;

@@ -41,9 +41,18 @@ struct RouterConfig {
 
 struct ForwardArgs {
   bool training = false;
-  int64_t num_sequences = 1;  // AuxLoss::kSequence: tokens are this many sequences, in order
+  int64_t num_sequences = 1;  // AuxLoss::kSequence: the block's tokens are this many sequences, in order
   // AuxLoss::kGlobal: sums a tensor over the data-parallel group (the caller's collective).
   std::function<at::Tensor(const at::Tensor&)> sum_over_dp;
+  // A part of a block: under tensor parallelism each router of the TP group routes a
+  // contiguous share of one block of tokens (slicing, or sequence parallelism). Its losses are
+  // then its share of the block's (counts summed over the group with sum_over_block; the
+  // z-loss divided by the block's token count), so that they add up over the group to what
+  // one router of the whole block gives (Megatron-Core sums over its tp_cp group alike).
+  // block_tokens < 0: the tokens given are the whole block.
+  int64_t block_tokens = -1;
+  int64_t block_offset = 0;  // this part's first token in the block
+  std::function<at::Tensor(const at::Tensor&)> sum_over_block;
 };
 
 struct RouterOutput {

@@ -84,6 +84,60 @@ TEST(RouterModule, SequenceAndGlobalAuxLoss) {
               LoadBalancingLoss(in->scores, in->tokens_per_expert * 2, 48, 1, 0.01).item<double>(), 1e-8);
 }
 
+// A block of 24 tokens (3 sequences of 8) routed in three uneven parts, as a TP group's
+// routers do: each part's aux loss (batch and per sequence) and z-loss are its share of the
+// block's, so the parts' losses and gate gradients add up to those of one router given the
+// whole block. sum_over_block stands in for the group's all-reduce: it returns the whole
+// block's counts, computed here from the block's routing map.
+TEST(RouterModule, PartsOfABlockAddUpToTheBlock) {
+  const int64_t T = 24, N = 3, E = 4;
+  const at::Tensor h = Hidden(T, 8, 4);
+  for (AuxLoss aux : {AuxLoss::kBatch, AuxLoss::kSequence}) {
+    SCOPED_TRACE(aux == AuxLoss::kBatch ? "batch" : "sequence");
+    RouterConfig c{.hidden_size = 8, .num_experts = E, .topk = {.top_k = 2}, .aux_loss = aux,
+                   .aux_loss_coeff = 0.1, .z_loss_coeff = 0.01, .init_std = 0.5f};
+    absl::StatusOr<Router> whole = Router::Create(c, 7), parts = Router::Create(c, 7);
+    ASSERT_TRUE(whole.ok() && parts.ok());
+    absl::StatusOr<RouterOutput> w = whole->Forward(h, {.num_sequences = N});
+    ASSERT_TRUE(w.ok()) << w.status();
+    (w->aux_loss + w->z_loss).backward();
+    absl::StatusOr<AuxLossInputs> in = AuxLossScores(w->logits, 2, ScoreFunction::kSoftmax);
+    ASSERT_TRUE(in.ok());
+    const at::Tensor map = in->routing_map.to(at::kFloat);
+    const at::Tensor block_counts = map.sum(0), seq_counts = map.view({N, T / N, E}).sum(1);
+    auto sum_over_block = [&](const at::Tensor& t) { return t.dim() == 1 ? block_counts : seq_counts; };
+    double aux = 0, z = 0;
+    for (auto [off, n] : {std::pair<int64_t, int64_t>{0, 10}, {10, 7}, {17, 0}, {17, 7}}) {
+      absl::StatusOr<RouterOutput> p = parts->Forward(
+          h.narrow(0, off, n),
+          {.num_sequences = N, .block_tokens = T, .block_offset = off, .sum_over_block = sum_over_block});
+      ASSERT_TRUE(p.ok()) << p.status();
+      (p->aux_loss + p->z_loss).backward();
+      aux += p->aux_loss_value;
+      z += p->z_loss_value;
+    }
+    EXPECT_NEAR(aux, w->aux_loss_value, 1e-6 * w->aux_loss_value);
+    EXPECT_NEAR(z, w->z_loss_value, 1e-6 * w->z_loss_value);
+    EXPECT_TRUE(at::allclose(parts->weight().grad(), whole->weight().grad(), 1e-5, 1e-7));
+    // A part outside the block, or no way to sum over it: a clear error.
+    EXPECT_THAT(std::string(parts->Forward(h.narrow(0, 0, 10), {.num_sequences = N, .block_tokens = T,
+                                                                 .block_offset = 20, .sum_over_block = sum_over_block})
+                                .status()
+                                .message()),
+                HasSubstr("tokens [20, 30) inside the block of 24"));
+    EXPECT_FALSE(parts->Forward(h, {.num_sequences = N, .block_tokens = T}).ok());
+  }
+  // No tokens at all: every loss is 0, not 0/0.
+  RouterConfig c{.hidden_size = 8, .num_experts = E, .topk = {.top_k = 2}, .aux_loss = AuxLoss::kSequence,
+                 .z_loss_coeff = 0.01};
+  absl::StatusOr<Router> r = Router::Create(c, 7);
+  ASSERT_TRUE(r.ok());
+  absl::StatusOr<RouterOutput> empty = r->Forward(at::zeros({0, 8}), {.num_sequences = 2});
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_EQ(empty->aux_loss_value, 0.0);
+  EXPECT_EQ(empty->z_loss_value, 0.0);
+}
+
 TEST(RouterModule, ExpertBiasSteersTheChoiceAfterUpdates) {
   RouterConfig c{.hidden_size = 8, .num_experts = 4, .topk = {.top_k = 1, .pre_softmax = true},
                  .expert_bias = true, .bias_update_rate = 0.5};

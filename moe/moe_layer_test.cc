@@ -2,6 +2,7 @@
 
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -51,7 +52,17 @@ struct Case {
   at::ScalarType dtype = at::kFloat;
   double tolerance = 1e-5;          // relative, per tensor and per expert
   int ranks_without_tokens = 0;     // ranks (or TP slices) that route nothing: checked
+  // The load-balancing loss on the ranks (default: global when dropless, else per batch),
+  // the z-loss, and for the per-sequence loss the sequences' length.
+  std::optional<gate::AuxLoss> aux;
+  double z_loss = 0;
+  int64_t seq_len = 0;
+  bool sequence_parallel = false;   // each TP rank gets its share of the DP block's tokens
 };
+
+gate::AuxLoss AuxOf(const Case& c) {
+  return c.aux.value_or(c.capacity_factor > 0 ? gate::AuxLoss::kBatch : gate::AuxLoss::kGlobal);
+}
 
 MoEConfig Config(const Case& c) {
   MoEConfig m;
@@ -65,7 +76,10 @@ MoEConfig Config(const Case& c) {
   m.activation = c.activation;
   m.num_shared_experts = c.shared_experts;
   m.dtype = c.dtype;
+  m.sequence_parallel = c.sequence_parallel;
   m.init_std = 0.3f;
+  m.router.aux_loss = AuxOf(c);
+  m.router.z_loss_coeff = c.z_loss;
   return m;
 }
 
@@ -76,7 +90,7 @@ void Silence(MoELayer& layer, const std::vector<int>& experts) {
 
 struct Reference {
   at::Tensor x, R, out, x_grad, router_grad, fc1_grad, fc2_grad, shared_fc1_grad, shared_fc2_grad;
-  double aux = 0;
+  double aux = 0, z = 0;
   int64_t dropped = 0;
   at::Tensor tokens_per_expert;
 };
@@ -93,43 +107,74 @@ Inputs MakeInputs(const Case& c) {
   return {x.to(c.dtype), at::randn({T, kHidden}).to(c.dtype)};
 }
 
-// The single-process layer. Dropless: the whole global batch at once (with the batch aux
-// loss). With capacity, each routing shard (what one rank routes) separately, as capacity is
-// counted per shard; the aux loss then is per shard too.
+// The single-process layer, on each routing shard (what one rank routes: a DP block, or its
+// TP shares) in turn, as capacity is counted per shard (dropless, the shards change nothing).
+// Its own losses are off: the load-balancing loss and z-loss are added from the gate's
+// formulas over what one process would see, each DP block (or the whole global batch for the
+// global variant) at once: the layout must not change them.
 Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& shards) {
   Reference ref;
   const Inputs in = MakeInputs(c);
   ref.x = in.x;
   ref.R = in.R;
-  const int64_t T = ref.x.size(0);
   MoEConfig cfg = Config(c);
-  cfg.router.aux_loss = gate::AuxLoss::kBatch;
+  cfg.router.aux_loss = gate::AuxLoss::kNone;
+  cfg.router.z_loss_coeff = 0;
   auto layer = MoELayer::Create(cfg, kSeed);
   EXPECT_TRUE(layer.ok()) << layer.status();
   Silence(*layer, c.silent_experts);
   at::Tensor x = ref.x.clone().requires_grad_(true);
   std::vector<at::Tensor> outs;
   at::Tensor loss = at::zeros({});
-  auto run = [&](int64_t off, int64_t n) {
-    auto out = layer->Forward(x.narrow(0, off, n), {});
-    EXPECT_TRUE(out.ok()) << out.status();
-    outs.push_back(out->output);
-    loss = loss + (out->output * ref.R.narrow(0, off, n)).sum() + out->aux_loss;
-    ref.aux += out->aux_loss_value;
-    ref.dropped += out->dropped;
-    ref.tokens_per_expert = ref.tokens_per_expert.defined() ? ref.tokens_per_expert + out->tokens_per_expert
-                                                            : out->tokens_per_expert;
+  const int k = c.top_k;
+  const double coeff = cfg.router.aux_loss_coeff;
+  const gate::ScoreFunction score = cfg.router.topk.score;
+  const at::Tensor W = layer->router().weight();
+  auto aux_scores = [&](const at::Tensor& logits) {
+    absl::StatusOr<gate::AuxLossInputs> a = gate::AuxLossScores(logits, k, score);
+    EXPECT_TRUE(a.ok()) << a.status();
+    return *a;
   };
-  if (c.capacity_factor > 0) {
-    int64_t off = 0;
-    for (const auto& block : shards) {
-      for (int64_t n : block) {
-        run(off, n);
-        off += n;
-      }
+  int64_t off = 0;
+  for (const auto& block : shards) {
+    const int64_t block_off = off;
+    for (int64_t n : block) {
+      auto out = layer->Forward(x.narrow(0, off, n), {});
+      EXPECT_TRUE(out.ok()) << out.status();
+      outs.push_back(out->output);
+      loss = loss + (out->output * ref.R.narrow(0, off, n)).sum();
+      ref.dropped += out->dropped;
+      ref.tokens_per_expert = ref.tokens_per_expert.defined() ? ref.tokens_per_expert + out->tokens_per_expert
+                                                              : out->tokens_per_expert;
+      off += n;
     }
-  } else {
-    run(0, T);
+    const int64_t Tb = off - block_off;
+    const at::Tensor logits = at::mm(x.narrow(0, block_off, Tb).to(at::kFloat), W.t());
+    at::Tensor aux;
+    if (AuxOf(c) == gate::AuxLoss::kBatch) {
+      const gate::AuxLossInputs a = aux_scores(logits);
+      aux = gate::LoadBalancingLoss(a.scores, a.tokens_per_expert, Tb, k, coeff);
+    } else if (AuxOf(c) == gate::AuxLoss::kSequence) {
+      const gate::AuxLossInputs a = aux_scores(logits);
+      absl::StatusOr<at::Tensor> l = gate::SequenceLoadBalancingLoss(a.scores, a.routing_map, Tb / c.seq_len, k, coeff);
+      EXPECT_TRUE(l.ok()) << l.status();
+      aux = *l;
+    }
+    if (aux.defined()) {
+      loss = loss + aux;
+      ref.aux += aux.item<double>();
+    }
+    if (c.z_loss > 0) {
+      const at::Tensor z = gate::ZLoss(logits, c.z_loss);
+      loss = loss + z;
+      ref.z += z.item<double>();
+    }
+  }
+  if (AuxOf(c) == gate::AuxLoss::kGlobal) {
+    const gate::AuxLossInputs a = aux_scores(at::mm(x.to(at::kFloat), W.t()));
+    const at::Tensor aux = gate::LoadBalancingLoss(a.scores, a.tokens_per_expert, x.size(0), k, coeff);
+    loss = loss + aux;
+    ref.aux += aux.item<double>();
   }
   loss.backward();
   ref.out = at::cat(outs).detach();
@@ -193,7 +238,7 @@ void RunCase(const Case& c) {
   ASSERT_TRUE(layout.ok()) << layout.status();
   ASSERT_EQ(static_cast<int>(c.dp_tokens.size()), layout->dp());
   const int slices = layout->tp();
-  std::vector<std::vector<int64_t>> shards;
+  std::vector<std::vector<int64_t>> shards;  // what each rank routes, by DP block
   for (int64_t n : c.dp_tokens) shards.push_back(dispatch::EvenSplit(n, slices));
   const Reference ref = RunReference(c, shards);
   // The cases test what they say: drops happen, the silent expert gets nothing.
@@ -207,29 +252,34 @@ void RunCase(const Case& c) {
   const double tol = c.tolerance;
 
   std::mutex mu;
-  double aux_total = 0;
+  double aux_total = 0, z_total = 0;
   int64_t dropped_total = 0;
   at::Tensor routed_total = at::zeros({c.num_experts}, at::kLong);
   int ranks_without_tokens = 0;
   const absl::Status s = groups::testing::RunRanks({.layout = c.layout}, [&](Communicator& comm) -> absl::Status {
     const int rank = comm.rank();
     const int d = comm.layout().Dense(rank).dp;
-    const int64_t off = std::accumulate(c.dp_tokens.begin(), c.dp_tokens.begin() + d, int64_t{0});
-    const int64_t n = c.dp_tokens[d];
-    MoEConfig cfg = Config(c);
-    // Dropless: the aux loss over the global batch (counts summed over the stage).
-    cfg.router.aux_loss = c.capacity_factor > 0 ? gate::AuxLoss::kBatch : gate::AuxLoss::kGlobal;
-    auto layer = MoELayer::Create(cfg, kSeed, &comm);
+    int64_t off = std::accumulate(c.dp_tokens.begin(), c.dp_tokens.begin() + d, int64_t{0});
+    int64_t n = c.dp_tokens[d];
+    const int64_t sequences = c.seq_len > 0 ? n / c.seq_len : 1;  // in the DP block
+    if (c.sequence_parallel) {  // this TP rank's share of the block
+      const int t = comm.layout().Dense(rank).tp;
+      off += std::accumulate(shards[d].begin(), shards[d].begin() + t, int64_t{0});
+      n = shards[d][t];
+    }
+    auto layer = MoELayer::Create(Config(c), kSeed, &comm);
     if (!layer.ok()) return layer.status();
     Silence(*layer, c.silent_experts);
     at::Tensor x = ref.x.narrow(0, off, n).clone().requires_grad_(true);
-    auto out = layer->Forward(x, {});
+    auto out = layer->Forward(x, {.num_sequences = sequences});
     if (!out.ok()) return out.status();
-    ((out->output * ref.R.narrow(0, off, n)).sum() + out->aux_loss).backward();
+    ((out->output * ref.R.narrow(0, off, n)).sum() + out->aux_loss + out->z_loss).backward();
     {
-      // Each rank routes its own tokens (its TP slice of them): counts and drops add up.
+      // Each rank routes its own tokens (its TP slice of them): counts and drops add up, and
+      // so do the losses (each rank's share).
       std::lock_guard<std::mutex> l(mu);
       aux_total += out->aux_loss_value;
+      z_total += out->z_loss_value;
       dropped_total += out->dropped;
       routed_total += out->tokens_per_expert;
       if (out->tokens_per_expert.sum().item<int64_t>() == 0) ++ranks_without_tokens;
@@ -254,6 +304,7 @@ void RunCase(const Case& c) {
   });
   EXPECT_TRUE(s.ok()) << s;
   EXPECT_NEAR(aux_total, ref.aux, 1e-6 * std::abs(ref.aux)) << "aux loss summed over ranks";
+  EXPECT_NEAR(z_total, ref.z, 1e-6 * std::abs(ref.z)) << "z-loss summed over ranks";
   EXPECT_EQ(dropped_total, ref.dropped) << "dropped copies summed over ranks";
   EXPECT_TRUE(at::equal(routed_total, ref.tokens_per_expert)) << "routed copies per expert summed over ranks: "
                                                               << routed_total << " want " << ref.tokens_per_expert;
@@ -327,6 +378,49 @@ TEST(MoELayerEquivalenceTest, TensorParallel2SliceWithoutTokens) {
            .shared_experts = 1,
            .dp_tokens = {1},
            .ranks_without_tokens = 1});
+}
+
+// Each TP slice's losses are its share of the block's: with TP = 2 the batch and sequence
+// aux losses and the z-loss (and their router gradients) are those of TP = 1, not twice them.
+TEST(MoELayerEquivalenceTest, TensorParallel2SlicesShareTheBlockLosses) {
+  RunCase({.name = "TP=2 slicing, batch aux loss and z-loss",
+           .layout = {.world_size = 2, .tp = 2, .etp = 1},
+           .dp_tokens = {13},
+           .aux = gate::AuxLoss::kBatch,
+           .z_loss = 0.01});
+  // 3 sequences of 6 over slices of 9 and 9 tokens: sequence 1 is split between them.
+  RunCase({.name = "TP=2 x DP=2 slicing, per-sequence aux loss and z-loss",
+           .layout = {.world_size = 4, .tp = 2, .etp = 1},
+           .dp_tokens = {18, 12},
+           .aux = gate::AuxLoss::kSequence,
+           .z_loss = 0.01,
+           .seq_len = 6});
+}
+
+TEST(MoELayerEquivalenceTest, SequenceParallelTensorParallel2xExpertParallel2) {
+  // Each TP rank holds its own share of the block (7 + 7 and 6 + 5 tokens).
+  RunCase({.name = "TP=2 sequence parallel x EP=2, batch aux loss and z-loss, capacity 1.0",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 1},
+           .capacity_factor = 1.0,
+           .dp_tokens = {14, 11},
+           .aux = gate::AuxLoss::kBatch,
+           .z_loss = 0.01,
+           .sequence_parallel = true});
+  RunCase({.name = "TP=2 sequence parallel, per-sequence aux loss, a sequence split between the ranks",
+           .layout = {.world_size = 2, .tp = 2, .etp = 1},
+           .dp_tokens = {15},
+           .aux = gate::AuxLoss::kSequence,
+           .seq_len = 5,
+           .sequence_parallel = true});
+}
+
+TEST(MoELayerEquivalenceTest, DataParallel2xExpertParallel2SequenceAuxAndZLoss) {
+  RunCase({.name = "DP=2 x EP=2, per-sequence aux loss and z-loss",
+           .layout = {.world_size = 4, .ep = 2},
+           .dp_tokens = {8, 12, 4, 8},
+           .aux = gate::AuxLoss::kSequence,
+           .z_loss = 0.01,
+           .seq_len = 4});
 }
 
 TEST(MoELayerEquivalenceTest, TensorParallel2xExpertParallel2Dropless) {

@@ -13,6 +13,8 @@
 // them (FastMoE's slice_group) and gathers the outputs back. Routed copies go to their
 // experts over the EP group (all-to-all) and, with ETP > 1, to every F slice of the expert.
 // Capacity is counted over the tokens this rank routes, as in Megatron-Core and DeepSpeed.
+// The aux loss and z-loss are this rank's share: the TP group's shares add up to the loss of
+// its whole block of tokens (the global aux loss: the stage's shares to the global batch's).
 //
 // Every parameter carries a tag (domain, module name, expert group, global expert indices,
 // EP size) that the optimizer and the grad norm read; the layer never includes them.
@@ -68,7 +70,8 @@ struct TaggedParam {
 
 struct MoEForwardArgs {
   bool training = false;
-  int64_t num_sequences = 1;  // for the per-sequence aux loss
+  int64_t num_sequences = 1;  // per-sequence aux loss: sequences in the block (with sequence
+                              // parallelism, in the TP ranks' shares together, in TP order)
 };
 
 struct MoEOutput {

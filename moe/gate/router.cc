@@ -289,8 +289,10 @@ at::Tensor NormalizeKept(const at::Tensor& w) {
 }  // namespace
 
 int64_t ExpertCapacity(int64_t tokens, int top_k, int num_experts, double capacity_factor) {
-  return static_cast<int64_t>(
-      std::ceil(static_cast<double>(tokens) * top_k / num_experts * capacity_factor));
+  const double c = std::ceil(static_cast<double>(tokens) * top_k / num_experts * capacity_factor);
+  // An expert gets each token at most once: more slots change nothing, and a huge factor
+  // must not overflow the conversion (to a capacity of 0, which would drop every token).
+  return c >= static_cast<double>(tokens) ? tokens : static_cast<int64_t>(c);
 }
 
 absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o,

@@ -108,7 +108,8 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
 // tokens_per_expert is the capacity for every expert; nothing counts as dropped.
 absl::StatusOr<Routing> ExpertChoiceRoute(const at::Tensor& logits, double capacity_factor);
 
-// ceil(tokens × top_k / num_experts × capacity_factor).
+// ceil(tokens × top_k / num_experts × capacity_factor), at most `tokens` (an expert gets each
+// token at most once).
 int64_t ExpertCapacity(int64_t tokens, int top_k, int num_experts, double capacity_factor);
 
 // The scores the load-balancing loss averages (softmax; or sigmoid normalised per token) and

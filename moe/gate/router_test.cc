@@ -264,6 +264,17 @@ TEST(Router, EdgeCases) {
   EXPECT_EQ(r->capacity, 3);
   EXPECT_TRUE(r->routing_map.select(1, 0).equal(at::tensor({1, 1, 1, 0, 0, 0}).to(at::kBool)));
   EXPECT_EQ(r->dropped.sum().item<int64_t>(), 3);
+  // A capacity past the token count is the token count: a factor too large for int64 once
+  // converted drops nothing (it used to give capacity 0 and drop every token), also padded.
+  for (bool pad : {false, true}) {
+    r = TopKRoute(at::randn({64, 16}), {.top_k = 2, .capacity_factor = 1e17, .pad_to_capacity = pad});
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->capacity, 64);
+    EXPECT_EQ(r->dropped.sum().item<int64_t>(), 0);
+    EXPECT_EQ(r->routing_map.sum().item<int64_t>(), pad ? 64 * 16 : 128);
+  }
+  EXPECT_EQ(ExpertCapacity(64, 2, 16, 1.0), 8);
+  EXPECT_EQ(ExpertCapacity(64, 2, 16, 1e300), 64);
   // Bad input is an error naming the problem, never silent routing.
   auto err = [](absl::StatusOr<Routing> s) { return s.ok() ? std::string("accepted") : std::string(s.status().message()); };
   at::Tensor nan = at::zeros({2, 4});

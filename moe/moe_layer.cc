@@ -68,6 +68,11 @@ absl::StatusOr<MoELayer> MoELayer::Create(const MoEConfig& config, uint64_t seed
   layer.router_.emplace(std::move(router));
   SY_ASSIGN_OR_RETURN(experts::GroupedExperts ex, experts::GroupedExperts::Create(ec, seed ^ kExpertSeedSalt));
   layer.experts_.emplace(std::move(ex));
+  if (config.shared_ffn_hidden_size < 0 || (config.shared_ffn_hidden_size > 0 && config.num_shared_experts == 0)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: shared_ffn_hidden_size = %d needs num_shared_experts > 0 (and must be >= 0; 0: ffn_hidden_size x "
+        "num_shared_experts)", config.name, config.shared_ffn_hidden_size));
+  }
   if (config.num_shared_experts > 0) {
     const int64_t f = config.shared_ffn_hidden_size > 0 ? config.shared_ffn_hidden_size
                                                         : config.ffn_hidden_size * config.num_shared_experts;
@@ -90,6 +95,11 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
   const int64_t H = config_.router.hidden_size;
   if (!hidden.defined() || hidden.dim() != 2 || hidden.size(1) != H) {
     return absl::InvalidArgumentError(absl::StrFormat("%s: hidden states must be [tokens, %d]", config_.name, H));
+  }
+  if (!at::isFloatingType(hidden.scalar_type()) || !hidden.device().is_cpu()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: hidden states must be a floating-point CPU tensor (the layer computes on the CPU); got %s on %s",
+        config_.name, c10::toString(hidden.scalar_type()), hidden.device().str()));
   }
   try {
     groups::Group* slice = config_.sequence_parallel ? nullptr : GroupOrNull(GroupKind::kSlice);
@@ -177,12 +187,18 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
 }
 
 absl::Status MoELayer::UpdateExpertBias(const at::Tensor& tokens_per_expert) {
+  const int E = config_.router.num_experts;
+  if (!tokens_per_expert.defined() || tokens_per_expert.dim() != 1 || tokens_per_expert.size(0) != E ||
+      !tokens_per_expert.device().is_cpu()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: tokens_per_expert must be a CPU tensor of shape [%d] (MoEOutput.tokens_per_expert)",
+                        config_.name, E));
+  }
   at::Tensor n = tokens_per_expert.to(at::kFloat).contiguous().clone();
   if (groups::Group* stage = GroupOrNull(GroupKind::kGate)) {
     SY_RETURN_IF_ERROR(Sum(*stage, n));
   }
-  router_->UpdateBias(n);
-  return absl::OkStatus();
+  return router_->UpdateBias(n);
 }
 
 std::vector<TaggedParam> MoELayer::Parameters() {

@@ -678,9 +678,36 @@ TEST(MoELayerTest, LayoutThatDoesNotFitIsAClearError) {
   EXPECT_TRUE(s.ok()) << s;
   auto one = MoELayer::Create(Config({}), kSeed);
   ASSERT_TRUE(one.ok());
-  auto bad = one->Forward(at::randn({4, kHidden + 1}), {});
-  ASSERT_FALSE(bad.ok());
-  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("hidden states must be [tokens, 8]"));
+  auto message = [](const auto& status_or) {
+    return status_or.ok() ? std::string("accepted") : std::string(status_or.status().message());
+  };
+  EXPECT_THAT(message(one->Forward(at::randn({4, kHidden + 1}), {})), HasSubstr("hidden states must be [tokens, 8]"));
+  // Integer tokens would be truncated on the way out; another device cannot be read here.
+  EXPECT_THAT(message(one->Forward(at::ones({4, kHidden}, at::kLong), {})),
+              HasSubstr("must be a floating-point CPU tensor (the layer computes on the CPU); got Long on cpu"));
+  EXPECT_THAT(message(one->Forward(at::empty({4, kHidden}, at::TensorOptions().device(at::kMeta)), {})),
+              HasSubstr("got Float on meta"));
+  // Settings that cannot mean anything.
+  MoEConfig bad = Config({});
+  bad.shared_ffn_hidden_size = 16;
+  EXPECT_THAT(message(MoELayer::Create(bad, kSeed)), HasSubstr("shared_ffn_hidden_size = 16 needs num_shared_experts > 0"));
+  bad = Config({.shared_experts = 1});
+  bad.shared_ffn_hidden_size = -4;
+  EXPECT_THAT(message(MoELayer::Create(bad, kSeed)), HasSubstr("shared_ffn_hidden_size = -4"));
+  bad = Config({});
+  bad.init_std = NAN;
+  EXPECT_THAT(message(MoELayer::Create(bad, kSeed)), HasSubstr("experts: init_std = nan must be finite"));
+  // Bias updates take [E] counts: anything else is an error, before any communication.
+  bad = Config({});
+  bad.router.expert_bias = true;
+  auto biased = MoELayer::Create(bad, kSeed);
+  ASSERT_TRUE(biased.ok()) << biased.status();
+  for (const at::Tensor& counts : {at::Tensor(), at::ones({kExperts, 1}), at::ones({kExperts + 1})}) {
+    const absl::Status s = biased->UpdateExpertBias(counts);
+    EXPECT_THAT(std::string(s.message()), HasSubstr("tokens_per_expert must be a CPU tensor of shape [8]"));
+  }
+  EXPECT_THAT(std::string(biased->UpdateExpertBias(at::full({kExperts}, NAN)).message()), HasSubstr("finite counts"));
+  EXPECT_TRUE(biased->router().expert_bias().equal(at::zeros({kExperts})));
 }
 
 }  // namespace

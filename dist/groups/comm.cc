@@ -217,6 +217,10 @@ Work Group::AllGatherV(const at::Tensor& in, at::Tensor& out, const std::vector<
   }
   int64_t total = 0, max_rows = 0;
   for (int64_t c : counts) {
+    if (c < 0) {
+      return Work(absl::InvalidArgumentError(absl::StrFormat(
+          "%s: all_gather_v counts must be >= 0; got [%s]", impl_->Where(), absl::StrJoin(counts, ","))));
+    }
     total += c;
     max_rows = std::max(max_rows, c);
   }
@@ -281,13 +285,14 @@ Work Group::AllToAllV(const at::Tensor& in, at::Tensor& out,
                       const std::vector<int64_t>& send_counts,
                       const std::vector<int64_t>& recv_counts) {
   int64_t send_total = 0, recv_total = 0;
-  for (int64_t c : send_counts) send_total += c;
-  for (int64_t c : recv_counts) recv_total += c;
-  if (static_cast<int>(send_counts.size()) != size() ||
+  bool negative = false;
+  for (int64_t c : send_counts) send_total += c, negative |= c < 0;
+  for (int64_t c : recv_counts) recv_total += c, negative |= c < 0;
+  if (negative || static_cast<int>(send_counts.size()) != size() ||
       static_cast<int>(recv_counts.size()) != size() || send_total != in.size(0) ||
       recv_total != out.size(0)) {
     return Work(absl::InvalidArgumentError(absl::StrFormat(
-        "%s: all_to_all_v needs %d send and recv counts adding up to the input (%d) and "
+        "%s: all_to_all_v needs %d send and recv counts >= 0 adding up to the input (%d) and "
         "output (%d) rows; got sends [%s], recvs [%s]",
         impl_->Where(), size(), in.size(0), out.size(0), absl::StrJoin(send_counts, ","),
         absl::StrJoin(recv_counts, ","))));

@@ -53,9 +53,13 @@ TEST(Comm, EveryCollectiveOnEveryGroupKind) {
 TEST(Comm, BadArgumentsAreErrorsNamingTheGroup) {
   absl::Status s = RunRanks({.layout = {.world_size = 2}}, [](Communicator& comm) -> absl::Status {
     Group& g = comm.World();
-    at::Tensor in = at::empty({2, 2}), wrong = at::empty({3, 2});
+    at::Tensor in = at::empty({2, 2}), wrong = at::empty({3, 2}), out = at::empty({2, 2}), one = at::empty({1, 2});
+    // Negative counts whose sums fit the tensors (Gloo would be handed a negative split).
+    std::vector<int64_t> negative(2, -1);
+    negative[g.rank()] = 2;
     for (absl::Status bad : {g.AllGather(in, wrong).Wait(), g.ReduceScatter(in, wrong).Wait(),
                              g.AllToAllV(in, wrong, {1, 1}, {1, 1}).Wait(),
+                             g.AllToAllV(in, out, {-1, 3}, {1, 1}).Wait(), g.AllGatherV(in, one, negative).Wait(),
                              g.AllGatherV(in, wrong, {2}).Wait(), g.Broadcast(in, 5).Wait(),
                              g.Send(in, g.rank()).Wait()}) {
       SY_RETURN_IF_ERROR(Expect(!bad.ok() && bad.message().find("group world, member") != std::string::npos,

@@ -145,6 +145,7 @@ at::Tensor ToExperts(const at::Tensor& x, const DispatchState& st, const ExpertG
 }  // namespace
 
 std::vector<int64_t> EvenSplit(int64_t n, int parts) {
+  TORCH_CHECK(parts >= 1 && n >= 0, "EvenSplit: ", n, " rows into ", parts, " parts (need rows >= 0, parts >= 1)");
   std::vector<int64_t> out(parts, n / parts);
   for (int i = 0; i < n % parts; ++i) ++out[i];
   return out;

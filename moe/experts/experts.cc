@@ -824,6 +824,9 @@ absl::StatusOr<GroupedExperts> GroupedExperts::Create(const ExpertsConfig& c, ui
         c.ffn_hidden_size, c.etp_rank));
   }
   if (!at::isFloatingType(c.dtype)) return absl::InvalidArgumentError("experts: dtype must be floating point");
+  if (!(c.init_std >= 0) || !std::isfinite(c.init_std)) {
+    return absl::InvalidArgumentError(absl::StrFormat("experts: init_std = %g must be finite and >= 0", c.init_std));
+  }
   GroupedExperts x;
   x.config_ = c;
   const int64_t fl = x.local_ffn(), lo = c.etp_rank * fl;

@@ -78,8 +78,15 @@ absl::StatusOr<Router> Router::Create(const RouterConfig& c, uint64_t seed) {
   if (!(c.jitter_eps >= 0 && c.jitter_eps < 1)) {
     return absl::InvalidArgumentError(absl::StrFormat("router: jitter_eps = %g must be in [0, 1)", c.jitter_eps));
   }
-  if (c.aux_loss_coeff < 0 || c.z_loss_coeff < 0 || c.bias_update_rate < 0) {
-    return absl::InvalidArgumentError("router: loss coefficients and bias_update_rate must be >= 0");
+  // NaN fails every comparison: without these a NaN coefficient would switch its loss off
+  // silently, and a NaN rate would turn the bias into NaN and route every token to experts 0..k-1.
+  for (auto [name, v] : {std::pair<const char*, double>{"aux_loss_coeff", c.aux_loss_coeff},
+                         {"z_loss_coeff", c.z_loss_coeff},
+                         {"bias_update_rate", c.bias_update_rate},
+                         {"init_std", c.init_std}}) {
+    if (!(v >= 0) || !std::isfinite(v)) {
+      return absl::InvalidArgumentError(absl::StrFormat("router: %s = %g must be finite and >= 0", name, v));
+    }
   }
   Router r;
   r.config_ = c;
@@ -166,9 +173,22 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
   return out;
 }
 
-void Router::UpdateBias(const at::Tensor& tokens_per_expert) {
-  if (!expert_bias_.defined()) return;
+absl::Status Router::UpdateBias(const at::Tensor& tokens_per_expert) {
+  const int64_t E = config_.num_experts;
+  if (!tokens_per_expert.defined() || tokens_per_expert.dim() != 1 || tokens_per_expert.size(0) != E ||
+      !tokens_per_expert.device().is_cpu()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "router: tokens_per_expert must be a CPU tensor of shape [%d]; got %s", E,
+        tokens_per_expert.defined() ? c10::str(tokens_per_expert.sizes(), " on ", tokens_per_expert.device())
+                                    : std::string("none")));
+  }
+  const at::Tensor n = tokens_per_expert.to(at::kDouble);
+  if (!n.isfinite().all().item<bool>() || (n < 0).any().item<bool>()) {
+    return absl::InvalidArgumentError("router: tokens_per_expert must be finite counts >= 0");
+  }
+  if (!expert_bias_.defined()) return absl::OkStatus();
   expert_bias_ = UpdateExpertBias(expert_bias_, tokens_per_expert, config_.bias_update_rate);
+  return absl::OkStatus();
 }
 
 }  // namespace switchyard::gate

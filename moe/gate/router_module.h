@@ -74,7 +74,8 @@ class Router {
 
   // Aux-loss-free balancing after an optimizer step: `tokens_per_expert` must already be
   // summed over every rank that shares this router.
-  void UpdateBias(const at::Tensor& tokens_per_expert);
+  // Bad counts (shape, NaN, negative) are an error and leave the bias as it was.
+  absl::Status UpdateBias(const at::Tensor& tokens_per_expert);
 
   const RouterConfig& config() const { return config_; }
   at::Tensor& weight() { return weight_; }              // [E, H] fp32, requires grad

@@ -147,9 +147,17 @@ TEST(RouterModule, ExpertBiasSteersTheChoiceAfterUpdates) {
   absl::StatusOr<RouterOutput> before = r->Forward(h, {});
   ASSERT_TRUE(before.ok());
   const at::Tensor counts = before->routing.tokens_per_expert;
-  r->UpdateBias(counts);
+  ASSERT_TRUE(r->UpdateBias(counts).ok());
   const at::Tensor n = counts.to(at::kFloat);
   EXPECT_TRUE(r->expert_bias().equal(at::sign(n.mean() - n) * 0.5));
+  // Bad counts are an error and leave the bias alone (a [4, 1] tensor would broadcast it to [4, 4]).
+  const at::Tensor kept = r->expert_bias().clone();
+  for (const at::Tensor& bad : {at::Tensor(), at::ones({4, 1}), at::ones({5}), at::full({4}, NAN), at::full({4}, -1.0)}) {
+    const absl::Status s = r->UpdateBias(bad);
+    EXPECT_FALSE(s.ok());
+    EXPECT_THAT(std::string(s.message()), HasSubstr("tokens_per_expert must be"));
+  }
+  EXPECT_TRUE(r->expert_bias().equal(kept));
   absl::StatusOr<RouterOutput> after = r->Forward(h, {});
   ASSERT_TRUE(after.ok());
   // The most loaded expert gets fewer tokens once its bias went down; weights stay unbiased.
@@ -206,6 +214,16 @@ TEST(RouterModule, ExpertChoiceAndBadInput) {
   EXPECT_THAT(std::string(r->Forward(Hidden(16, 7, 6), {}).status().message()), HasSubstr("[tokens, 8]"));
   EXPECT_FALSE(Router::Create({.hidden_size = 0, .num_experts = 4}, 1).ok());
   EXPECT_FALSE(Router::Create({.hidden_size = 8, .num_experts = 4, .jitter_eps = 1.5f}, 1).ok());
+  // NaN and inf settings are refused by name (NaN fails every comparison, so a plain `< 0`
+  // check let them through: a NaN loss coefficient switched its loss off).
+  for (auto [field, c] : {std::pair<const char*, RouterConfig>{"aux_loss_coeff = nan", {.aux_loss_coeff = NAN}},
+                          {"z_loss_coeff = inf", {.z_loss_coeff = INFINITY}},
+                          {"bias_update_rate = nan", {.bias_update_rate = NAN}},
+                          {"init_std = -1", {.init_std = -1.0f}}}) {
+    c.hidden_size = 8;
+    c.num_experts = 4;
+    EXPECT_THAT(std::string(Router::Create(c, 1).status().message()), HasSubstr(field));
+  }
   // NaN hidden states become NaN logits: refused, not routed.
   at::Tensor bad = Hidden(4, 8, 7);
   bad[2][3] = NAN;

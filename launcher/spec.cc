@@ -339,6 +339,12 @@ absl::StatusOr<ResolvedJob> ValidateJob(const Job& job, int world_size) {
       out.moe_layers.push_back(l);
     }
   }
+  if (!out.moe_layers.empty() && out.layout.cp() > 1) {
+    // Each CP rank would count its chunk's aux loss and z-loss as a whole batch's; the
+    // MoE layer has no TP x CP block yet (moe/moe_layer.h).
+    return Invalid(absl::StrFormat(
+        "parallel.cp: %d with MoE layers (model.moe) is not supported yet; use parallel.cp = 1", out.layout.cp()));
+  }
   return out;
 }
 

@@ -58,6 +58,12 @@ absl::StatusOr<MoELayer> MoELayer::Create(const MoEConfig& config, uint64_t seed
           "%s: parallel.etp = %d does not divide ffn_hidden_size = %d", config.name, l.etp(),
           config.ffn_hidden_size));
     }
+    if (l.cp() > 1) {
+      // Its aux loss and z-loss would be counted per CP chunk: the block they are shares of
+      // is the TP group's only (Megatron-Core's is TP x CP).
+      return absl::UnimplementedError(absl::StrFormat(
+          "%s: context parallelism (parallel.cp = %d) is not supported by the MoE layer yet", config.name, l.cp()));
+    }
     const groups::ExpertCoord c = l.Expert(comm->rank());
     ec.ep_size = l.ep();
     ec.ep_rank = c.ep;

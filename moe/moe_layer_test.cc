@@ -666,6 +666,12 @@ TEST(MoELayerTest, LayoutThatDoesNotFitIsAClearError) {
     return absl::OkStatus();
   });
   EXPECT_TRUE(s.ok()) << s;
+  s = groups::testing::RunRanks({.layout = {.world_size = 2, .cp = 2}}, [&](Communicator& comm) -> absl::Status {
+    auto layer = MoELayer::Create(Config({}), kSeed, &comm);
+    EXPECT_THAT(std::string(layer.status().message()), HasSubstr("context parallelism (parallel.cp = 2) is not supported"));
+    return absl::OkStatus();
+  });
+  EXPECT_TRUE(s.ok()) << s;
   c = Config({});
   c.ffn_hidden_size = 13;
   s = groups::testing::RunRanks({.layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 2}},

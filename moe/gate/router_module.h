@@ -48,7 +48,8 @@ struct ForwardArgs {
   // contiguous share of one block of tokens (slicing, or sequence parallelism). Its losses are
   // then its share of the block's (counts summed over the group with sum_over_block; the
   // z-loss divided by the block's token count), so that they add up over the group to what
-  // one router of the whole block gives (Megatron-Core sums over its tp_cp group alike).
+  // one router of the whole block gives (Megatron-Core sums over its tp_cp group alike; the
+  // MoE layer's block is the TP group's tokens, as it has no context parallelism).
   // block_tokens < 0: the tokens given are the whole block.
   int64_t block_tokens = -1;
   int64_t block_offset = 0;  // this part's first token in the block

@@ -97,7 +97,7 @@ absl::StatusOr<MoELayer> MoELayer::Create(const MoEConfig& config, uint64_t seed
   return layer;
 }
 
-absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEForwardArgs& args) {
+absl::Status MoELayer::CheckHidden(const at::Tensor& hidden) const {
   const int64_t H = config_.router.hidden_size;
   if (!hidden.defined() || hidden.dim() != 2 || hidden.size(1) != H) {
     return absl::InvalidArgumentError(absl::StrFormat("%s: hidden states must be [tokens, %d]", config_.name, H));
@@ -107,26 +107,48 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
         "%s: hidden states must be a floating-point CPU tensor (the layer computes on the CPU); got %s on %s",
         config_.name, c10::toString(hidden.scalar_type()), hidden.device().str()));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEForwardArgs& args) {
+  // The TP group's routers each route a share of one block of tokens: a slice of the tokens
+  // they all hold, or (sequence parallel) their own. Their losses are shares of the block's
+  // (else TP = 2 would double the aux and z-loss gradients).
+  groups::Group* slice = config_.sequence_parallel ? nullptr : GroupOrNull(GroupKind::kSlice);
+  groups::Group* tp = slice != nullptr ? slice : config_.sequence_parallel ? GroupOrNull(GroupKind::kTp) : nullptr;
+  absl::Status input = CheckHidden(hidden);
   try {
-    groups::Group* slice = config_.sequence_parallel ? nullptr : GroupOrNull(GroupKind::kSlice);
-    std::vector<int64_t> slice_counts;
+    // A share with NaN or inf would fail in the router alone, and leave the rest of the
+    // group waiting in its next collective: the group finds out together. Sliced, every rank
+    // holds the same tokens and checks them all; sequence parallel, each its own share, and
+    // the verdict travels with the exchange of the shares' sizes.
+    std::vector<int64_t> parts;
+    if (input.ok() && tp != nullptr && !at::isfinite(hidden).all().item<bool>()) {
+      input = absl::InvalidArgumentError(absl::StrFormat("%s: hidden states hold NaN or inf", config_.name));
+    }
+    if (slice != nullptr) {
+      SY_RETURN_IF_ERROR(input);
+      parts = dispatch::EvenSplit(hidden.size(0), slice->size());
+    } else if (tp != nullptr) {
+      at::Tensor n = at::zeros({tp->size() + 1}, at::kLong);
+      if (input.ok()) n[tp->rank()] = hidden.size(0);
+      n[tp->size()] = input.ok() ? 0 : 1;
+      SY_RETURN_IF_ERROR(Sum(*tp, n));
+      SY_RETURN_IF_ERROR(input);
+      if (n[tp->size()].item<int64_t>() > 0) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "%s: another rank of %s had bad hidden states (see its error)", config_.name, tp->name()));
+      }
+      parts.assign(n.data_ptr<int64_t>(), n.data_ptr<int64_t>() + tp->size());
+    } else {
+      SY_RETURN_IF_ERROR(input);
+    }
     at::Tensor x = hidden;
     if (slice != nullptr) {
-      slice_counts = dispatch::EvenSplit(hidden.size(0), slice->size());
-      SY_ASSIGN_OR_RETURN(x, dispatch::SliceTokens(hidden, *slice, slice_counts));
+      SY_ASSIGN_OR_RETURN(x, dispatch::SliceTokens(hidden, *slice, parts));
     }
     gate::ForwardArgs ga{.training = args.training, .num_sequences = args.num_sequences};
-    // The TP group's routers each route a share of one block of tokens: their losses are
-    // shares of the block's (else TP = 2 would double the aux and z-loss gradients).
-    groups::Group* tp = slice != nullptr ? slice : config_.sequence_parallel ? GroupOrNull(GroupKind::kTp) : nullptr;
     if (tp != nullptr) {
-      std::vector<int64_t> parts = slice_counts;
-      if (slice == nullptr) {  // sequence parallel: every rank's share, in TP order
-        at::Tensor n = at::zeros({tp->size()}, at::kLong);
-        n[tp->rank()] = hidden.size(0);
-        SY_RETURN_IF_ERROR(Sum(*tp, n));
-        parts.assign(n.data_ptr<int64_t>(), n.data_ptr<int64_t>() + tp->size());
-      }
       ga.block_tokens = std::accumulate(parts.begin(), parts.end(), int64_t{0});
       ga.block_offset = std::accumulate(parts.begin(), parts.begin() + tp->rank(), int64_t{0});
       ga.sum_over_block = [tp](const at::Tensor& t) {
@@ -174,7 +196,7 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
       y = y + s;
     }
     if (slice != nullptr) {
-      SY_ASSIGN_OR_RETURN(y, dispatch::GatherTokens(y, *slice, slice_counts));
+      SY_ASSIGN_OR_RETURN(y, dispatch::GatherTokens(y, *slice, parts));
     }
 
     MoEOutput out;
@@ -194,17 +216,37 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
 
 absl::Status MoELayer::UpdateExpertBias(const at::Tensor& tokens_per_expert) {
   const int E = config_.router.num_experts;
+  absl::Status mine;
   if (!tokens_per_expert.defined() || tokens_per_expert.dim() != 1 || tokens_per_expert.size(0) != E ||
       !tokens_per_expert.device().is_cpu()) {
-    return absl::InvalidArgumentError(
+    mine = absl::InvalidArgumentError(
         absl::StrFormat("%s: tokens_per_expert must be a CPU tensor of shape [%d] (MoEOutput.tokens_per_expert)",
                         config_.name, E));
+  } else {
+    const at::Tensor c = tokens_per_expert.to(at::kDouble);
+    if (!c.isfinite().all().item<bool>() || (c < 0).any().item<bool>()) {
+      mine = absl::InvalidArgumentError(
+          absl::StrFormat("%s: tokens_per_expert must be finite counts >= 0", config_.name));
+    }
   }
-  at::Tensor n = tokens_per_expert.to(at::kFloat).contiguous().clone();
-  if (groups::Group* stage = GroupOrNull(GroupKind::kGate)) {
+  // Every rank of the stage reaches the sum, good counts or not, so that bad ones fail them
+  // all at once (not by a timeout) and a negative count cannot hide in the sum.
+  at::Tensor n = at::zeros({E + 1}, at::kDouble);
+  if (mine.ok()) {
+    n.narrow(0, 0, E).copy_(tokens_per_expert.to(at::kDouble));
+  } else {
+    n[E] = 1.0;
+  }
+  groups::Group* stage = GroupOrNull(GroupKind::kGate);
+  if (stage != nullptr) {
     SY_RETURN_IF_ERROR(Sum(*stage, n));
   }
-  return router_->UpdateBias(n);
+  SY_RETURN_IF_ERROR(mine);
+  if (n[E].item<double>() > 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: another rank of %s had bad tokens_per_expert (see its error)", config_.name, stage->name()));
+  }
+  return router_->UpdateBias(n.narrow(0, 0, E));
 }
 
 std::vector<TaggedParam> MoELayer::Parameters() {

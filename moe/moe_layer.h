@@ -104,6 +104,7 @@ class MoELayer {
  private:
   MoELayer() = default;
   groups::Group* GroupOrNull(groups::GroupKind kind) const;
+  absl::Status CheckHidden(const at::Tensor& hidden) const;
   MoEConfig config_;
   groups::Communicator* comm_ = nullptr;
   std::optional<gate::Router> router_;

@@ -1,5 +1,7 @@
 #include "moe/moe_layer.h"
 
+#include <chrono>
+#include <functional>
 #include <mutex>
 #include <numeric>
 #include <optional>
@@ -284,23 +286,31 @@ void RunCase(const Case& c) {
       routed_total += out->tokens_per_expert;
       if (out->tokens_per_expert.sum().item<int64_t>() == 0) ++ranks_without_tokens;
     }
+    // Every rank takes part in every sum before any comparison can return early (a rank
+    // that returned would leave the others waiting in the next sum until the timeout).
+    // Router and shared experts: replicated, fed different tokens; their gradients add up
+    // over the stage (DP and the TP slices). Routed experts: summed over their replicas
+    // (EDP); each rank holds its EP x ETP shard.
+    experts::GroupedExperts& ex = layer->routed_experts();
+    const at::Tensor router_grad = SumOver(comm, GroupKind::kGate, layer->router().weight().grad());
+    at::Tensor shared_fc1_grad, shared_fc2_grad;
+    if (c.shared_experts > 0) {
+      shared_fc1_grad = SumOver(comm, GroupKind::kGate, layer->shared_experts()->fc1().grad());
+      shared_fc2_grad = SumOver(comm, GroupKind::kGate, layer->shared_experts()->fc2().grad());
+    }
+    const at::Tensor fc1_grad = SumOver(comm, GroupKind::kEdp, ex.fc1().grad());
+    const at::Tensor fc2_grad = SumOver(comm, GroupKind::kEdp, ex.fc2().grad());
     SY_RETURN_IF_ERROR(Check("output", out->output, ref.out.narrow(0, off, n), tol));
     SY_RETURN_IF_ERROR(Check("input gradient", x.grad(), ref.x_grad.narrow(0, off, n), tol));
-    // Router and shared experts: replicated, fed different tokens; their gradients add up
-    // over the stage (DP and the TP slices). Router row e belongs to expert e.
-    SY_RETURN_IF_ERROR(CheckEach("router gradient", SumOver(comm, GroupKind::kGate, layer->router().weight().grad()),
-                                 ref.router_grad, 0, tol));
+    // Router row e belongs to expert e.
+    SY_RETURN_IF_ERROR(CheckEach("router gradient", router_grad, ref.router_grad, 0, tol));
     if (c.shared_experts > 0) {
-      experts::GroupedExperts& sh = *layer->shared_experts();
-      SY_RETURN_IF_ERROR(Check("shared fc1 gradient", SumOver(comm, GroupKind::kGate, sh.fc1().grad()), ref.shared_fc1_grad, tol));
-      SY_RETURN_IF_ERROR(Check("shared fc2 gradient", SumOver(comm, GroupKind::kGate, sh.fc2().grad()), ref.shared_fc2_grad, tol));
+      SY_RETURN_IF_ERROR(Check("shared fc1 gradient", shared_fc1_grad, ref.shared_fc1_grad, tol));
+      SY_RETURN_IF_ERROR(Check("shared fc2 gradient", shared_fc2_grad, ref.shared_fc2_grad, tol));
     }
-    // Routed experts: summed over their replicas (EDP); each rank holds its EP × ETP shard.
-    experts::GroupedExperts& ex = layer->routed_experts();
-    SY_RETURN_IF_ERROR(CheckEach("fc1 gradient", SumOver(comm, GroupKind::kEdp, ex.fc1().grad()),
-                                 ExpertShard(ref.fc1_grad, ex, true, swiglu), ex.first_expert(), tol));
-    return CheckEach("fc2 gradient", SumOver(comm, GroupKind::kEdp, ex.fc2().grad()),
-                     ExpertShard(ref.fc2_grad, ex, false, swiglu), ex.first_expert(), tol);
+    SY_RETURN_IF_ERROR(CheckEach("fc1 gradient", fc1_grad, ExpertShard(ref.fc1_grad, ex, true, swiglu),
+                                 ex.first_expert(), tol));
+    return CheckEach("fc2 gradient", fc2_grad, ExpertShard(ref.fc2_grad, ex, false, swiglu), ex.first_expert(), tol);
   });
   EXPECT_TRUE(s.ok()) << s;
   EXPECT_NEAR(aux_total, ref.aux, 1e-6 * std::abs(ref.aux)) << "aux loss summed over ranks";
@@ -411,6 +421,16 @@ TEST(MoELayerEquivalenceTest, SequenceParallelTensorParallel2xExpertParallel2) {
            .dp_tokens = {15},
            .aux = gate::AuxLoss::kSequence,
            .seq_len = 5,
+           .sequence_parallel = true});
+}
+
+TEST(MoELayerEquivalenceTest, SequenceParallelGlobalAuxLossWithAnEmptyShare) {
+  // 3 tokens in block 0 over 2 TP ranks (2 and 1), 1 token in block 1 (1 and 0).
+  RunCase({.name = "TP=2 sequence parallel x DP=2, global aux loss and z-loss, a rank without tokens",
+           .layout = {.world_size = 4, .tp = 2},
+           .dp_tokens = {3, 1},
+           .ranks_without_tokens = 1,
+           .z_loss = 0.01,
            .sequence_parallel = true});
 }
 
@@ -653,6 +673,61 @@ TEST(MoELayerTest, PaddingToCapacityChangesNoNumber) {
   for (size_t i = 0; i < results[0].size(); ++i) {
     EXPECT_LT(RelErr(results[1][i], results[0][i]), 1e-6) << "tensor " << i;
   }
+}
+
+// Bad input on one rank fails every rank of the group at once with a clear error, instead
+// of leaving the others in their next collective until the timeout (5 s here: a hang would
+// show as a timeout message, not these).
+TEST(MoELayerTest, BadInputOnOneRankFailsItsGroupAtOnce) {
+  auto run = [](const groups::LayoutSpec& layout, const MoEConfig& cfg,
+                std::function<absl::Status(MoELayer&, int)> fn) {
+    std::mutex mu;
+    std::vector<std::string> errors(layout.world_size);
+    absl::Status s = groups::testing::RunRanks({.layout = layout, .collective_timeout = std::chrono::seconds(5)},
+                                               [&](Communicator& comm) -> absl::Status {
+      auto layer = MoELayer::Create(cfg, kSeed, &comm);
+      if (!layer.ok()) return layer.status();
+      const absl::Status st = fn(*layer, comm.rank());
+      std::lock_guard<std::mutex> l(mu);
+      errors[comm.rank()] = st.ok() ? "ok" : std::string(st.message());
+      return absl::OkStatus();
+    });
+    EXPECT_TRUE(s.ok()) << s;
+    return errors;
+  };
+  at::manual_seed(2);
+  const at::Tensor good = at::randn({6, kHidden});
+  at::Tensor nan = good.clone();
+  nan[0][3] = NAN;
+  MoEConfig sp = Config({});
+  sp.sequence_parallel = true;
+  // Sequence parallel: rank 0's share holds a NaN, then rank 1's has the wrong width.
+  std::vector<std::string> e = run({.world_size = 2, .tp = 2}, sp, [&](MoELayer& l, int rank) {
+    return l.Forward(rank == 0 ? nan : good, {}).status();
+  });
+  EXPECT_THAT(e[0], HasSubstr("hidden states hold NaN or inf"));
+  EXPECT_THAT(e[1], HasSubstr("had bad hidden states"));
+  e = run({.world_size = 2, .tp = 2}, sp, [&](MoELayer& l, int rank) {
+    return l.Forward(rank == 1 ? at::randn({6, kHidden + 1}) : good, {}).status();
+  });
+  EXPECT_THAT(e[0], HasSubstr("had bad hidden states"));
+  EXPECT_THAT(e[1], HasSubstr("hidden states must be [tokens, 8]"));
+  // Slicing: the NaN token is in rank 0's slice only; both ranks see it in the tokens they share.
+  e = run({.world_size = 2, .tp = 2}, Config({}), [&](MoELayer& l, int) { return l.Forward(nan, {}).status(); });
+  EXPECT_THAT(e[0], HasSubstr("hidden states hold NaN or inf"));
+  EXPECT_THAT(e[1], HasSubstr("hidden states hold NaN or inf"));
+  // Bias counts: a negative count on one rank, which the other's would cancel in the sum.
+  MoEConfig biased = Config({});
+  biased.router.expert_bias = true;
+  e = run({.world_size = 2}, biased, [&](MoELayer& l, int rank) {
+    at::Tensor counts = at::full({kExperts}, 2.0);
+    if (rank == 0) counts[0] = -2.0;
+    const absl::Status st = l.UpdateExpertBias(counts);
+    EXPECT_TRUE(l.router().expert_bias().equal(at::zeros({kExperts})));
+    return st;
+  });
+  EXPECT_THAT(e[0], HasSubstr("tokens_per_expert must be finite counts >= 0"));
+  EXPECT_THAT(e[1], HasSubstr("another rank of"));
 }
 
 TEST(MoELayerTest, LayoutThatDoesNotFitIsAClearError) {

@@ -1,5 +1,8 @@
 #include "moe/gate/router_module.h"
 
+#include <functional>
+#include <utility>
+
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -87,8 +90,9 @@ TEST(RouterModule, SequenceAndGlobalAuxLoss) {
 // A block of 24 tokens (3 sequences of 8) routed in three uneven parts, as a TP group's
 // routers do: each part's aux loss (batch and per sequence) and z-loss are its share of the
 // block's, so the parts' losses and gate gradients add up to those of one router given the
-// whole block. sum_over_block stands in for the group's all-reduce: it returns the whole
-// block's counts, computed here from the block's routing map.
+// whole block. sum_over_block stands in for the group's all-reduce: a first round records
+// what each part hands it, the second hands back the parts' sum, checked against the block's
+// own counts.
 TEST(RouterModule, PartsOfABlockAddUpToTheBlock) {
   const int64_t T = 24, N = 3, E = 4;
   const at::Tensor h = Hidden(T, 8, 4);
@@ -104,24 +108,36 @@ TEST(RouterModule, PartsOfABlockAddUpToTheBlock) {
     absl::StatusOr<AuxLossInputs> in = AuxLossScores(w->logits, 2, ScoreFunction::kSoftmax);
     ASSERT_TRUE(in.ok());
     const at::Tensor map = in->routing_map.to(at::kFloat);
-    const at::Tensor block_counts = map.sum(0), seq_counts = map.view({N, T / N, E}).sum(1);
-    auto sum_over_block = [&](const at::Tensor& t) { return t.dim() == 1 ? block_counts : seq_counts; };
-    double aux = 0, z = 0;
-    for (auto [off, n] : {std::pair<int64_t, int64_t>{0, 10}, {10, 7}, {17, 0}, {17, 7}}) {
-      absl::StatusOr<RouterOutput> p = parts->Forward(
-          h.narrow(0, off, n),
-          {.num_sequences = N, .block_tokens = T, .block_offset = off, .sum_over_block = sum_over_block});
-      ASSERT_TRUE(p.ok()) << p.status();
-      (p->aux_loss + p->z_loss).backward();
-      aux += p->aux_loss_value;
-      z += p->z_loss_value;
+    const at::Tensor want = aux == AuxLoss::kBatch ? map.sum(0) : map.view({N, T / N, E}).sum(1);
+    at::Tensor summed;
+    const std::function<at::Tensor(const at::Tensor&)> record = [&](const at::Tensor& t) {
+      summed = summed.defined() ? summed + t : t.clone();
+      return t;
+    };
+    const std::function<at::Tensor(const at::Tensor&)> sum_over_block = [&](const at::Tensor& t) {
+      EXPECT_EQ(t.sizes(), summed.sizes());
+      return summed;
+    };
+    double aux_sum = 0, z = 0;
+    for (bool second : {false, true}) {
+      for (auto [off, n] : {std::pair<int64_t, int64_t>{0, 10}, {10, 7}, {17, 0}, {17, 7}}) {
+        absl::StatusOr<RouterOutput> p = parts->Forward(
+            h.narrow(0, off, n), {.num_sequences = N, .block_tokens = T, .block_offset = off,
+                                  .sum_over_block = second ? sum_over_block : record});
+        ASSERT_TRUE(p.ok()) << p.status();
+        if (!second) continue;
+        (p->aux_loss + p->z_loss).backward();
+        aux_sum += p->aux_loss_value;
+        z += p->z_loss_value;
+      }
+      if (!second) EXPECT_TRUE(summed.equal(want)) << "the parts' counts add up to the block's";
     }
-    EXPECT_NEAR(aux, w->aux_loss_value, 1e-6 * w->aux_loss_value);
+    EXPECT_NEAR(aux_sum, w->aux_loss_value, 1e-6 * w->aux_loss_value);
     EXPECT_NEAR(z, w->z_loss_value, 1e-6 * w->z_loss_value);
     EXPECT_TRUE(at::allclose(parts->weight().grad(), whole->weight().grad(), 1e-5, 1e-7));
     // A part outside the block, or no way to sum over it: a clear error.
     EXPECT_THAT(std::string(parts->Forward(h.narrow(0, 0, 10), {.num_sequences = N, .block_tokens = T,
-                                                                 .block_offset = 20, .sum_over_block = sum_over_block})
+                                                                 .block_offset = 20, .sum_over_block = record})
                                 .status()
                                 .message()),
                 HasSubstr("tokens [20, 30) inside the block of 24"));

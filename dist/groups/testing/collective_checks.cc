@@ -67,6 +67,13 @@ static absl::Status CheckEmptyCollectives(Group& g, const std::vector<int>& memb
   SY_RETURN_IF_ERROR(g.ReduceScatter(none, rs_out, ReduceOp::kSum).Wait());
   at::Tensor a_out = at::empty({0, 3}, f32);
   SY_RETURN_IF_ERROR(g.AllToAllV(none, a_out, std::vector<int64_t>(n, 0), std::vector<int64_t>(n, 0)).Wait());
+  if (n > 1) {
+    at::Tensor got = at::empty({0, 3}, f32);
+    Work sw = g.Send(none, (pos + 1) % n, 5);
+    Work rw = g.Recv(got, (pos + n - 1) % n, 5);
+    SY_RETURN_IF_ERROR(sw.Wait());
+    SY_RETURN_IF_ERROR(rw.Wait());
+  }
   // Member 0 idle: the others send one row to every other non-zero member.
   std::vector<int64_t> counts(n, 0);
   for (int j = 1; j < n; ++j) counts[j] = (pos != 0 && j != pos) ? 1 : 0;

@@ -70,8 +70,11 @@ struct TaggedParam {
 
 struct MoEForwardArgs {
   bool training = false;
-  int64_t num_sequences = 1;  // per-sequence aux loss: sequences in the block (with sequence
-                              // parallelism, in the TP ranks' shares together, in TP order)
+  // Per-sequence aux loss: the sequences in the TP group's block, whole sequences one after
+  // another ([batch, seq] order). With sequence parallelism the TP ranks' shares joined in TP
+  // order must be that block (Megatron-Core's gives each rank a [seq / tp, batch] slice
+  // instead: reorder before the layer).
+  int64_t num_sequences = 1;
 };
 
 struct MoEOutput {

@@ -130,7 +130,9 @@ TEST(RouterModule, PartsOfABlockAddUpToTheBlock) {
         aux_sum += p->aux_loss_value;
         z += p->z_loss_value;
       }
-      if (!second) EXPECT_TRUE(summed.equal(want)) << "the parts' counts add up to the block's";
+      if (!second) {
+        EXPECT_TRUE(summed.equal(want)) << "the parts' counts add up to the block's";
+      }
     }
     EXPECT_NEAR(aux_sum, w->aux_loss_value, 1e-6 * w->aux_loss_value);
     EXPECT_NEAR(z, w->z_loss_value, 1e-6 * w->z_loss_value);

@@ -148,6 +148,7 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
       SY_ASSIGN_OR_RETURN(x, dispatch::SliceTokens(hidden, *slice, parts));
     }
     gate::ForwardArgs ga{.training = args.training, .num_sequences = args.num_sequences};
+    if (comm_ != nullptr) ga.dp_replicas = int64_t{comm_->layout().dp()} * comm_->layout().cp();
     if (tp != nullptr) {
       ga.block_tokens = std::accumulate(parts.begin(), parts.end(), int64_t{0});
       ga.block_offset = std::accumulate(parts.begin(), parts.begin() + tp->rank(), int64_t{0});

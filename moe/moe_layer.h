@@ -13,8 +13,12 @@
 // them (FastMoE's slice_group) and gathers the outputs back. Routed copies go to their
 // experts over the EP group (all-to-all) and, with ETP > 1, to every F slice of the expert.
 // Capacity is counted over the tokens this rank routes, as in Megatron-Core and DeepSpeed.
-// The aux loss and z-loss are this rank's share: the TP group's shares add up to the loss of
-// its whole block of tokens (the global aux loss: the stage's shares to the global batch's).
+// The aux loss and z-loss are weighted like a task loss averaged over this data-parallel
+// replica's tokens, which the optimizer then averages over the DP x CP replicas (the
+// divisors of DESIGN.md): add them to the rank's loss as they are. Each rank's is its share:
+// the TP group's shares add up to the loss of its whole block of tokens; the global aux
+// loss's shares over the stage add up to DP x CP times the global batch's, so that the
+// average gives it the weight it has in one process.
 //
 // Every parameter carries a tag (domain, module name, expert group, global expert indices,
 // EP size) that the optimizer and the grad norm read; the layer never includes them.

@@ -137,6 +137,9 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
     EXPECT_TRUE(a.ok()) << a.status();
     return *a;
   };
+  // The job's loss: the task loss summed over every token, plus each DP block's own losses
+  // averaged over the blocks (as the optimizer averages replicas), the global one once.
+  const double blocks = static_cast<double>(shards.size());
   int64_t off = 0;
   for (const auto& block : shards) {
     const int64_t block_off = off;
@@ -163,13 +166,13 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
       aux = *l;
     }
     if (aux.defined()) {
-      loss = loss + aux;
-      ref.aux += aux.item<double>();
+      loss = loss + aux / blocks;
+      ref.aux += aux.item<double>() / blocks;
     }
     if (c.z_loss > 0) {
       const at::Tensor z = gate::ZLoss(logits, c.z_loss);
-      loss = loss + z;
-      ref.z += z.item<double>();
+      loss = loss + z / blocks;
+      ref.z += z.item<double>() / blocks;
     }
   }
   if (AuxOf(c) == gate::AuxLoss::kGlobal) {
@@ -275,13 +278,16 @@ void RunCase(const Case& c) {
     at::Tensor x = ref.x.narrow(0, off, n).clone().requires_grad_(true);
     auto out = layer->Forward(x, {.num_sequences = sequences});
     if (!out.ok()) return out.status();
-    ((out->output * ref.R.narrow(0, off, n)).sum() + out->aux_loss + out->z_loss).backward();
+    // The optimizer's average over the DP replicas, applied to the losses the layer weights
+    // for it (the task loss here is summed, not averaged, over the tokens).
+    const double replicas = comm.layout().dp();
+    ((out->output * ref.R.narrow(0, off, n)).sum() + (out->aux_loss + out->z_loss) / replicas).backward();
     {
       // Each rank routes its own tokens (its TP slice of them): counts and drops add up, and
       // so do the losses (each rank's share).
       std::lock_guard<std::mutex> l(mu);
-      aux_total += out->aux_loss_value;
-      z_total += out->z_loss_value;
+      aux_total += out->aux_loss_value / replicas;
+      z_total += out->z_loss_value / replicas;
       dropped_total += out->dropped;
       routed_total += out->tokens_per_expert;
       if (out->tokens_per_expert.sum().item<int64_t>() == 0) ++ranks_without_tokens;

@@ -158,6 +158,7 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
       const at::Tensor counts = args.sum_over_dp(in->tokens_per_expert.to(at::kFloat));
       const int64_t total = args.sum_over_dp(at::full({1}, static_cast<float>(T))).item<float>();
       out.aux_loss = LoadBalancingLoss(in->scores, counts, total, config_.topk.top_k, config_.aux_loss_coeff);
+      if (args.dp_replicas != 1) out.aux_loss = out.aux_loss * static_cast<double>(args.dp_replicas);
     } else if (part) {
       out.aux_loss = LoadBalancingLoss(in->scores, args.sum_over_block(in->tokens_per_expert.to(at::kFloat)),
                                        args.block_tokens, config_.topk.top_k, config_.aux_loss_coeff);

@@ -44,6 +44,12 @@ struct ForwardArgs {
   int64_t num_sequences = 1;  // AuxLoss::kSequence: the block's tokens are this many sequences, in order
   // AuxLoss::kGlobal: sums a tensor over the data-parallel group (the caller's collective).
   std::function<at::Tensor(const at::Tensor&)> sum_over_dp;
+  // AuxLoss::kGlobal: the data-parallel replicas (DP x CP) whose gradients the optimizer
+  // averages. This router's share of the global loss is weighted by it, so that after the
+  // average the global loss keeps the weight it has in one process: otherwise its gradient
+  // shrinks by the DP size (as Megatron-LM's did: its issue 3672). The batch and sequence
+  // losses are each replica's own and need nothing.
+  int64_t dp_replicas = 1;
   // A part of a block: under tensor parallelism each router of the TP group routes a
   // contiguous share of one block of tokens (slicing, or sequence parallelism). Its losses are
   // then its share of the block's (counts summed over the group with sum_over_block; the

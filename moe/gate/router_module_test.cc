@@ -85,6 +85,11 @@ TEST(RouterModule, SequenceAndGlobalAuxLoss) {
   ASSERT_TRUE(glob.ok()) << glob.status();
   EXPECT_NEAR(glob->aux_loss_value,
               LoadBalancingLoss(in->scores, in->tokens_per_expert * 2, 48, 1, 0.01).item<double>(), 1e-8);
+  // Weighted by the data-parallel replicas the optimizer averages over.
+  absl::StatusOr<RouterOutput> two = g->Forward(h, {.sum_over_dp = [](const at::Tensor& t) { return t * 2; },
+                                                    .dp_replicas = 2});
+  ASSERT_TRUE(two.ok()) << two.status();
+  EXPECT_NEAR(two->aux_loss_value, 2 * glob->aux_loss_value, 1e-9);
 }
 
 // A block of 24 tokens (3 sequences of 8) routed in three uneven parts, as a TP group's

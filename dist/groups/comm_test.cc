@@ -1,5 +1,6 @@
 #include "dist/groups/comm.h"
 
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -85,6 +86,17 @@ TEST(Comm, RankThatNeverJoinsTimesOutWithClearError) {
 }
 
 // The same checks with every rank its own process (over TCP, as the launcher runs them).
+// A rank function that throws (as a differentiable exchange does when its peer has already
+// failed) is that rank's failure in the result, not the end of the test process.
+TEST(Comm, RankThatThrowsIsReported) {
+  absl::Status s = RunRanks({.layout = {.world_size = 2}}, [](Communicator& comm) -> absl::Status {
+    if (comm.rank() == 1) throw std::runtime_error("boom");
+    return absl::OkStatus();
+  });
+  EXPECT_THAT(std::string(s.message()), HasSubstr("rank 1: INTERNAL: threw: boom"));
+  EXPECT_THAT(std::string(s.message()), ::testing::Not(HasSubstr("rank 0")));
+}
+
 TEST(Comm, EveryCollectiveAsProcesses) {
   for (LayoutSpec spec : {LayoutSpec{.world_size = 4, .tp = 2, .ep = 2},
                           LayoutSpec{.world_size = 4, .pp = 2, .ep = 2}}) {

@@ -4,11 +4,13 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 
@@ -35,7 +37,13 @@ absl::Status RunRanks(const RunOptions& options, std::function<absl::Status(Comm
         co.backend = options.backend;
         if (options.backend == Backend::kNccl) co.device = r;  // one GPU per rank
         absl::StatusOr<std::unique_ptr<Communicator>> comm = Communicator::Create(store, r, *layout, co);
-        s = comm.ok() ? fn(**comm) : comm.status();
+        // A function that throws (a c10::Error from a collective whose peer already left)
+        // is that rank's failure, reported like a returned one, not std::terminate.
+        try {
+          s = comm.ok() ? fn(**comm) : comm.status();
+        } catch (const std::exception& e) {
+          s = absl::InternalError(absl::StrCat("threw: ", e.what()));
+        }
       }
       std::lock_guard<std::mutex> lock(mu);
       results[r] = s;

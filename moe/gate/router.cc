@@ -295,10 +295,7 @@ int64_t ExpertCapacity(int64_t tokens, int top_k, int num_experts, double capaci
   return c >= static_cast<double>(tokens) ? tokens : static_cast<int64_t>(c);
 }
 
-absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o,
-                                  const at::Tensor& expert_bias) {
-  if (absl::Status s = CheckLogits(logits); !s.ok()) return s;
-  const int64_t T = logits.size(0), E = logits.size(1);
+absl::Status CheckTopKOptions(const TopKOptions& o, int64_t E) {
   if (o.top_k < 1 || o.top_k > E) {
     return Invalid(absl::StrFormat("router: top_k = %d must be between 1 and the number of "
                                    "experts %d", o.top_k, E));
@@ -335,6 +332,14 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
   if (!(o.scaling_factor > 0) || !std::isfinite(o.scaling_factor)) {
     return Invalid(absl::StrFormat("router: scaling_factor = %g must be > 0", o.scaling_factor));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o,
+                                  const at::Tensor& expert_bias) {
+  if (absl::Status s = CheckLogits(logits); !s.ok()) return s;
+  const int64_t T = logits.size(0), E = logits.size(1);
+  if (absl::Status s = CheckTopKOptions(o, E); !s.ok()) return s;
   if (expert_bias.defined() && (expert_bias.dim() != 1 || expert_bias.size(0) != E)) {
     return Invalid(absl::StrFormat("router: expert_bias must have shape [%d]", E));
   }

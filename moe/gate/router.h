@@ -98,6 +98,10 @@ struct Routing {
 // only to choose experts (aux-loss-free balancing); weights come from unbiased scores. Unlike
 // Megatron-Core, which applies it with sigmoid scores only, it works with every score
 // function. Errors name the option: k out of range, bad groups, NaN/inf logits.
+// OK when `options` can route over `num_experts` experts; otherwise what is wrong, by name.
+// TopKRoute checks this itself; a router checks it once when it is made.
+absl::Status CheckTopKOptions(const TopKOptions& options, int64_t num_experts);
+
 absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& options,
                                   const at::Tensor& expert_bias = at::Tensor());
 

@@ -88,6 +88,18 @@ absl::StatusOr<Router> Router::Create(const RouterConfig& c, uint64_t seed) {
       return absl::InvalidArgumentError(absl::StrFormat("router: %s = %g must be finite and >= 0", name, v));
     }
   }
+  if (c.type == RoutingType::kTokenChoice) {
+    if (absl::Status s = CheckTopKOptions(c.topk, c.num_experts); !s.ok()) return s;
+  } else {
+    // Expert choice takes its capacity factor alone; a bias it would never use is a mistake.
+    if (!(c.topk.capacity_factor > 0) || !std::isfinite(c.topk.capacity_factor)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "router: expert-choice routing needs capacity_factor > 0; got %g", c.topk.capacity_factor));
+    }
+    if (c.expert_bias) {
+      return absl::InvalidArgumentError("router: expert_bias steers token-choice routing only, not expert choice");
+    }
+  }
   Router r;
   r.config_ = c;
   r.generator_ = at::make_generator<at::CPUGeneratorImpl>(seed);

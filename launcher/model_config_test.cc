@@ -1,5 +1,14 @@
 #include "launcher/model_config.h"
 
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+
 #include "gtest/gtest.h"
 #include "launcher/spec.h"
 
@@ -60,6 +69,49 @@ TEST(MoELayerConfigTest, EveryModelFieldReachesTheLayer) {
   // The layer builds from it.
   EXPECT_TRUE(moe::MoELayer::Create(*c, 1).ok());
   EXPECT_FALSE(MoELayerConfig(*job, 4).ok());
+}
+
+// A spec that passes validation must give layers that build and route: no setting the spec
+// accepts may fail only once workers run. The examples, and one spec per kind of router.
+TEST(MoELayerConfigTest, EveryValidSpecBuildsLayersThatRoute) {
+  std::vector<std::pair<std::string, std::string>> specs = {
+      {"defaults", ""},
+      {"expert choice", "model { moe { router { type: EXPERT_CHOICE capacity_factor: 1.5 } } }"},
+      {"sigmoid, groups, bias",
+       "model { moe { num_experts: 16 top_k: 4 router { score: SIGMOID num_groups: 4 group_topk: 2 "
+       "expert_bias: true } } }"},
+      {"padded capacity by position, z-loss, noise, jitter",
+       "model { moe { router { capacity_factor: 1.25 drop_policy: DROP_BY_POSITION pad_to_capacity: true "
+       "z_loss_coeff: 0.001 noisy_gating: true jitter_eps: 0.01 } } }"},
+      {"shared, ReLU, bf16",
+       "model { activation: RELU moe { num_shared_experts: 1 shared_ffn_hidden_size: 64 } } train { precision: BF16 }"},
+      {"top-1, per-sequence aux loss", "model { moe { top_k: 1 router { aux_loss: AUX_SEQUENCE } } }"},
+      {"global aux loss", "model { moe { router { aux_loss: AUX_GLOBAL } } }"}};
+  for (const auto& entry : std::filesystem::directory_iterator("launcher/examples")) {
+    std::ifstream in(entry.path());
+    std::stringstream text;
+    text << in.rdbuf();
+    specs.push_back({entry.path().filename().string(), text.str()});
+  }
+  for (const auto& [name, text] : specs) {
+    SCOPED_TRACE(name);
+    absl::StatusOr<Job> job = ParseJob(text, name);
+    ASSERT_TRUE(job.ok()) << job.status();
+    absl::StatusOr<ResolvedJob> resolved = ValidateJob(*job);
+    ASSERT_TRUE(resolved.ok()) << resolved.status();
+    ASSERT_FALSE(resolved->moe_layers.empty());
+    for (int l : resolved->moe_layers) {
+      absl::StatusOr<moe::MoEConfig> c = MoELayerConfig(*job, l);
+      ASSERT_TRUE(c.ok()) << c.status();
+      absl::StatusOr<moe::MoELayer> layer = moe::MoELayer::Create(*c, 7);
+      ASSERT_TRUE(layer.ok()) << "layer " << l << ": " << layer.status();
+      at::manual_seed(l);
+      absl::StatusOr<moe::MoEOutput> out =
+          layer->Forward(at::randn({12, job->model().hidden_size()}).to(c->dtype), {.training = true});
+      ASSERT_TRUE(out.ok()) << "layer " << l << ": " << out.status();
+      EXPECT_TRUE(at::isfinite(out->output.to(at::kFloat)).all().item<bool>());
+    }
+  }
 }
 
 TEST(MoELayerConfigTest, DefaultsAreMegatronLike) {

@@ -9,6 +9,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -120,6 +121,11 @@ absl::Status ValidateModel(const Model& m) {
   SY_RETURN_IF_ERROR(AtLeast("model.moe.ffn_hidden_size", e.ffn_hidden_size(), 1));
   SY_RETURN_IF_ERROR(AtLeast("model.moe.num_shared_experts", e.num_shared_experts(), 0));
   SY_RETURN_IF_ERROR(AtLeast("model.moe.shared_ffn_hidden_size", e.shared_ffn_hidden_size(), 0));
+  if (e.shared_ffn_hidden_size() > 0 && e.num_shared_experts() == 0) {
+    return Invalid(absl::StrFormat(
+        "model.moe.shared_ffn_hidden_size: %d needs model.moe.num_shared_experts > 0 (it sizes the shared experts)",
+        e.shared_ffn_hidden_size()));
+  }
   if (e.top_k() < 1 || e.top_k() > e.num_experts()) {
     return Invalid(absl::StrFormat(
         "model.moe.top_k: %d must be between 1 and model.moe.num_experts = %d", e.top_k(),
@@ -150,6 +156,10 @@ absl::Status ValidateModel(const Model& m) {
                                e.num_experts()));
     SY_RETURN_IF_ERROR(InRange(rp + ".group_topk", r.group_topk(), 1, r.num_groups()));
     const int reachable = r.group_topk() * (e.num_experts() / r.num_groups());
+    if (e.top_k() < r.group_topk()) {
+      return Invalid(absl::StrFormat("model.moe.top_k: %d is fewer than %s.group_topk = %d (each chosen group "
+                                     "gives at least one expert)", e.top_k(), rp, r.group_topk()));
+    }
     if (e.top_k() > reachable) {
       return Invalid(absl::StrFormat(
           "model.moe.top_k: %d is more than the %d experts in the best %s.group_topk = %d "
@@ -168,6 +178,31 @@ absl::Status ValidateModel(const Model& m) {
     return Invalid(absl::StrFormat(
         "%s.pad_to_capacity: needs %s.capacity_factor > 0 (dropless routing has no capacity)",
         rp, rp));
+  }
+  if (r.type() == Router::EXPERT_CHOICE) {
+    // Expert choice takes the capacity factor alone: a setting it would ignore is refused.
+    const std::vector<std::pair<bool, std::string>> unused = {
+        {e.has_top_k(), "model.moe.top_k"},
+        {r.has_score() && r.score() != Router::SOFTMAX, rp + ".score"},
+        {r.has_pre_softmax(), rp + ".pre_softmax"},
+        {r.normalize_topk(), rp + ".normalize_topk"},
+        {r.has_scaling_factor(), rp + ".scaling_factor"},
+        {r.num_groups() > 0, rp + ".num_groups"},
+        {r.has_drop_policy(), rp + ".drop_policy"},
+        {r.pad_to_capacity(), rp + ".pad_to_capacity"},
+        {r.has_aux_loss() && r.aux_loss() != Router::AUX_NONE, rp + ".aux_loss"},
+        {r.expert_bias(), rp + ".expert_bias"}};
+    for (const auto& [set, field] : unused) {
+      if (set) {
+        return Invalid(absl::StrFormat("%s: has no effect with %s.type = EXPERT_CHOICE (each expert picks its "
+                                       "capacity of tokens by softmax score; no aux loss)", field, rp));
+      }
+    }
+  } else if (!r.pre_softmax() && e.top_k() == 1 && r.score() == Router::SOFTMAX) {
+    // Softmax over one chosen expert is 1 for every token: the task loss would never reach
+    // the gate (Megatron-Core refuses this too).
+    return Invalid(absl::StrFormat("%s.pre_softmax: false with model.moe.top_k = 1 gives every token the "
+                                   "weight 1, so the router learns nothing from the task loss", rp));
   }
   return absl::OkStatus();
 }

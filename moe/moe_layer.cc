@@ -70,7 +70,9 @@ absl::StatusOr<MoELayer> MoELayer::Create(const MoEConfig& config, uint64_t seed
     ec.etp_size = l.etp();
     ec.etp_rank = c.etp;
   }
-  SY_ASSIGN_OR_RETURN(gate::Router router, gate::Router::Create(config.router, seed));
+  // Every data-parallel replica draws its own jitter and noise; TP ranks share their block's.
+  const uint64_t noise_stream = comm != nullptr ? static_cast<uint64_t>(comm->layout().Dense(comm->rank()).dp) : 0;
+  SY_ASSIGN_OR_RETURN(gate::Router router, gate::Router::Create(config.router, seed, noise_stream));
   layer.router_.emplace(std::move(router));
   SY_ASSIGN_OR_RETURN(experts::GroupedExperts ex, experts::GroupedExperts::Create(ec, seed ^ kExpertSeedSalt));
   layer.experts_.emplace(std::move(ex));

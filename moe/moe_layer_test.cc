@@ -60,6 +60,9 @@ struct Case {
   double z_loss = 0;
   int64_t seq_len = 0;
   bool sequence_parallel = false;   // each TP rank gets its share of the DP block's tokens
+  // Training mode with input jitter and noisy gating (one DP block, dropless: the reference
+  // then routes the block in one call, drawing the noise one process would).
+  bool training = false;
 };
 
 gate::AuxLoss AuxOf(const Case& c) {
@@ -82,6 +85,10 @@ MoEConfig Config(const Case& c) {
   m.init_std = 0.3f;
   m.router.aux_loss = AuxOf(c);
   m.router.z_loss_coeff = c.z_loss;
+  if (c.training) {
+    m.router.jitter_eps = 0.1f;
+    m.router.noisy_gating = true;
+  }
   return m;
 }
 
@@ -91,7 +98,7 @@ void Silence(MoELayer& layer, const std::vector<int>& experts) {
 }
 
 struct Reference {
-  at::Tensor x, R, out, x_grad, router_grad, fc1_grad, fc2_grad, shared_fc1_grad, shared_fc2_grad;
+  at::Tensor x, R, out, x_grad, router_grad, noise_grad, fc1_grad, fc2_grad, shared_fc1_grad, shared_fc2_grad;
   double aux = 0, z = 0;
   int64_t dropped = 0;
   at::Tensor tokens_per_expert;
@@ -120,8 +127,10 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
   ref.x = in.x;
   ref.R = in.R;
   MoEConfig cfg = Config(c);
-  cfg.router.aux_loss = gate::AuxLoss::kNone;
-  cfg.router.z_loss_coeff = 0;
+  if (!c.training) {  // (training: the layer's own losses, of the one block, with its noise)
+    cfg.router.aux_loss = gate::AuxLoss::kNone;
+    cfg.router.z_loss_coeff = 0;
+  }
   auto layer = MoELayer::Create(cfg, kSeed);
   EXPECT_TRUE(layer.ok()) << layer.status();
   Silence(*layer, c.silent_experts);
@@ -143,17 +152,25 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
   int64_t off = 0;
   for (const auto& block : shards) {
     const int64_t block_off = off;
-    for (int64_t n : block) {
-      auto out = layer->Forward(x.narrow(0, off, n), {});
+    const std::vector<int64_t> calls =
+        c.training ? std::vector<int64_t>{std::accumulate(block.begin(), block.end(), int64_t{0})} : block;
+    for (int64_t n : calls) {
+      auto out = layer->Forward(x.narrow(0, off, n), {.training = c.training});
       EXPECT_TRUE(out.ok()) << out.status();
       outs.push_back(out->output);
       loss = loss + (out->output * ref.R.narrow(0, off, n)).sum();
+      if (c.training) {
+        loss = loss + out->aux_loss + out->z_loss;
+        ref.aux += out->aux_loss_value;
+        ref.z += out->z_loss_value;
+      }
       ref.dropped += out->dropped;
       ref.tokens_per_expert = ref.tokens_per_expert.defined() ? ref.tokens_per_expert + out->tokens_per_expert
                                                               : out->tokens_per_expert;
       off += n;
     }
     const int64_t Tb = off - block_off;
+    if (c.training) continue;
     const at::Tensor logits = at::mm(x.narrow(0, block_off, Tb).to(at::kFloat), W.t());
     at::Tensor aux;
     if (AuxOf(c) == gate::AuxLoss::kBatch) {
@@ -175,7 +192,7 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
       ref.z += z.item<double>() / blocks;
     }
   }
-  if (AuxOf(c) == gate::AuxLoss::kGlobal) {
+  if (AuxOf(c) == gate::AuxLoss::kGlobal && !c.training) {
     const gate::AuxLossInputs a = aux_scores(at::mm(x.to(at::kFloat), W.t()));
     const at::Tensor aux = gate::LoadBalancingLoss(a.scores, a.tokens_per_expert, x.size(0), k, coeff);
     loss = loss + aux;
@@ -185,6 +202,7 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
   ref.out = at::cat(outs).detach();
   ref.x_grad = x.grad();
   ref.router_grad = layer->router().weight().grad().clone();
+  if (c.training) ref.noise_grad = layer->router().noise_weight().grad().clone();
   ref.fc1_grad = layer->routed_experts().fc1().grad().clone();
   ref.fc2_grad = layer->routed_experts().fc2().grad().clone();
   if (auto* s = layer->shared_experts()) {
@@ -245,6 +263,10 @@ void RunCase(const Case& c) {
   const int slices = layout->tp();
   std::vector<std::vector<int64_t>> shards;  // what each rank routes, by DP block
   for (int64_t n : c.dp_tokens) shards.push_back(dispatch::EvenSplit(n, slices));
+  if (c.training) {
+    ASSERT_EQ(c.dp_tokens.size(), 1u) << "training cases: one DP block";
+    ASSERT_EQ(c.capacity_factor, 0) << "training cases: dropless";
+  }
   const Reference ref = RunReference(c, shards);
   // The cases test what they say: drops happen, the silent expert gets nothing.
   if (c.capacity_factor > 0) {
@@ -276,7 +298,7 @@ void RunCase(const Case& c) {
     if (!layer.ok()) return layer.status();
     Silence(*layer, c.silent_experts);
     at::Tensor x = ref.x.narrow(0, off, n).clone().requires_grad_(true);
-    auto out = layer->Forward(x, {.num_sequences = sequences});
+    auto out = layer->Forward(x, {.training = c.training, .num_sequences = sequences});
     if (!out.ok()) return out.status();
     // The optimizer's average over the DP replicas, applied to the losses the layer weights
     // for it (the task loss here is summed, not averaged, over the tokens).
@@ -299,6 +321,8 @@ void RunCase(const Case& c) {
     // (EDP); each rank holds its EP x ETP shard.
     experts::GroupedExperts& ex = layer->routed_experts();
     const at::Tensor router_grad = SumOver(comm, GroupKind::kGate, layer->router().weight().grad());
+    const at::Tensor noise_grad =
+        c.training ? SumOver(comm, GroupKind::kGate, layer->router().noise_weight().grad()) : at::Tensor();
     at::Tensor shared_fc1_grad, shared_fc2_grad;
     if (c.shared_experts > 0) {
       shared_fc1_grad = SumOver(comm, GroupKind::kGate, layer->shared_experts()->fc1().grad());
@@ -310,6 +334,7 @@ void RunCase(const Case& c) {
     SY_RETURN_IF_ERROR(Check("input gradient", x.grad(), ref.x_grad.narrow(0, off, n), tol));
     // Router row e belongs to expert e.
     SY_RETURN_IF_ERROR(CheckEach("router gradient", router_grad, ref.router_grad, 0, tol));
+    if (c.training) SY_RETURN_IF_ERROR(CheckEach("noise weight gradient", noise_grad, ref.noise_grad, 0, tol));
     if (c.shared_experts > 0) {
       SY_RETURN_IF_ERROR(Check("shared fc1 gradient", shared_fc1_grad, ref.shared_fc1_grad, tol));
       SY_RETURN_IF_ERROR(Check("shared fc2 gradient", shared_fc2_grad, ref.shared_fc2_grad, tol));
@@ -438,6 +463,22 @@ TEST(MoELayerEquivalenceTest, SequenceParallelGlobalAuxLossWithAnEmptyShare) {
            .ranks_without_tokens = 1,
            .z_loss = 0.01,
            .sequence_parallel = true});
+}
+
+// Training with input jitter and noisy gating: the TP ranks draw their block's noise and
+// keep their rows, so TP = 2 routes as one process does (the noise weight's gradient too).
+TEST(MoELayerEquivalenceTest, TensorParallel2TrainingWithJitterAndNoise) {
+  RunCase({.name = "TP=2 slicing, training: jitter, noisy gating, batch aux loss and z-loss",
+           .layout = {.world_size = 2, .tp = 2, .etp = 1},
+           .dp_tokens = {13},
+           .aux = gate::AuxLoss::kBatch,
+           .z_loss = 0.01,
+           .training = true});
+  RunCase({.name = "TP=2 sequence parallel, EP=2 over the same two ranks, training: jitter, noisy gating",
+           .layout = {.world_size = 2, .tp = 2, .ep = 2, .etp = 1},
+           .dp_tokens = {11},
+           .sequence_parallel = true,
+           .training = true});
 }
 
 TEST(MoELayerEquivalenceTest, DataParallel2xExpertParallel2SequenceAuxAndZLoss) {
@@ -734,6 +775,34 @@ TEST(MoELayerTest, BadInputOnOneRankFailsItsGroupAtOnce) {
   });
   EXPECT_THAT(e[0], HasSubstr("tokens_per_expert must be finite counts >= 0"));
   EXPECT_THAT(e[1], HasSubstr("another rank of"));
+}
+
+// Data-parallel replicas draw their own jitter and noise: the same tokens on two replicas
+// are routed with different noise (one seed for all of them made every replica's noise the
+// same), while replica 0 draws what one process draws.
+TEST(MoELayerTest, DataParallelReplicasDrawTheirOwnNoise) {
+  MoEConfig c = Config({});
+  c.router.jitter_eps = 0.1f;
+  c.router.noisy_gating = true;
+  at::manual_seed(4);
+  const at::Tensor x = at::randn({16, kHidden});
+  auto one = MoELayer::Create(c, kSeed);
+  ASSERT_TRUE(one.ok());
+  auto single = one->Forward(x, {.training = true});
+  ASSERT_TRUE(single.ok()) << single.status();
+  std::mutex mu;
+  std::vector<at::Tensor> outs(2);
+  absl::Status s = groups::testing::RunRanks({.layout = {.world_size = 2}}, [&](Communicator& comm) -> absl::Status {
+    auto layer = MoELayer::Create(c, kSeed, &comm);
+    if (!layer.ok()) return layer.status();
+    SY_ASSIGN_OR_RETURN(MoEOutput out, layer->Forward(x, {.training = true}));
+    std::lock_guard<std::mutex> l(mu);
+    outs[comm.rank()] = out.output.detach();
+    return absl::OkStatus();
+  });
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_TRUE(at::equal(outs[0], single->output.detach()));
+  EXPECT_GT(RelErr(outs[1], outs[0]), 1e-3);
 }
 
 TEST(MoELayerTest, LayoutThatDoesNotFitIsAClearError) {

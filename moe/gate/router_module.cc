@@ -69,7 +69,7 @@ at::Tensor RouterLogits(const at::Tensor& hidden, const at::Tensor& weight) {
   return LogitsFn::apply(hidden, weight);
 }
 
-absl::StatusOr<Router> Router::Create(const RouterConfig& c, uint64_t seed) {
+absl::StatusOr<Router> Router::Create(const RouterConfig& c, uint64_t seed, uint64_t noise_stream) {
   if (c.hidden_size < 1 || c.num_experts < 1) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "router: hidden_size = %d and num_experts = %d must both be at least 1", c.hidden_size,
@@ -110,6 +110,13 @@ absl::StatusOr<Router> Router::Create(const RouterConfig& c, uint64_t seed) {
   r.weight_ = init(c.num_experts);
   if (c.noisy_gating) r.noise_weight_ = init(c.num_experts);
   if (c.expert_bias) r.expert_bias_ = at::zeros({c.num_experts}, at::kFloat);
+  if (noise_stream != 0) {
+    // splitmix64 of the pair: nearby streams get unrelated seeds.
+    uint64_t z = seed + 0x9E3779B97F4A7C15ull * (noise_stream + 1);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    r.generator_ = at::make_generator<at::CPUGeneratorImpl>(z ^ (z >> 31));
+  }
   return r;
 }
 
@@ -130,12 +137,18 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
   // Router math in fp32 whatever the model's dtype; RouterLogits converts hidden itself, in
   // the copy it makes anyway, unless jitter or the noise product needs x in fp32 first.
   at::Tensor x = jitter || noisy ? hidden.to(at::kFloat) : hidden;
-  if (jitter) x = ApplyJitter(x, config_.jitter_eps, generator_);
+  // A part of a block draws the block's jitter and noise and keeps its own rows.
+  const int64_t T = hidden.size(0), draw = part ? args.block_tokens : T, first = part ? args.block_offset : 0;
+  if (jitter) {
+    const float eps = config_.jitter_eps;
+    x = x * at::empty({draw, x.size(1)}, x.options()).uniform_(1.0 - eps, 1.0 + eps, generator_).narrow(0, first, T);
+  }
   out.logits = RouterLogits(x, weight_);
   at::Tensor logits = out.logits;
   if (noisy) {
     const at::Tensor scale = at::softplus(at::matmul(x, noise_weight_.t()));
-    logits = logits + at::empty(logits.sizes(), logits.options()).normal_(0.0, 1.0, generator_) * scale;
+    const at::Tensor noise = at::empty({draw, logits.size(1)}, logits.options()).normal_(0.0, 1.0, generator_);
+    logits = logits + noise.narrow(0, first, T) * scale;
   }
   absl::StatusOr<Routing> routing = config_.type == RoutingType::kExpertChoice
                                         ? ExpertChoiceRoute(logits, config_.topk.capacity_factor)
@@ -148,7 +161,6 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
       config_.type == RoutingType::kTokenChoice) {
     absl::StatusOr<AuxLossInputs> in = AuxLossScores(logits, config_.topk.top_k, config_.topk.score);
     if (!in.ok()) return in.status();
-    const int64_t T = logits.size(0);
     if (config_.aux_loss == AuxLoss::kSequence && part) {
       absl::StatusOr<at::Tensor> counts =
           SequenceCounts(in->routing_map, args.block_offset, args.block_tokens, args.num_sequences);

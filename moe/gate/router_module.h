@@ -73,10 +73,15 @@ struct RouterOutput {
 
 class Router {
  public:
-  static absl::StatusOr<Router> Create(const RouterConfig& config, uint64_t seed);
+  // noise_stream: which stream jitter and noise draw from (the weights come from `seed`
+  // alone). Data-parallel replicas need streams of their own, or every replica would add the
+  // same noise to its tokens; stream 0 is what one process draws.
+  static absl::StatusOr<Router> Create(const RouterConfig& config, uint64_t seed, uint64_t noise_stream = 0);
 
   // hidden: [T, hidden_size]. Jitter and noise draw from this router's own generator, so a
-  // run is reproducible from the seed alone.
+  // run is reproducible from the seed alone. A part of a block (ForwardArgs.block_tokens)
+  // draws the whole block's and keeps its own rows, so that the TP group's routers add what
+  // one router of the whole block would.
   absl::StatusOr<RouterOutput> Forward(const at::Tensor& hidden, const ForwardArgs& args);
 
   // Aux-loss-free balancing after an optimizer step: `tokens_per_expert` must already be

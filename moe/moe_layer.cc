@@ -160,6 +160,14 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
         TORCH_CHECK(st.ok(), std::string(st.message()));
         return s;
       };
+      ga.gather_over_block = [tp, parts](const at::Tensor& t) {
+        std::vector<int64_t> shape = t.sizes().vec();
+        shape[0] = std::accumulate(parts.begin(), parts.end(), int64_t{0});
+        at::Tensor all = at::empty(shape, t.options());
+        const absl::Status st = tp->AllGatherV(t.contiguous(), all, parts).Wait();
+        TORCH_CHECK(st.ok(), std::string(st.message()));
+        return all;
+      };
     }
     groups::Group* stage = GroupOrNull(GroupKind::kGate);
     if (stage != nullptr) {
@@ -174,8 +182,9 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
     }
     SY_ASSIGN_OR_RETURN(gate::RouterOutput r, router_->Forward(x, ga));
     const gate::Routing& routing = r.routing;
+    // A TP part of a block keeps no padding slots (see gate::BlockOfTokens).
     const bool fixed_blocks = routing.capacity >= 0 && config_.router.topk.pad_to_capacity &&
-                              config_.router.type == gate::RoutingType::kTokenChoice;
+                              config_.router.type == gate::RoutingType::kTokenChoice && tp == nullptr;
     SY_ASSIGN_OR_RETURN(dispatch::PermutePlan plan,
                         dispatch::MakePlan(routing.routing_map, fixed_blocks ? routing.capacity : -1));
     const at::Tensor xe = x.to(config_.dtype);

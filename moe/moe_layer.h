@@ -12,7 +12,10 @@
 // parallelism they are replicated across the TP group, and each TP rank routes its slice of
 // them (FastMoE's slice_group) and gathers the outputs back. Routed copies go to their
 // experts over the EP group (all-to-all) and, with ETP > 1, to every F slice of the expert.
-// Capacity is counted over the tokens this rank routes, as in Megatron-Core and DeepSpeed.
+// Capacity is counted over a data-parallel replica's tokens, as in Megatron-Core and
+// DeepSpeed; the TP ranks that route slices or shares of one block count it over the block
+// together, so TP changes no drop (Megatron-Core counts per TP rank under sequence
+// parallelism). Such a part keeps no padding slots, which change no number.
 // The aux loss and z-loss are weighted like a task loss averaged over this data-parallel
 // replica's tokens, which the optimizer then averages over the DP x CP replicas (the
 // divisors of DESIGN.md): add them to the rank's loss as they are. Each rank's is its share:

@@ -60,8 +60,8 @@ struct Case {
   double z_loss = 0;
   int64_t seq_len = 0;
   bool sequence_parallel = false;   // each TP rank gets its share of the DP block's tokens
-  // Training mode with input jitter and noisy gating (one DP block, dropless: the reference
-  // then routes the block in one call, drawing the noise one process would).
+  // Training mode with input jitter and noisy gating (one DP block: other replicas draw
+  // other noise than one process).
   bool training = false;
 };
 
@@ -116,8 +116,8 @@ Inputs MakeInputs(const Case& c) {
   return {x.to(c.dtype), at::randn({T, kHidden}).to(c.dtype)};
 }
 
-// The single-process layer, on each routing shard (what one rank routes: a DP block, or its
-// TP shares) in turn, as capacity is counted per shard (dropless, the shards change nothing).
+// The single-process layer, on each DP block in turn (a data-parallel replica's micro-batch,
+// over which capacity is counted: the TP ranks that share a block count it together).
 // Its own losses are off: the load-balancing loss and z-loss are added from the gate's
 // formulas over what one process would see, each DP block (or the whole global batch for the
 // global variant) at once: the layout must not change them.
@@ -152,9 +152,8 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
   int64_t off = 0;
   for (const auto& block : shards) {
     const int64_t block_off = off;
-    const std::vector<int64_t> calls =
-        c.training ? std::vector<int64_t>{std::accumulate(block.begin(), block.end(), int64_t{0})} : block;
-    for (int64_t n : calls) {
+    {
+      const int64_t n = std::accumulate(block.begin(), block.end(), int64_t{0});
       auto out = layer->Forward(x.narrow(0, off, n), {.training = c.training});
       EXPECT_TRUE(out.ok()) << out.status();
       outs.push_back(out->output);
@@ -264,8 +263,7 @@ void RunCase(const Case& c) {
   std::vector<std::vector<int64_t>> shards;  // what each rank routes, by DP block
   for (int64_t n : c.dp_tokens) shards.push_back(dispatch::EvenSplit(n, slices));
   if (c.training) {
-    ASSERT_EQ(c.dp_tokens.size(), 1u) << "training cases: one DP block";
-    ASSERT_EQ(c.capacity_factor, 0) << "training cases: dropless";
+    ASSERT_EQ(c.dp_tokens.size(), 1u) << "training cases: one DP block (replicas draw their own noise)";
   }
   const Reference ref = RunReference(c, shards);
   // The cases test what they say: drops happen, the silent expert gets nothing.

@@ -336,7 +336,7 @@ absl::Status CheckTopKOptions(const TopKOptions& o, int64_t E) {
 }
 
 absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o,
-                                  const at::Tensor& expert_bias) {
+                                  const at::Tensor& expert_bias, const BlockOfTokens* block) {
   if (absl::Status s = CheckLogits(logits); !s.ok()) return s;
   const int64_t T = logits.size(0), E = logits.size(1);
   if (absl::Status s = CheckTopKOptions(o, E); !s.ok()) return s;
@@ -378,11 +378,28 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
   r.probs = norm_kept ? scale(NormalizeKept(raw_probs)) : at::zeros_like(x).scatter(1, idx, weights);
   std::tie(r.routing_map, r.tokens_per_expert) = MapAndCounts(idx, E);
   if (o.capacity_factor > 0) {
-    r.capacity = std::max(ExpertCapacity(T, o.top_k, static_cast<int>(E), o.capacity_factor),
+    const bool part = block != nullptr;
+    if (part && (block->block_tokens < 0 || block->offset < 0 || T > block->block_tokens - block->offset ||
+                 !block->gather)) {
+      return Invalid(absl::StrFormat("router: tokens [%d, %d) of a block of %d need a gather over the block",
+                                     part ? block->offset : 0, (part ? block->offset : 0) + T,
+                                     part ? block->block_tokens : 0));
+    }
+    const int64_t counted = part ? block->block_tokens : T;
+    r.capacity = std::max(ExpertCapacity(counted, o.top_k, static_cast<int>(E), o.capacity_factor),
                           o.min_capacity);
-    const at::Tensor key = norm_kept ? raw_probs : r.probs;
-    const at::Tensor keep = CapacityMask(key, r.routing_map, idx, r.capacity, o.drop_policy);
-    const at::Tensor final_map = o.pad_to_capacity ? keep : r.routing_map.logical_and(keep);
+    const at::Tensor key = (norm_kept ? raw_probs : r.probs).detach();
+    at::Tensor keep;
+    if (part) {
+      // Rank the whole block's slots, then keep this part's rows.
+      const at::Tensor block_key = block->gather(key.contiguous());
+      const at::Tensor block_map = block->gather(r.routing_map.to(at::kFloat).contiguous()).to(at::kBool);
+      const at::Tensor block_idx = block->gather(idx.contiguous());
+      keep = CapacityMask(block_key, block_map, block_idx, r.capacity, o.drop_policy).narrow(0, block->offset, T);
+    } else {
+      keep = CapacityMask(key, r.routing_map, idx, r.capacity, o.drop_policy);
+    }
+    const at::Tensor final_map = o.pad_to_capacity && !part ? keep : r.routing_map.logical_and(keep);
     r.dropped = r.routing_map.logical_and(keep.logical_not());
     r.probs = norm_kept ? scale(NormalizeKept(raw_probs * final_map)) : r.probs * final_map;
     r.routing_map = final_map;

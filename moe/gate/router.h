@@ -28,6 +28,7 @@
 #define MOE_GATE_ROUTER_H_
 
 #include <cstdint>
+#include <functional>
 
 #include <ATen/core/Tensor.h>
 
@@ -94,16 +95,28 @@ struct Routing {
   int64_t capacity = -1;         // -1: dropless
 };
 
-// `logits`: [T, E], any floating dtype. `expert_bias` ([E], optional): added to the scores
-// only to choose experts (aux-loss-free balancing); weights come from unbiased scores. Unlike
-// Megatron-Core, which applies it with sigmoid scores only, it works with every score
-// function. Errors name the option: k out of range, bad groups, NaN/inf logits.
 // OK when `options` can route over `num_experts` experts; otherwise what is wrong, by name.
 // TopKRoute checks this itself; a router checks it once when it is made.
 absl::Status CheckTopKOptions(const TopKOptions& options, int64_t num_experts);
 
+// `logits`: [T, E], any floating dtype. `expert_bias` ([E], optional): added to the scores
+// only to choose experts (aux-loss-free balancing); weights come from unbiased scores. Unlike
+// Megatron-Core, which applies it with sigmoid scores only, it works with every score
+// function. Errors name the option: k out of range, bad groups, NaN/inf logits.
+//
+// `block` (optional): these tokens are rows [offset, offset + T) of a block of block_tokens
+// that several routers share (a TP group's slices or shares). Capacity is then the block's,
+// counted and ranked over all of its tokens as one router of the whole block would: `gather`
+// returns a [T, ...] tensor's rows of every part, in block order (an all-gather). A part
+// keeps no padding slots (it cannot hold fixed [E, C] blocks; padding changes no number).
+struct BlockOfTokens {
+  int64_t block_tokens = 0;
+  int64_t offset = 0;
+  std::function<at::Tensor(const at::Tensor&)> gather;
+};
 absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& options,
-                                  const at::Tensor& expert_bias = at::Tensor());
+                                  const at::Tensor& expert_bias = at::Tensor(),
+                                  const BlockOfTokens* block = nullptr);
 
 // Expert-choice routing (Zhou et al., 2022): scores are a softmax over experts per token;
 // every expert takes the `capacity` tokens with its highest scores (ties: lower token

@@ -150,9 +150,11 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
     const at::Tensor noise = at::empty({draw, logits.size(1)}, logits.options()).normal_(0.0, 1.0, generator_);
     logits = logits + noise.narrow(0, first, T) * scale;
   }
+  const BlockOfTokens block{.block_tokens = args.block_tokens, .offset = args.block_offset,
+                            .gather = args.gather_over_block};
   absl::StatusOr<Routing> routing = config_.type == RoutingType::kExpertChoice
                                         ? ExpertChoiceRoute(logits, config_.topk.capacity_factor)
-                                        : TopKRoute(logits, config_.topk, expert_bias_);
+                                        : TopKRoute(logits, config_.topk, expert_bias_, part ? &block : nullptr);
   if (!routing.ok()) return routing.status();
   out.routing = *std::move(routing);
 

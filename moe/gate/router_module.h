@@ -60,6 +60,9 @@ struct ForwardArgs {
   int64_t block_tokens = -1;
   int64_t block_offset = 0;  // this part's first token in the block
   std::function<at::Tensor(const at::Tensor&)> sum_over_block;
+  // With a capacity: every part's rows of a [T, ...] tensor in block order (an all-gather),
+  // so that capacity is counted over the block (gate::BlockOfTokens).
+  std::function<at::Tensor(const at::Tensor&)> gather_over_block;
 };
 
 struct RouterOutput {

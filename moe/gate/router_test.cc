@@ -301,6 +301,51 @@ TEST(Router, EdgeCases) {
   EXPECT_THAT(err(TopKRoute(at::zeros({2, 4}), {.top_k = 1}, at::zeros({3}))), HasSubstr("expert_bias must have shape [4]"));
 }
 
+// A block routed in parts (a TP group's slices) with the block's capacity: each part's kept
+// slots, weights and drops are the whole block's rows, for every drop policy. `gather` stands
+// in for the all-gather: a first round records what each part hands it (call i of a part is
+// the i-th tensor), the second hands back the parts' rows joined in block order.
+TEST(Router, PartsOfABlockShareItsCapacity) {
+  at::manual_seed(12);
+  const int64_t T = 30, E = 6;
+  const at::Tensor logits = at::randn({T, E}) * 2;
+  const std::vector<std::pair<int64_t, int64_t>> parts = {{0, 11}, {11, 0}, {11, 12}, {23, 7}};
+  for (DropPolicy policy : {DropPolicy::kByScore, DropPolicy::kByPosition, DropPolicy::kByChoiceThenPosition}) {
+    for (bool pad : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "policy " << static_cast<int>(policy) << ", pad " << pad);
+      const TopKOptions o{.top_k = 2, .capacity_factor = 0.8, .drop_policy = policy, .pad_to_capacity = pad};
+      absl::StatusOr<Routing> whole = TopKRoute(logits, o);
+      ASSERT_TRUE(whole.ok()) << whole.status();
+      ASSERT_GT(whole->dropped.sum().item<int64_t>(), 0);
+      std::vector<std::vector<at::Tensor>> recorded(3);
+      size_t call = 0;
+      BlockOfTokens block{.block_tokens = T};
+      for (bool second : {false, true}) {
+        block.gather = [&](const at::Tensor& t) {
+          const size_t i = call++ % 3;
+          if (!second) {
+            recorded[i].push_back(t.clone());
+            return at::cat({t, at::zeros({T - t.size(0), t.size(1)}, t.options())});  // any rows, right shape
+          }
+          return at::cat(recorded[i]);
+        };
+        for (auto [off, n] : parts) {
+          block.offset = off;
+          absl::StatusOr<Routing> r = TopKRoute(logits.narrow(0, off, n), o, at::Tensor(), &block);
+          ASSERT_TRUE(r.ok()) << r.status();
+          if (!second) continue;
+          EXPECT_EQ(r->capacity, whole->capacity);
+          // The part routes unpadded: its map is the block's routed and kept slots (those of
+          // weight > 0; the block's padding slots have weight 0).
+          EXPECT_TRUE(r->routing_map.equal(whole->probs.narrow(0, off, n) > 0)) << off;
+          EXPECT_TRUE(r->dropped.equal(whole->dropped.narrow(0, off, n))) << off;
+          EXPECT_TRUE(at::allclose(r->probs, whole->probs.narrow(0, off, n))) << off;
+        }
+      }
+    }
+  }
+}
+
 // The bias moves the choice, never the weights; bf16 logits are routed in fp32.
 TEST(Router, ExpertBiasAndPrecision) {
   at::Tensor logits = at::tensor({2.0f, 1.0f, 0.0f, -1.0f}).repeat({2, 1});

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <numeric>
 #include <optional>
@@ -31,6 +32,8 @@ using ::testing::HasSubstr;
 constexpr int64_t kHidden = 8, kFfn = 12;
 constexpr int kExperts = 8;
 constexpr uint64_t kSeed = 1234;
+
+absl::Status Expect(bool ok, const std::string& what) { return ok ? absl::OkStatus() : absl::InternalError(what); }
 
 // max|a − b| / max|b|: the error relative to the tensor's scale.
 double RelErr(const at::Tensor& a, const at::Tensor& b) {
@@ -244,6 +247,17 @@ at::Tensor SumOver(Communicator& comm, GroupKind kind, const at::Tensor& t) {
   return s;
 }
 
+// DESIGN.md's gradient reduction for a parameter's tag, the sum part: dense over DP (x CP);
+// dense replicated across TP with different tokens over DP, then TP; experts over EDP.
+at::Tensor ReduceByTag(Communicator& comm, const ParamTag& tag, const at::Tensor& grad) {
+  switch (tag.domain) {
+    case ParamDomain::kDense: return SumOver(comm, GroupKind::kDpCp, grad);
+    case ParamDomain::kDenseTpReplicated: return SumOver(comm, GroupKind::kTp, SumOver(comm, GroupKind::kDpCp, grad));
+    case ParamDomain::kExpert: return SumOver(comm, GroupKind::kEdp, grad);
+  }
+  return grad;
+}
+
 // This rank's ETP slice of every local expert's full reference gradient.
 at::Tensor ExpertShard(const at::Tensor& full, const experts::GroupedExperts& ex, bool fc1, bool swiglu) {
   const experts::ExpertsConfig& c = ex.config();
@@ -312,22 +326,19 @@ void RunCase(const Case& c) {
       routed_total += out->tokens_per_expert;
       if (out->tokens_per_expert.sum().item<int64_t>() == 0) ++ranks_without_tokens;
     }
-    // Every rank takes part in every sum before any comparison can return early (a rank
-    // that returned would leave the others waiting in the next sum until the timeout).
-    // Router and shared experts: replicated, fed different tokens; their gradients add up
-    // over the stage (DP and the TP slices). Routed experts: summed over their replicas
-    // (EDP); each rank holds its EP x ETP shard.
+    // Every gradient reduced as DESIGN.md's table says for its tag (the sum; the optimizer's
+    // divisor is the same for every layout's reference), so a wrong tag fails here. Every
+    // rank takes part in every sum before any comparison can return early (a rank that
+    // returned would leave the others waiting in the next sum until the timeout).
     experts::GroupedExperts& ex = layer->routed_experts();
-    const at::Tensor router_grad = SumOver(comm, GroupKind::kGate, layer->router().weight().grad());
-    const at::Tensor noise_grad =
-        c.training ? SumOver(comm, GroupKind::kGate, layer->router().noise_weight().grad()) : at::Tensor();
-    at::Tensor shared_fc1_grad, shared_fc2_grad;
-    if (c.shared_experts > 0) {
-      shared_fc1_grad = SumOver(comm, GroupKind::kGate, layer->shared_experts()->fc1().grad());
-      shared_fc2_grad = SumOver(comm, GroupKind::kGate, layer->shared_experts()->fc2().grad());
+    std::map<std::string, at::Tensor> reduced;
+    for (const TaggedParam& p : layer->Parameters()) {
+      reduced[p.tag.name.substr(p.tag.name.find('.') + 1)] = ReduceByTag(comm, p.tag, p.tensor.grad());
     }
-    const at::Tensor fc1_grad = SumOver(comm, GroupKind::kEdp, ex.fc1().grad());
-    const at::Tensor fc2_grad = SumOver(comm, GroupKind::kEdp, ex.fc2().grad());
+    const at::Tensor router_grad = reduced["router.weight"];
+    const at::Tensor noise_grad = c.training ? reduced["router.noise_weight"] : at::Tensor();
+    const at::Tensor shared_fc1_grad = reduced["shared_experts.fc1"], shared_fc2_grad = reduced["shared_experts.fc2"];
+    const at::Tensor fc1_grad = reduced["experts.fc1"], fc2_grad = reduced["experts.fc2"];
     SY_RETURN_IF_ERROR(Check("output", out->output, ref.out.narrow(0, off, n), tol));
     SY_RETURN_IF_ERROR(Check("input gradient", x.grad(), ref.x_grad.narrow(0, off, n), tol));
     // Router row e belongs to expert e.
@@ -525,6 +536,20 @@ TEST(MoELayerEquivalenceTest, ExpertTensorParallelWithoutGating) {
            .capacity_factor = 1.0,
            .activation = Activation::kRelu,
            .dp_tokens = {12, 14}});
+}
+
+TEST(MoELayerEquivalenceTest, ExpertTensorParallelWithExpertDataParallel) {
+  // 8 ranks: ETP 2 x EP 2 x EDP 2 (TP 2 x DP 4 on the dense grid), capacity, shared expert.
+  RunCase({.name = "ETP=2 x EP=2 x EDP=2 on 8 ranks, capacity 1.0",
+           .layout = {.world_size = 8, .tp = 2, .ep = 2, .etp = 2},
+           .capacity_factor = 1.0,
+           .shared_experts = 1,
+           .dp_tokens = {9, 12, 0, 7},
+           .ranks_without_tokens = 2});
+  // ETP above TP: TP 1, so every rank routes its own DP block; ETP 2 x EP 2 over 4 of them.
+  RunCase({.name = "ETP=2 x EP=2 with TP=1 (DP=4)",
+           .layout = {.world_size = 4, .tp = 1, .ep = 2, .etp = 2},
+           .dp_tokens = {6, 5, 8, 3}});
 }
 
 TEST(MoELayerEquivalenceTest, SilentExpertAndRankWithoutTokens) {
@@ -801,6 +826,43 @@ TEST(MoELayerTest, DataParallelReplicasDrawTheirOwnNoise) {
   ASSERT_TRUE(s.ok()) << s;
   EXPECT_TRUE(at::equal(outs[0], single->output.detach()));
   EXPECT_GT(RelErr(outs[1], outs[0]), 1e-3);
+}
+
+// Aux-loss-free balancing under a layout: every rank moves its bias by the counts summed
+// over the stage (DP blocks and TP slices), exactly as one process moves it by the whole
+// batch's counts, and then routes alike.
+TEST(MoELayerTest, ExpertBiasMovesAsInOneProcess) {
+  MoEConfig c = Config({});
+  c.router.expert_bias = true;
+  c.router.topk.pre_softmax = true;
+  c.router.bias_update_rate = 0.05;
+  at::manual_seed(6);
+  const at::Tensor x = at::randn({20, kHidden});  // 2 DP blocks of 10, each over 2 TP slices
+  auto one = MoELayer::Create(c, kSeed);
+  ASSERT_TRUE(one.ok());
+  at::Tensor counts = at::zeros({kExperts}, at::kLong);
+  for (int b = 0; b < 2; ++b) {
+    auto out = one->Forward(x.narrow(0, 10 * b, 10), {});
+    ASSERT_TRUE(out.ok()) << out.status();
+    counts += out->tokens_per_expert;
+  }
+  ASSERT_TRUE(one->UpdateExpertBias(counts).ok());
+  const at::Tensor want = one->router().expert_bias().clone();
+  ASSERT_GT(want.abs().sum().item<float>(), 0);
+  auto after = one->Forward(x.narrow(0, 0, 10), {});
+  ASSERT_TRUE(after.ok());
+  absl::Status s = groups::testing::RunRanks({.layout = {.world_size = 4, .tp = 2, .etp = 1}},
+                                             [&](Communicator& comm) -> absl::Status {
+    auto layer = MoELayer::Create(c, kSeed, &comm);
+    if (!layer.ok()) return layer.status();
+    const int b = comm.layout().Dense(comm.rank()).dp;
+    SY_ASSIGN_OR_RETURN(MoEOutput out, layer->Forward(x.narrow(0, 10 * b, 10), {}));
+    SY_RETURN_IF_ERROR(layer->UpdateExpertBias(out.tokens_per_expert));
+    SY_RETURN_IF_ERROR(Expect(at::equal(layer->router().expert_bias(), want), "bias differs from one process's"));
+    SY_ASSIGN_OR_RETURN(MoEOutput next, layer->Forward(x.narrow(0, 0, 10), {}));
+    return b == 0 ? Check("output after the update", next.output, after->output, 1e-6) : absl::OkStatus();
+  });
+  EXPECT_TRUE(s.ok()) << s;
 }
 
 TEST(MoELayerTest, LayoutThatDoesNotFitIsAClearError) {

@@ -77,6 +77,10 @@ TEST(MoELayerConfigTest, EveryValidSpecBuildsLayersThatRoute) {
   std::vector<std::pair<std::string, std::string>> specs = {
       {"defaults", ""},
       {"expert choice", "model { moe { router { type: EXPERT_CHOICE capacity_factor: 1.5 } } }"},
+      {"expert choice, one expert, token-choice defaults written out",
+       "model { moe { num_experts: 1 top_k: 2 router { type: EXPERT_CHOICE capacity_factor: 1 pre_softmax: true "
+       "scaling_factor: 1 drop_policy: DROP_BY_SCORE score: SOFTMAX } } }"},
+      {"top-1 sigmoid", "model { moe { top_k: 1 router { score: SIGMOID } } }"},
       {"sigmoid, groups, bias",
        "model { moe { num_experts: 16 top_k: 4 router { score: SIGMOID num_groups: 4 group_topk: 2 "
        "expert_bias: true } } }"},

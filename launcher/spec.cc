@@ -126,7 +126,7 @@ absl::Status ValidateModel(const Model& m) {
         "model.moe.shared_ffn_hidden_size: %d needs model.moe.num_shared_experts > 0 (it sizes the shared experts)",
         e.shared_ffn_hidden_size()));
   }
-  if (e.top_k() < 1 || e.top_k() > e.num_experts()) {
+  if (e.router().type() != Router::EXPERT_CHOICE && (e.top_k() < 1 || e.top_k() > e.num_experts())) {
     return Invalid(absl::StrFormat(
         "model.moe.top_k: %d must be between 1 and model.moe.num_experts = %d", e.top_k(),
         e.num_experts()));
@@ -141,6 +141,31 @@ absl::Status ValidateModel(const Model& m) {
   }
   const Router& r = e.router();
   const std::string rp = "model.moe.router";
+  if (r.type() == Router::EXPERT_CHOICE) {
+    // Expert choice takes the capacity factor alone: a setting it would ignore is refused
+    // (a token-choice default written out is no setting).
+    const MoE& moe_defaults = MoE::default_instance();
+    const Router& d = Router::default_instance();
+    const std::vector<std::pair<bool, std::string>> unused = {
+        {e.top_k() != moe_defaults.top_k(), "model.moe.top_k"},
+        {r.score() != Router::SOFTMAX, rp + ".score"},
+        {!r.pre_softmax(), rp + ".pre_softmax"},
+        {r.normalize_topk(), rp + ".normalize_topk"},
+        {r.scaling_factor() != d.scaling_factor(), rp + ".scaling_factor"},
+        {r.num_groups() > 0 || r.group_topk() > 0, rp + ".num_groups"},
+        {r.drop_policy() != d.drop_policy(), rp + ".drop_policy"},
+        {r.pad_to_capacity(), rp + ".pad_to_capacity"},
+        {r.has_aux_loss() && r.aux_loss() != Router::AUX_NONE, rp + ".aux_loss"},
+        {r.has_aux_loss_coeff(), rp + ".aux_loss_coeff"},
+        {r.expert_bias(), rp + ".expert_bias"},
+        {r.has_bias_update_rate(), rp + ".bias_update_rate"}};
+    for (const auto& [set, field] : unused) {
+      if (set) {
+        return Invalid(absl::StrFormat("%s: has no effect with %s.type = EXPERT_CHOICE (each expert picks its "
+                                       "capacity of tokens by softmax score; no aux loss)", field, rp));
+      }
+    }
+  }
   SY_RETURN_IF_ERROR(FiniteAtLeast(rp + ".scaling_factor", r.scaling_factor(), 0, true));
   SY_RETURN_IF_ERROR(FiniteAtLeast(rp + ".jitter_eps", r.jitter_eps(), 0, false));
   if (r.jitter_eps() >= 1) {
@@ -179,30 +204,15 @@ absl::Status ValidateModel(const Model& m) {
         "%s.pad_to_capacity: needs %s.capacity_factor > 0 (dropless routing has no capacity)",
         rp, rp));
   }
-  if (r.type() == Router::EXPERT_CHOICE) {
-    // Expert choice takes the capacity factor alone: a setting it would ignore is refused.
-    const std::vector<std::pair<bool, std::string>> unused = {
-        {e.has_top_k(), "model.moe.top_k"},
-        {r.has_score() && r.score() != Router::SOFTMAX, rp + ".score"},
-        {r.has_pre_softmax(), rp + ".pre_softmax"},
-        {r.normalize_topk(), rp + ".normalize_topk"},
-        {r.has_scaling_factor(), rp + ".scaling_factor"},
-        {r.num_groups() > 0, rp + ".num_groups"},
-        {r.has_drop_policy(), rp + ".drop_policy"},
-        {r.pad_to_capacity(), rp + ".pad_to_capacity"},
-        {r.has_aux_loss() && r.aux_loss() != Router::AUX_NONE, rp + ".aux_loss"},
-        {r.expert_bias(), rp + ".expert_bias"}};
-    for (const auto& [set, field] : unused) {
-      if (set) {
-        return Invalid(absl::StrFormat("%s: has no effect with %s.type = EXPERT_CHOICE (each expert picks its "
-                                       "capacity of tokens by softmax score; no aux loss)", field, rp));
-      }
+  if (r.type() == Router::TOKEN_CHOICE && e.top_k() == 1) {
+    // One weight normalised over the one chosen expert is 1 for every token: the task loss
+    // would never reach the gate (Megatron-Core refuses this too).
+    const char* field = r.normalize_topk() ? "normalize_topk: true"
+                        : (r.score() == Router::SOFTMAX && !r.pre_softmax()) ? "pre_softmax: false" : nullptr;
+    if (field != nullptr) {
+      return Invalid(absl::StrFormat("%s.%s with model.moe.top_k = 1 gives every token the weight 1, so the "
+                                     "router learns nothing from the task loss", rp, field));
     }
-  } else if (!r.pre_softmax() && e.top_k() == 1 && r.score() == Router::SOFTMAX) {
-    // Softmax over one chosen expert is 1 for every token: the task loss would never reach
-    // the gate (Megatron-Core refuses this too).
-    return Invalid(absl::StrFormat("%s.pre_softmax: false with model.moe.top_k = 1 gives every token the "
-                                   "weight 1, so the router learns nothing from the task loss", rp));
   }
   return absl::OkStatus();
 }

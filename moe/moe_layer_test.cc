@@ -782,6 +782,18 @@ TEST(MoELayerTest, BadInputOnOneRankFailsItsGroupAtOnce) {
   });
   EXPECT_THAT(e[0], HasSubstr("had bad hidden states"));
   EXPECT_THAT(e[1], HasSubstr("hidden states must be [tokens, 8]"));
+  // Finite hidden states whose logits overflow, on rank 0's share only: the router's block
+  // check stops both.
+  at::Tensor huge = good.clone();
+  huge[1].fill_(3e38f);
+  e = run({.world_size = 2, .tp = 2}, sp, [&](MoELayer& l, int rank) -> absl::Status {
+    if (rank == 0 && at::isfinite(at::mm(huge, l.router().weight().detach().t())).all().item<bool>()) {
+      return absl::InternalError("the test's logits do not overflow");
+    }
+    return l.Forward(rank == 0 ? huge : good, {}).status();
+  });
+  EXPECT_THAT(e[0], HasSubstr("logits contain NaN or inf"));
+  EXPECT_THAT(e[1], HasSubstr("another router of the block has NaN or inf logits"));
   // Slicing: the NaN token is in rank 0's slice only; both ranks see it in the tokens they share.
   e = run({.world_size = 2, .tp = 2}, Config({}), [&](MoELayer& l, int) { return l.Forward(nan, {}).status(); });
   EXPECT_THAT(e[0], HasSubstr("hidden states hold NaN or inf"));

@@ -85,7 +85,6 @@ TEST(Comm, RankThatNeverJoinsTimesOutWithClearError) {
   EXPECT_THAT(m, ::testing::Not(HasSubstr("rank 2: ")));
 }
 
-// The same checks with every rank its own process (over TCP, as the launcher runs them).
 // A rank function that throws (as a differentiable exchange does when its peer has already
 // failed) is that rank's failure in the result, not the end of the test process.
 TEST(Comm, RankThatThrowsIsReported) {
@@ -97,6 +96,7 @@ TEST(Comm, RankThatThrowsIsReported) {
   EXPECT_THAT(std::string(s.message()), ::testing::Not(HasSubstr("rank 0")));
 }
 
+// The same checks with every rank its own process (over TCP, as the launcher runs them).
 TEST(Comm, EveryCollectiveAsProcesses) {
   for (LayoutSpec spec : {LayoutSpec{.world_size = 4, .tp = 2, .ep = 2},
                           LayoutSpec{.world_size = 4, .pp = 2, .ep = 2}}) {

@@ -393,8 +393,8 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
     if (part) {
       // Rank the whole block's slots, then keep this part's rows.
       const at::Tensor block_key = block->gather(key.contiguous());
-      const at::Tensor block_map = block->gather(r.routing_map.to(at::kFloat).contiguous()).to(at::kBool);
       const at::Tensor block_idx = block->gather(idx.contiguous());
+      const at::Tensor block_map = MapAndCounts(block_idx, E).first;
       keep = CapacityMask(block_key, block_map, block_idx, r.capacity, o.drop_policy).narrow(0, block->offset, T);
     } else {
       keep = CapacityMask(key, r.routing_map, idx, r.capacity, o.drop_policy);

@@ -150,6 +150,16 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
     const at::Tensor noise = at::empty({draw, logits.size(1)}, logits.options()).normal_(0.0, 1.0, generator_);
     logits = logits + noise.narrow(0, first, T) * scale;
   }
+  if (part) {
+    // NaN or inf in one part's logits would stop that router alone, before the gathers and
+    // sums the block's other routers then wait in: the block finds out together.
+    const bool mine = at::isfinite(logits).all().item<bool>();
+    if (args.sum_over_block(at::full({1}, mine ? 0.0f : 1.0f)).item<float>() > 0) {
+      return absl::InvalidArgumentError(mine ? "router: another router of the block has NaN or inf logits"
+                                             : "router: logits contain NaN or inf; refusing to route (check the "
+                                               "model for overflow upstream)");
+    }
+  }
   const BlockOfTokens block{.block_tokens = args.block_tokens, .offset = args.block_offset,
                             .gather = args.gather_over_block};
   absl::StatusOr<Routing> routing = config_.type == RoutingType::kExpertChoice

@@ -311,18 +311,24 @@ TEST(Router, PartsOfABlockShareItsCapacity) {
   const at::Tensor logits = at::randn({T, E}) * 2;
   const std::vector<std::pair<int64_t, int64_t>> parts = {{0, 11}, {11, 0}, {11, 12}, {23, 7}};
   for (DropPolicy policy : {DropPolicy::kByScore, DropPolicy::kByPosition, DropPolicy::kByChoiceThenPosition}) {
-    for (bool pad : {false, true}) {
-      SCOPED_TRACE(::testing::Message() << "policy " << static_cast<int>(policy) << ", pad " << pad);
-      const TopKOptions o{.top_k = 2, .capacity_factor = 0.8, .drop_policy = policy, .pad_to_capacity = pad};
+    for (int variant : {0, 1, 2}) {  // plain; padded; kept-weight normalisation with a min capacity
+      const bool pad = variant == 1;
+      SCOPED_TRACE(::testing::Message() << "policy " << static_cast<int>(policy) << ", variant " << variant);
+      TopKOptions o{.top_k = 2, .capacity_factor = 0.8, .drop_policy = policy, .pad_to_capacity = pad};
+      if (variant == 2) {
+        o.weight_norm = WeightNorm::kKept;
+        o.capacity_factor = 0.3;
+        o.min_capacity = 7;
+      }
       absl::StatusOr<Routing> whole = TopKRoute(logits, o);
       ASSERT_TRUE(whole.ok()) << whole.status();
       ASSERT_GT(whole->dropped.sum().item<int64_t>(), 0);
-      std::vector<std::vector<at::Tensor>> recorded(3);
-      size_t call = 0;
+      std::vector<std::vector<at::Tensor>> recorded(2);
+      size_t call = 0;  // two gathers a part: the keys, then the choices
       BlockOfTokens block{.block_tokens = T};
       for (bool second : {false, true}) {
         block.gather = [&](const at::Tensor& t) {
-          const size_t i = call++ % 3;
+          const size_t i = call++ % 2;
           if (!second) {
             recorded[i].push_back(t.clone());
             return at::cat({t, at::zeros({T - t.size(0), t.size(1)}, t.options())});  // any rows, right shape

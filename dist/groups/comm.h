@@ -5,6 +5,8 @@
 // (a timeout, a dead peer) becomes a status that names the group, the rank and the op.
 // Any dtype LibTorch's backends move, bfloat16 included on Gloo (1.13's has none: the facade
 // moves its 16-bit words and sums an fp32 copy); tensors with no elements are allowed.
+// Several ranks as threads of one process under LibTorch 2.x need TORCH_FR_BUFFER_SIZE=0
+// (its flight recorder races there; testing::RunRanks sets it).
 //
 //   auto comm = Communicator::Create(store, rank, layout, {.timeout = std::chrono::seconds(60)});
 //   at::Tensor g = ...;

@@ -20,6 +20,12 @@ absl::Status RunRanks(const RunOptions& options, std::function<absl::Status(Comm
   absl::StatusOr<Layout> layout = Layout::Create(options.layout);
   if (!layout.ok()) return layout.status();
   const int n = layout->world_size();
+  // LibTorch 2.x's c10d flight recorder (on by default) inserts into a map before it takes
+  // its lock (FlightRecorder::recordWithResetEnabled, seen in 2.11): ranks as threads enqueue
+  // collectives at once and corrupt it (a segfault in std::_Rb_tree_insert_and_rebalance).
+  // Off for ranks as threads unless asked for; one rank per process, as the launcher runs
+  // them, never enqueues from two threads. (It must be set before the first group.)
+  setenv("TORCH_FR_BUFFER_SIZE", "0", /*overwrite=*/0);
   std::shared_ptr<Store> store = Store::InMemory(options.collective_timeout);
   std::vector<absl::Status> results(n);
   std::mutex mu;

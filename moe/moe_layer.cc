@@ -1,5 +1,6 @@
 #include "moe/moe_layer.h"
 
+#include <functional>
 #include <numeric>
 #include <string>
 #include <utility>
@@ -25,6 +26,17 @@ constexpr uint64_t kSharedSeedSalt = 0x5348ull;
 
 absl::Status Sum(groups::Group& g, at::Tensor& t) {
   return g.AllReduce(t, groups::ReduceOp::kSum).Wait();
+}
+
+// A sum over `g` as the router takes it: a new tensor, failures thrown (and caught as a
+// status at Forward's boundary).
+std::function<at::Tensor(const at::Tensor&)> SumOver(groups::Group& g) {
+  return [&g](const at::Tensor& t) {
+    at::Tensor s = t.contiguous().clone();
+    const absl::Status st = Sum(g, s);
+    TORCH_CHECK(st.ok(), std::string(st.message()));
+    return s;
+  };
 }
 
 }  // namespace
@@ -154,12 +166,7 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
     if (tp != nullptr) {
       ga.block_tokens = std::accumulate(parts.begin(), parts.end(), int64_t{0});
       ga.block_offset = std::accumulate(parts.begin(), parts.begin() + tp->rank(), int64_t{0});
-      ga.sum_over_block = [tp](const at::Tensor& t) {
-        at::Tensor s = t.contiguous().clone();
-        const absl::Status st = Sum(*tp, s);
-        TORCH_CHECK(st.ok(), std::string(st.message()));
-        return s;
-      };
+      ga.sum_over_block = SumOver(*tp);
       ga.gather_over_block = [tp, parts](const at::Tensor& t) {
         std::vector<int64_t> shape = t.sizes().vec();
         shape[0] = std::accumulate(parts.begin(), parts.end(), int64_t{0});
@@ -171,12 +178,7 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
     }
     groups::Group* stage = GroupOrNull(GroupKind::kGate);
     if (stage != nullptr) {
-      ga.sum_over_dp = [stage](const at::Tensor& t) {
-        at::Tensor s = t.contiguous().clone();
-        const absl::Status st = Sum(*stage, s);
-        TORCH_CHECK(st.ok(), std::string(st.message()));
-        return s;
-      };
+      ga.sum_over_dp = SumOver(*stage);
     } else {
       ga.sum_over_dp = [](const at::Tensor& t) { return t; };
     }

@@ -164,6 +164,37 @@ TEST(RouterModule, PartsOfABlockAddUpToTheBlock) {
   EXPECT_EQ(empty->z_loss_value, 0.0);
 }
 
+// In training, a part of a block draws the block's jitter and noise from its stream and
+// keeps its rows: the parts route as one router of the whole block with the same stream;
+// other streams draw other noise, stream 0 what a plain router draws.
+TEST(RouterModule, PartsOfABlockDrawTheBlocksNoise) {
+  const int64_t T = 20;
+  const at::Tensor h = Hidden(T, 8, 9);
+  const RouterConfig c{.hidden_size = 8, .num_experts = 4, .topk = {.top_k = 2}, .jitter_eps = 0.2f,
+                       .noisy_gating = true, .aux_loss = AuxLoss::kNone};
+  auto probs = [&](uint64_t stream, int64_t off, int64_t n, bool part) {
+    absl::StatusOr<Router> r = Router::Create(c, 3, stream);
+    EXPECT_TRUE(r.ok());
+    ForwardArgs a{.training = true};
+    if (part) {
+      a.block_tokens = T;
+      a.block_offset = off;
+      a.sum_over_block = [](const at::Tensor& t) { return t; };  // the NaN flag: this part's
+    }
+    absl::StatusOr<RouterOutput> out = r->Forward(h.narrow(0, off, n), a);
+    EXPECT_TRUE(out.ok()) << out.status();
+    return out->routing.probs.detach();
+  };
+  for (uint64_t stream : {0, 3}) {
+    const at::Tensor whole = probs(stream, 0, T, false);
+    for (auto [off, n] : {std::pair<int64_t, int64_t>{0, 8}, {8, 0}, {8, 12}}) {
+      EXPECT_TRUE(probs(stream, off, n, true).equal(whole.narrow(0, off, n))) << "stream " << stream << ", rows " << off;
+    }
+  }
+  EXPECT_FALSE(probs(3, 0, T, false).equal(probs(0, 0, T, false)));
+  EXPECT_FALSE(probs(4, 0, T, false).equal(probs(3, 0, T, false)));
+}
+
 TEST(RouterModule, ExpertBiasSteersTheChoiceAfterUpdates) {
   RouterConfig c{.hidden_size = 8, .num_experts = 4, .topk = {.top_k = 1, .pre_softmax = true},
                  .expert_bias = true, .bias_update_rate = 0.5};

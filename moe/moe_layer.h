@@ -14,8 +14,8 @@
 // experts over the EP group (all-to-all) and, with ETP > 1, to every F slice of the expert.
 // Capacity is counted over a data-parallel replica's tokens, as in Megatron-Core and
 // DeepSpeed; the TP ranks that route slices or shares of one block count it over the block
-// together, so TP changes no drop (expert choice: each TP rank over its own; Megatron-Core
-// counts per TP rank under sequence parallelism). Such a part keeps no padding slots,
+// together, so TP changes no drop (also with expert choice, where every expert picks from
+// the whole block; Megatron-Core counts per TP rank under sequence parallelism). Such a part keeps no padding slots,
 // which change no number. Jitter and noise: each data-parallel replica draws its own; the
 // TP ranks of a block draw the block's, as one process would.
 // The aux loss and z-loss are weighted like a task loss averaged over this data-parallel

@@ -66,9 +66,11 @@ struct Case {
   // Training mode with input jitter and noisy gating (one DP block: other replicas draw
   // other noise than one process).
   bool training = false;
+  bool expert_choice = false;  // each expert picks capacity_factor x T / E tokens (no aux loss)
 };
 
 gate::AuxLoss AuxOf(const Case& c) {
+  if (c.expert_choice) return gate::AuxLoss::kNone;
   return c.aux.value_or(c.capacity_factor > 0 ? gate::AuxLoss::kBatch : gate::AuxLoss::kGlobal);
 }
 
@@ -88,6 +90,7 @@ MoEConfig Config(const Case& c) {
   m.init_std = 0.3f;
   m.router.aux_loss = AuxOf(c);
   m.router.z_loss_coeff = c.z_loss;
+  if (c.expert_choice) m.router.type = gate::RoutingType::kExpertChoice;
   if (c.training) {
     m.router.jitter_eps = 0.1f;
     m.router.noisy_gating = true;
@@ -281,7 +284,7 @@ void RunCase(const Case& c) {
   }
   const Reference ref = RunReference(c, shards);
   // The cases test what they say: drops happen, the silent expert gets nothing.
-  if (c.capacity_factor > 0) {
+  if (c.capacity_factor > 0 && !c.expert_choice) {
     EXPECT_GT(ref.dropped, 0);
   }
   for (int e : c.silent_experts) {
@@ -550,6 +553,30 @@ TEST(MoELayerEquivalenceTest, ExpertTensorParallelWithExpertDataParallel) {
   RunCase({.name = "ETP=2 x EP=2 with TP=1 (DP=4)",
            .layout = {.world_size = 4, .tp = 1, .ep = 2, .etp = 2},
            .dp_tokens = {6, 5, 8, 3}});
+}
+
+// Expert choice: every expert picks its capacity from the DP block's tokens, also when the
+// TP ranks route slices or shares of it.
+TEST(MoELayerEquivalenceTest, ExpertChoiceUnderLayouts) {
+  RunCase({.name = "expert choice, DP=2 x EP=2, capacity 1.0",
+           .layout = {.world_size = 4, .ep = 2},
+           .capacity_factor = 1.0,
+           .dp_tokens = {10, 7, 0, 12},
+           .ranks_without_tokens = 1,
+           .expert_choice = true});
+  RunCase({.name = "expert choice, TP=2 slicing x EP=2, capacity 1.5, z-loss",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 1},
+           .capacity_factor = 1.5,
+           .dp_tokens = {13, 9},
+           .z_loss = 0.01,
+           .expert_choice = true});
+  RunCase({.name = "expert choice, TP=2 sequence parallel, capacity 2.0, shared expert",
+           .layout = {.world_size = 2, .tp = 2, .etp = 1},
+           .capacity_factor = 2.0,
+           .shared_experts = 1,
+           .dp_tokens = {11},
+           .sequence_parallel = true,
+           .expert_choice = true});
 }
 
 TEST(MoELayerEquivalenceTest, SilentExpertAndRankWithoutTokens) {

@@ -17,7 +17,7 @@
 // Combine reverses each step; the ETP step sums the partial outputs of the F slices and
 // keeps this rank's rows (a reduce-scatter). Collective failures (a dead peer, a timeout)
 // become statuses naming the group and op. Tensors of any floating dtype; bf16 and fp16 are
-// moved as raw 16-bit words and summed in fp32.
+// summed in fp32 (dist/groups moves bf16 as 16-bit words where Gloo has no bf16).
 #ifndef MOE_DISPATCH_EXCHANGE_H_
 #define MOE_DISPATCH_EXCHANGE_H_
 

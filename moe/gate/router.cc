@@ -409,18 +409,35 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
   return r;
 }
 
-absl::StatusOr<Routing> ExpertChoiceRoute(const at::Tensor& logits, double capacity_factor) {
+absl::StatusOr<Routing> ExpertChoiceRoute(const at::Tensor& logits, double capacity_factor,
+                                          const BlockOfTokens* block) {
   if (absl::Status s = CheckLogits(logits); !s.ok()) return s;
   if (!(capacity_factor > 0) || !std::isfinite(capacity_factor)) {
     return Invalid(absl::StrFormat("router: expert-choice routing needs capacity_factor > 0 "
                                    "(each expert takes that many tokens); got %g", capacity_factor));
   }
   const int64_t T = logits.size(0), E = logits.size(1);
+  if (block != nullptr && (block->block_tokens < 0 || block->offset < 0 || T > block->block_tokens - block->offset ||
+                           !block->gather)) {
+    return Invalid(absl::StrFormat("router: tokens [%d, %d) of a block of %d need a gather over the block",
+                                   block->offset, block->offset + T, block->block_tokens));
+  }
   const at::Tensor s = at::softmax(logits.to(at::kFloat), -1);
   Routing r;
-  r.capacity = std::min<int64_t>(T, ExpertCapacity(T, 1, static_cast<int>(E), capacity_factor));
-  const at::Tensor chosen = TopKIndices(s.detach(), r.capacity, /*dim=*/0);  // [C, E] token ids
-  r.routing_map = at::zeros({T, E}, s.options().dtype(at::kBool)).scatter_(0, chosen, true);
+  const int64_t counted = block != nullptr ? block->block_tokens : T;
+  r.capacity = std::min<int64_t>(counted, ExpertCapacity(counted, 1, static_cast<int>(E), capacity_factor));
+  if (block != nullptr) {
+    // Every expert picks from the whole block's tokens; this part keeps its rows.
+    const at::Tensor all = block->gather(s.detach().contiguous());
+    const at::Tensor chosen = TopKIndices(all, r.capacity, /*dim=*/0);
+    r.routing_map = at::zeros({counted, E}, s.options().dtype(at::kBool))
+                        .scatter_(0, chosen, true)
+                        .narrow(0, block->offset, T)
+                        .contiguous();
+  } else {
+    const at::Tensor chosen = TopKIndices(s.detach(), r.capacity, /*dim=*/0);  // [C, E] token ids
+    r.routing_map = at::zeros({T, E}, s.options().dtype(at::kBool)).scatter_(0, chosen, true);
+  }
   r.probs = s * r.routing_map;
   r.tokens_per_expert = r.routing_map.sum(0);
   r.dropped = at::zeros_like(r.routing_map);

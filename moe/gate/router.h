@@ -123,7 +123,9 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
 // index), capacity = ceil(tokens × capacity_factor / experts), at most the token count. A
 // token may get several experts or none (then it passes through the layer's residual).
 // tokens_per_expert is the capacity for every expert; nothing counts as dropped.
-absl::StatusOr<Routing> ExpertChoiceRoute(const at::Tensor& logits, double capacity_factor);
+// `block`: as for TopKRoute, every expert picks its capacity from the whole block's tokens.
+absl::StatusOr<Routing> ExpertChoiceRoute(const at::Tensor& logits, double capacity_factor,
+                                          const BlockOfTokens* block = nullptr);
 
 // ceil(tokens × top_k / num_experts × capacity_factor), at most `tokens` (an expert gets each
 // token at most once).

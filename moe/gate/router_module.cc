@@ -163,7 +163,7 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
   const BlockOfTokens block{.block_tokens = args.block_tokens, .offset = args.block_offset,
                             .gather = args.gather_over_block};
   absl::StatusOr<Routing> routing = config_.type == RoutingType::kExpertChoice
-                                        ? ExpertChoiceRoute(logits, config_.topk.capacity_factor)
+                                        ? ExpertChoiceRoute(logits, config_.topk.capacity_factor, part ? &block : nullptr)
                                         : TopKRoute(logits, config_.topk, expert_bias_, part ? &block : nullptr);
   if (!routing.ok()) return routing.status();
   out.routing = *std::move(routing);

@@ -123,7 +123,9 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
 // index), capacity = ceil(tokens × capacity_factor / experts), at most the token count. A
 // token may get several experts or none (then it passes through the layer's residual).
 // tokens_per_expert is the capacity for every expert; nothing counts as dropped.
-// `block`: as for TopKRoute, every expert picks its capacity from the whole block's tokens.
+// `block`: as for TopKRoute: capacity comes from the block's token count and every expert
+// picks from the whole block's tokens; a part returns its rows, and its tokens_per_expert
+// counts those rows only (the parts' counts add up to the capacity).
 absl::StatusOr<Routing> ExpertChoiceRoute(const at::Tensor& logits, double capacity_factor,
                                           const BlockOfTokens* block = nullptr);
 

@@ -352,6 +352,42 @@ TEST(Router, PartsOfABlockShareItsCapacity) {
   }
 }
 
+// Expert choice in parts of a block: each part's choices and weights are the whole block's
+// rows, its counts add up to the block's; a part outside the block is an error.
+TEST(Router, ExpertChoicePartsOfABlock) {
+  at::manual_seed(13);
+  const int64_t T = 25, E = 5;
+  const at::Tensor logits = at::randn({T, E}) * 2;
+  absl::StatusOr<Routing> whole = ExpertChoiceRoute(logits, 1.2);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  const std::vector<std::pair<int64_t, int64_t>> parts = {{0, 9}, {9, 0}, {9, 16}};
+  std::vector<at::Tensor> recorded;
+  BlockOfTokens block{.block_tokens = T};
+  at::Tensor counts = at::zeros({E}, at::kLong);
+  for (bool second : {false, true}) {
+    block.gather = [&](const at::Tensor& t) {
+      if (second) return at::cat(recorded);
+      recorded.push_back(t.clone());
+      return at::cat({t, at::zeros({T - t.size(0), t.size(1)}, t.options())});  // any rows, right shape
+    };
+    for (auto [off, n] : parts) {
+      block.offset = off;
+      absl::StatusOr<Routing> r = ExpertChoiceRoute(logits.narrow(0, off, n), 1.2, &block);
+      ASSERT_TRUE(r.ok()) << r.status();
+      if (!second) continue;
+      EXPECT_EQ(r->capacity, whole->capacity);
+      EXPECT_TRUE(r->routing_map.equal(whole->routing_map.narrow(0, off, n))) << off;
+      EXPECT_TRUE(at::allclose(r->probs, whole->probs.narrow(0, off, n))) << off;
+      counts += r->tokens_per_expert;
+    }
+  }
+  EXPECT_TRUE(counts.equal(whole->tokens_per_expert));
+  block.offset = 20;
+  absl::StatusOr<Routing> outside = ExpertChoiceRoute(logits.narrow(0, 0, 9), 1.2, &block);
+  ASSERT_FALSE(outside.ok());
+  EXPECT_THAT(std::string(outside.status().message()), HasSubstr("tokens [20, 29) of a block of 25"));
+}
+
 // The bias moves the choice, never the weights; bf16 logits are routed in fp32.
 TEST(Router, ExpertBiasAndPrecision) {
   at::Tensor logits = at::tensor({2.0f, 1.0f, 0.0f, -1.0f}).repeat({2, 1});

@@ -295,6 +295,20 @@ int64_t ExpertCapacity(int64_t tokens, int top_k, int num_experts, double capaci
   return c >= static_cast<double>(tokens) ? tokens : static_cast<int64_t>(c);
 }
 
+namespace {
+
+// A part of a block must lie inside it and have a way to gather the block (null: no block).
+absl::Status CheckBlock(const BlockOfTokens* block, int64_t T) {
+  if (block == nullptr) return absl::OkStatus();
+  if (block->block_tokens < 0 || block->offset < 0 || T > block->block_tokens - block->offset || !block->gather) {
+    return Invalid(absl::StrFormat("router: tokens [%d, %d) of a block of %d need a gather over the block",
+                                   block->offset, block->offset + T, block->block_tokens));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status CheckTopKOptions(const TopKOptions& o, int64_t E) {
   if (o.top_k < 1 || o.top_k > E) {
     return Invalid(absl::StrFormat("router: top_k = %d must be between 1 and the number of "
@@ -379,12 +393,7 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
   std::tie(r.routing_map, r.tokens_per_expert) = MapAndCounts(idx, E);
   if (o.capacity_factor > 0) {
     const bool part = block != nullptr;
-    if (part && (block->block_tokens < 0 || block->offset < 0 || T > block->block_tokens - block->offset ||
-                 !block->gather)) {
-      return Invalid(absl::StrFormat("router: tokens [%d, %d) of a block of %d need a gather over the block",
-                                     part ? block->offset : 0, (part ? block->offset : 0) + T,
-                                     part ? block->block_tokens : 0));
-    }
+    if (absl::Status s = CheckBlock(block, T); !s.ok()) return s;
     const int64_t counted = part ? block->block_tokens : T;
     r.capacity = std::max(ExpertCapacity(counted, o.top_k, static_cast<int>(E), o.capacity_factor),
                           o.min_capacity);
@@ -417,11 +426,7 @@ absl::StatusOr<Routing> ExpertChoiceRoute(const at::Tensor& logits, double capac
                                    "(each expert takes that many tokens); got %g", capacity_factor));
   }
   const int64_t T = logits.size(0), E = logits.size(1);
-  if (block != nullptr && (block->block_tokens < 0 || block->offset < 0 || T > block->block_tokens - block->offset ||
-                           !block->gather)) {
-    return Invalid(absl::StrFormat("router: tokens [%d, %d) of a block of %d need a gather over the block",
-                                   block->offset, block->offset + T, block->block_tokens));
-  }
+  if (absl::Status s = CheckBlock(block, T); !s.ok()) return s;
   const at::Tensor s = at::softmax(logits.to(at::kFloat), -1);
   Routing r;
   const int64_t counted = block != nullptr ? block->block_tokens : T;

@@ -130,32 +130,51 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
   // (else TP = 2 would double the aux and z-loss gradients).
   groups::Group* slice = config_.sequence_parallel ? nullptr : GroupOrNull(GroupKind::kSlice);
   groups::Group* tp = slice != nullptr ? slice : config_.sequence_parallel ? GroupOrNull(GroupKind::kTp) : nullptr;
+  // Every rank of the stage meets the others in the dispatch and the losses' sums: one
+  // that fails alone would leave them waiting there until the timeout. They agree once, in
+  // the router, after the logits (NaN or inf hidden states give NaN or inf logits); a rank
+  // that fails before its router states its failure there on its way out.
+  groups::Group* stage = GroupOrNull(GroupKind::kGate);
+  std::function<bool(bool)> all_finite;
+  if (stage != nullptr) {
+    all_finite = [stage](bool ok) {
+      at::Tensor bad = at::full({1}, ok ? 0 : 1, at::kLong);
+      const absl::Status st = Sum(*stage, bad);
+      TORCH_CHECK(st.ok(), std::string(st.message()));
+      return bad.item<int64_t>() == 0;
+    };
+  }
+  auto stop = [&](absl::Status s) {
+    if (all_finite) {
+      try {
+        all_finite(false);
+      } catch (const c10::Error&) {
+        // The rank's own error is the one to report.
+      }
+    }
+    return s;
+  };
   absl::Status input = CheckHidden(hidden);
   try {
-    // A share with NaN or inf would fail in the router alone, and leave the rest of the
-    // group waiting in its next collective: the group finds out together. Sliced, every rank
-    // holds the same tokens and checks them all; sequence parallel, each its own share, and
-    // the verdict travels with the exchange of the shares' sizes.
+    // Sequence parallel: each rank checks its own share, and the verdict travels with the
+    // exchange of the shares' sizes (sliced, every rank holds the same tokens).
     std::vector<int64_t> parts;
-    if (input.ok() && tp != nullptr && !at::isfinite(hidden).all().item<bool>()) {
-      input = absl::InvalidArgumentError(absl::StrFormat("%s: hidden states hold NaN or inf", config_.name));
-    }
     if (slice != nullptr) {
-      SY_RETURN_IF_ERROR(input);
+      if (!input.ok()) return stop(input);
       parts = dispatch::EvenSplit(hidden.size(0), slice->size());
     } else if (tp != nullptr) {
       at::Tensor n = at::zeros({tp->size() + 1}, at::kLong);
       if (input.ok()) n[tp->rank()] = hidden.size(0);
       n[tp->size()] = input.ok() ? 0 : 1;
       SY_RETURN_IF_ERROR(Sum(*tp, n));
-      SY_RETURN_IF_ERROR(input);
+      if (!input.ok()) return stop(input);
       if (n[tp->size()].item<int64_t>() > 0) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "%s: another rank of %s had bad hidden states (see its error)", config_.name, tp->name()));
+        return stop(absl::InvalidArgumentError(absl::StrFormat(
+            "%s: another rank of %s had bad hidden states (see its error)", config_.name, tp->name())));
       }
       parts.assign(n.data_ptr<int64_t>(), n.data_ptr<int64_t>() + tp->size());
-    } else {
-      SY_RETURN_IF_ERROR(input);
+    } else if (!input.ok()) {
+      return stop(input);
     }
     at::Tensor x = hidden;
     if (slice != nullptr) {
@@ -176,7 +195,7 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
         return all;
       };
     }
-    groups::Group* stage = GroupOrNull(GroupKind::kGate);
+    ga.all_finite = all_finite;
     if (stage != nullptr) {
       ga.sum_over_dp = SumOver(*stage);
     } else {

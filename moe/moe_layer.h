@@ -24,6 +24,10 @@
 // the TP group's shares add up to the loss of its whole block of tokens; the global aux
 // loss's shares over the stage add up to DP x CP times the global batch's, so that the
 // average gives it the weight it has in one process.
+// Bad input on one rank (hidden states of the wrong shape or kind, NaN or inf in them or in
+// the logits) stops every rank of the pipeline stage with a clear error, at one point in the
+// router (one all-reduce of a flag over the stage per forward), instead of leaving the
+// others waiting for it in the dispatch or a loss's sum until the collective timeout.
 //
 // Every parameter carries a tag (domain, module name, expert group, global expert indices,
 // EP size) that the optimizer and the grad norm read; the layer never includes them.

@@ -772,10 +772,10 @@ TEST(MoELayerTest, PaddingToCapacityChangesNoNumber) {
   }
 }
 
-// Bad input on one rank fails every rank of the group at once with a clear error, instead
+// Bad input on one rank stops every rank of the stage at once with a clear error, instead
 // of leaving the others in their next collective until the timeout (5 s here: a hang would
 // show as a timeout message, not these).
-TEST(MoELayerTest, BadInputOnOneRankFailsItsGroupAtOnce) {
+TEST(MoELayerTest, BadInputOnOneRankStopsEveryRankAtOnce) {
   auto run = [](const groups::LayoutSpec& layout, const MoEConfig& cfg,
                 std::function<absl::Status(MoELayer&, int)> fn) {
     std::mutex mu;
@@ -803,7 +803,7 @@ TEST(MoELayerTest, BadInputOnOneRankFailsItsGroupAtOnce) {
     return l.Forward(rank == 0 ? nan : good, {}).status();
   });
   EXPECT_THAT(e[0], HasSubstr("hidden states hold NaN or inf"));
-  EXPECT_THAT(e[1], HasSubstr("had bad hidden states"));
+  EXPECT_THAT(e[1], HasSubstr("another rank stopped before routing"));
   e = run({.world_size = 2, .tp = 2}, sp, [&](MoELayer& l, int rank) {
     return l.Forward(rank == 1 ? at::randn({6, kHidden + 1}) : good, {}).status();
   });
@@ -819,12 +819,40 @@ TEST(MoELayerTest, BadInputOnOneRankFailsItsGroupAtOnce) {
     }
     return l.Forward(rank == 0 ? huge : good, {}).status();
   });
-  EXPECT_THAT(e[0], HasSubstr("logits contain NaN or inf"));
-  EXPECT_THAT(e[1], HasSubstr("another router of the block has NaN or inf logits"));
-  // Slicing: the NaN token is in rank 0's slice only; both ranks see it in the tokens they share.
+  EXPECT_THAT(e[0], HasSubstr("logits contain NaN or inf on finite hidden states"));
+  EXPECT_THAT(e[1], HasSubstr("another rank stopped before routing"));
+  // Slicing: the NaN token is in rank 0's slice only.
   e = run({.world_size = 2, .tp = 2}, Config({}), [&](MoELayer& l, int) { return l.Forward(nan, {}).status(); });
   EXPECT_THAT(e[0], HasSubstr("hidden states hold NaN or inf"));
+  EXPECT_THAT(e[1], HasSubstr("another rank stopped before routing"));
+  // Beyond the TP group: the EP peers (and the global aux loss's DP sum) would wait for the
+  // rank that stopped. A NaN on one of 4 EP ranks, a wrong width on one, and a NaN in one TP
+  // share of sequence parallel x EP: every rank stops, each with its own error or the pointer to the other's.
+  for (gate::AuxLoss aux : {gate::AuxLoss::kBatch, gate::AuxLoss::kGlobal}) {
+    MoEConfig c = Config({});
+    c.router.aux_loss = aux;
+    e = run({.world_size = 4, .ep = 4}, c, [&](MoELayer& l, int rank) {
+      return l.Forward(rank == 2 ? nan : good, {}).status();
+    });
+    for (int r : {0, 1, 3}) EXPECT_THAT(e[r], HasSubstr("another rank stopped before routing")) << r;
+    EXPECT_THAT(e[2], HasSubstr("hidden states hold NaN or inf"));
+    e = run({.world_size = 4, .ep = 2}, c, [&](MoELayer& l, int rank) {  // EP 2 x EDP 2
+      return l.Forward(rank == 3 ? at::randn({6, kHidden + 1}) : good, {}).status();
+    });
+    for (int r : {0, 1, 2}) EXPECT_THAT(e[r], HasSubstr("another rank stopped before routing")) << r;
+    EXPECT_THAT(e[3], HasSubstr("hidden states must be [tokens, 8]"));
+  }
+  e = run({.world_size = 4, .tp = 2, .ep = 2}, sp, [&](MoELayer& l, int rank) {
+    return l.Forward(rank == 1 ? nan : good, {}).status();
+  });
   EXPECT_THAT(e[1], HasSubstr("hidden states hold NaN or inf"));
+  for (int r : {0, 2, 3}) EXPECT_THAT(e[r], HasSubstr("another rank stopped before routing")) << r;
+  // And the same layers go on after it: the failed step left no collective half done.
+  e = run({.world_size = 4, .ep = 4}, Config({}), [&](MoELayer& l, int rank) -> absl::Status {
+    if (l.Forward(rank == 0 ? nan : good, {}).ok()) return absl::InternalError("the NaN step went through");
+    return l.Forward(good, {}).status();
+  });
+  for (int r = 0; r < 4; ++r) EXPECT_EQ(e[r], "ok") << r;
   // Bias counts: a negative count on one rank, which the other's would cancel in the sum.
   MoEConfig biased = Config({});
   biased.router.expert_bias = true;

@@ -60,6 +60,16 @@ struct LogitsFn : torch::autograd::Function<LogitsFn> {
   }
 };
 
+// Logits with NaN or inf: from the hidden states or from an overflow on finite ones.
+absl::Status NotFiniteError(const at::Tensor& hidden) {
+  if (!at::isfinite(hidden).all().item<bool>()) {
+    return absl::InvalidArgumentError("router: hidden states hold NaN or inf; refusing to route");
+  }
+  return absl::InvalidArgumentError(
+      "router: logits contain NaN or inf on finite hidden states; refusing to route (check the model for "
+      "overflow upstream)");
+}
+
 }  // namespace
 
 at::Tensor RouterLogits(const at::Tensor& hidden, const at::Tensor& weight) {
@@ -150,14 +160,17 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
     const at::Tensor noise = at::empty({draw, logits.size(1)}, logits.options()).normal_(0.0, 1.0, generator_);
     logits = logits + noise.narrow(0, first, T) * scale;
   }
-  if (part) {
-    // NaN or inf in one part's logits would stop that router alone, before the gathers and
-    // sums the block's other routers then wait in: the block finds out together.
+  if (args.all_finite || part) {
+    // NaN or inf in one router's logits would stop that router alone, before the gathers and
+    // sums the others then wait in: they find out together.
     const bool mine = at::isfinite(logits).all().item<bool>();
-    if (args.sum_over_block(at::full({1}, mine ? 0.0f : 1.0f)).item<float>() > 0) {
-      return absl::InvalidArgumentError(mine ? "router: another router of the block has NaN or inf logits"
-                                             : "router: logits contain NaN or inf; refusing to route (check the "
-                                               "model for overflow upstream)");
+    const bool all = args.all_finite ? args.all_finite(mine)
+                                     : args.sum_over_block(at::full({1}, mine ? 0.0f : 1.0f)).item<float>() == 0;
+    if (!mine) return NotFiniteError(hidden);
+    if (!all) {
+      return absl::InvalidArgumentError(
+          "router: another rank stopped before routing (NaN or inf in its hidden states or logits, or bad "
+          "hidden states: see its error)");
     }
   }
   const BlockOfTokens block{.block_tokens = args.block_tokens, .offset = args.block_offset,

@@ -63,6 +63,13 @@ struct ForwardArgs {
   // With a capacity: every part's rows of a [T, ...] tensor in block order (an all-gather),
   // so that capacity is counted over the block (gate::BlockOfTokens).
   std::function<at::Tensor(const at::Tensor&)> gather_over_block;
+  // Ranks that meet again in later collectives (the MoE layer's: its pipeline stage) stop
+  // together, not one alone with the rest waiting in their next collective until the
+  // timeout: called once, after the logits and before any other collective of this call,
+  // with whether this router's logits are finite; returns whether every rank's were (a rank
+  // that fails before its router calls it with false on its way out). Unset: a part of a
+  // block agrees over sum_over_block, a whole block needs nothing.
+  std::function<bool(bool)> all_finite;
 };
 
 struct RouterOutput {

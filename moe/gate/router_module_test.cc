@@ -286,6 +286,25 @@ TEST(RouterModule, ExpertChoiceAndBadInput) {
   bad[2][3] = NAN;
   absl::StatusOr<Router> tc = Router::Create({.hidden_size = 8, .num_experts = 4, .topk = {.top_k = 1}}, 1);
   EXPECT_THAT(std::string(tc->Forward(bad, {}).status().message()), HasSubstr("NaN or inf"));
+  // With all_finite, the routers that meet later agree once, after the logits: each states
+  // its own verdict, and stops if any other's was bad.
+  std::vector<bool> said;
+  ForwardArgs a{.all_finite = [&](bool ok) {
+    said.push_back(ok);
+    return false;  // another rank's was bad
+  }};
+  EXPECT_THAT(std::string(tc->Forward(Hidden(4, 8, 7), a).status().message()),
+              HasSubstr("another rank stopped before routing"));
+  EXPECT_THAT(std::string(tc->Forward(bad, a).status().message()), HasSubstr("hidden states hold NaN or inf"));
+  at::Tensor huge = Hidden(4, 8, 7);
+  huge[1].fill_(3e38f);  // x 100-ish weights: the logits overflow
+  absl::StatusOr<Router> wide =
+      Router::Create({.hidden_size = 8, .num_experts = 4, .topk = {.top_k = 1}, .init_std = 100.0f}, 1);
+  EXPECT_THAT(std::string(wide->Forward(huge, a).status().message()),
+              HasSubstr("logits contain NaN or inf on finite hidden states"));
+  EXPECT_EQ(said, (std::vector<bool>{true, false, false}));
+  a.all_finite = [&](bool ok) { return ok; };
+  EXPECT_TRUE(tc->Forward(Hidden(4, 8, 7), a).ok());
 }
 
 }  // namespace

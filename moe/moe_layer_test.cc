@@ -606,10 +606,10 @@ TEST(MoELayerEquivalenceTest, TopK8WithCapacityUnderEtpAndEp) {
            .dp_tokens = {12, 12}});
 }
 
-// bf16 experts under EP and ETP against the bf16 single-rank layer: the router is fp32 on the
+// bf16 and fp16 experts under EP and ETP against the single-rank layer of the same dtype: the router is fp32 on the
 // same bf16 inputs, so routing agrees; expert GEMMs over differently sized blocks round
 // differently, hence the tolerance (a doubled or missing gradient is off by 100 %).
-TEST(MoELayerEquivalenceTest, Bf16UnderExpertAndExpertTensorParallel) {
+TEST(MoELayerEquivalenceTest, Bf16AndFp16UnderExpertAndExpertTensorParallel) {
   RunCase({.name = "EP=2, bf16",
            .layout = {.world_size = 2, .ep = 2},
            .shared_experts = 1,
@@ -622,6 +622,19 @@ TEST(MoELayerEquivalenceTest, Bf16UnderExpertAndExpertTensorParallel) {
            .dp_tokens = {14, 17},
            .dtype = at::kBFloat16,
            .tolerance = 2e-2});
+  // fp16 (the spec's FP16 precision): 3 more mantissa bits than bf16 (observed 7.3e-4).
+  RunCase({.name = "EP=2, fp16",
+           .layout = {.world_size = 2, .ep = 2},
+           .shared_experts = 1,
+           .dp_tokens = {16, 11},
+           .dtype = at::kHalf,
+           .tolerance = 4e-3});
+  RunCase({.name = "ETP=2 x EP=2, fp16, capacity 1.0",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 2},
+           .capacity_factor = 1.0,
+           .dp_tokens = {14, 17},
+           .dtype = at::kHalf,
+           .tolerance = 4e-3});
 }
 
 // The single-process layer against the mixture written with plain ATen ops and autograd:

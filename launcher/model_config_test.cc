@@ -90,7 +90,9 @@ TEST(MoELayerConfigTest, EveryValidSpecBuildsLayersThatRoute) {
       {"shared, ReLU, bf16",
        "model { activation: RELU moe { num_shared_experts: 1 shared_ffn_hidden_size: 64 } } train { precision: BF16 }"},
       {"top-1, per-sequence aux loss", "model { moe { top_k: 1 router { aux_loss: AUX_SEQUENCE } } }"},
-      {"global aux loss", "model { moe { router { aux_loss: AUX_GLOBAL } } }"}};
+      {"global aux loss", "model { moe { router { aux_loss: AUX_GLOBAL } } }"},
+      {"context parallel, capacity by score",
+       "model { moe { router { capacity_factor: 1.25 } } } parallel { cp: 2 } launch { nproc_per_node: 2 }"}};
   for (const auto& entry : std::filesystem::directory_iterator("launcher/examples")) {
     std::ifstream in(entry.path());
     std::stringstream text;

@@ -385,10 +385,20 @@ absl::StatusOr<ResolvedJob> ValidateJob(const Job& job, int world_size) {
     }
   }
   if (!out.moe_layers.empty() && out.layout.cp() > 1) {
-    // Each CP rank would count its chunk's aux loss and z-loss as a whole batch's; the
-    // MoE layer has no TP x CP block yet (moe/moe_layer.h).
-    return Invalid(absl::StrFormat(
-        "parallel.cp: %d with MoE layers (model.moe) is not supported yet; use parallel.cp = 1", out.layout.cp()));
+    // A block of an MoE layer is then the CP ranks' chunks one after another, each a chunk
+    // of every sequence: not the tokens in their order (moe/moe_layer.h).
+    const Router& r = e.router();
+    const bool token_choice = r.type() == Router::TOKEN_CHOICE;
+    if (token_choice && r.aux_loss() == Router::AUX_SEQUENCE && r.aux_loss_coeff() > 0) {
+      return Invalid(absl::StrFormat(
+          "model.moe.router.aux_loss: AUX_SEQUENCE with parallel.cp = %d is not supported (each CP rank holds a "
+          "chunk of every sequence); use AUX_BATCH or AUX_GLOBAL", out.layout.cp()));
+    }
+    if (token_choice && r.capacity_factor() > 0 && r.drop_policy() == Router::DROP_BY_POSITION) {
+      return Invalid(absl::StrFormat(
+          "model.moe.router.drop_policy: DROP_BY_POSITION with parallel.cp = %d is not supported (the CP ranks' "
+          "chunks are not the tokens' order); use DROP_BY_SCORE", out.layout.cp()));
+    }
   }
   return out;
 }

@@ -71,10 +71,22 @@ absl::StatusOr<MoELayer> MoELayer::Create(const MoEConfig& config, uint64_t seed
           config.ffn_hidden_size));
     }
     if (l.cp() > 1) {
-      // Its aux loss and z-loss would be counted per CP chunk: the block they are shares of
-      // is the TP group's only (Megatron-Core's is TP x CP).
-      return absl::UnimplementedError(absl::StrFormat(
-          "%s: context parallelism (parallel.cp = %d) is not supported by the MoE layer yet", config.name, l.cp()));
+      // A block is then the CP ranks' chunks one after another, each a chunk of every
+      // sequence: not the sequences in order, as one process sees them.
+      const gate::RouterConfig& rc = config.router;
+      const bool token_choice = rc.type == gate::RoutingType::kTokenChoice;
+      if (token_choice && rc.aux_loss == gate::AuxLoss::kSequence && rc.aux_loss_coeff > 0) {
+        return absl::UnimplementedError(absl::StrFormat(
+            "%s: the per-sequence aux loss with context parallelism (parallel.cp = %d) is not supported: each CP "
+            "rank holds a chunk of every sequence; use the batch or global aux loss",
+            config.name, l.cp()));
+      }
+      if (token_choice && rc.topk.capacity_factor > 0 && rc.topk.drop_policy != gate::DropPolicy::kByScore) {
+        return absl::UnimplementedError(absl::StrFormat(
+            "%s: dropping by position with context parallelism (parallel.cp = %d) is not supported: the CP ranks' "
+            "chunks are not the tokens' order; drop by score",
+            config.name, l.cp()));
+      }
     }
     const groups::ExpertCoord c = l.Expert(comm->rank());
     ec.ep_size = l.ep();
@@ -125,19 +137,28 @@ absl::Status MoELayer::CheckHidden(const at::Tensor& hidden) const {
 }
 
 absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEForwardArgs& args) {
-  // The TP group's routers each route a share of one block of tokens: a slice of the tokens
-  // they all hold, or (sequence parallel) their own. Their losses are shares of the block's
-  // (else TP = 2 would double the aux and z-loss gradients).
+  // The routers of one block of tokens (a data-parallel replica's micro-batch, the TP x CP
+  // ranks' tokens) each route a part of it: their TP slice of the tokens the TP group holds,
+  // or (sequence parallel) their own share, of their CP rank's chunk. Their losses and
+  // capacity are the block's (else TP = 2 would double the aux and z-loss gradients). The
+  // parts follow one another in the order of the block group's members (CP-major for the
+  // default order).
+  const int cp = comm_ != nullptr ? comm_->layout().cp() : 1;
   groups::Group* slice = config_.sequence_parallel ? nullptr : GroupOrNull(GroupKind::kSlice);
-  groups::Group* tp = slice != nullptr ? slice : config_.sequence_parallel ? GroupOrNull(GroupKind::kTp) : nullptr;
+  groups::Group* block = cp > 1                      ? GroupOrNull(GroupKind::kTpCp)
+                         : slice != nullptr          ? slice
+                         : config_.sequence_parallel ? GroupOrNull(GroupKind::kTp)
+                                                     : nullptr;
   // Every rank of the stage meets the others in the dispatch and the losses' sums: one
   // that fails alone would leave them waiting there until the timeout. They agree once, in
   // the router, after the logits (NaN or inf hidden states give NaN or inf logits); a rank
   // that fails before its router states its failure there on its way out.
   groups::Group* stage = GroupOrNull(GroupKind::kGate);
   std::function<bool(bool)> all_finite;
+  bool agreed = false;  // this rank has reached the agreement (or failed in it)
   if (stage != nullptr) {
-    all_finite = [stage](bool ok) {
+    all_finite = [stage, &agreed](bool ok) {
+      agreed = true;
       at::Tensor bad = at::full({1}, ok ? 0 : 1, at::kLong);
       const absl::Status st = Sum(*stage, bad);
       TORCH_CHECK(st.ok(), std::string(st.message()));
@@ -145,7 +166,7 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
     };
   }
   auto stop = [&](absl::Status s) {
-    if (all_finite) {
+    if (all_finite && !agreed) {
       try {
         all_finite(false);
       } catch (const c10::Error&) {
@@ -156,41 +177,52 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
   };
   absl::Status input = CheckHidden(hidden);
   try {
-    // Sequence parallel: each rank checks its own share, and the verdict travels with the
-    // exchange of the shares' sizes (sliced, every rank holds the same tokens).
-    std::vector<int64_t> parts;
-    if (slice != nullptr) {
+    std::vector<int64_t> slices, parts;  // this rank's tokens' TP slices; the block's parts
+    if (slice != nullptr && input.ok()) slices = dispatch::EvenSplit(hidden.size(0), slice->size());
+    if (block != nullptr && block == slice) {  // every member holds the same tokens
       if (!input.ok()) return stop(input);
-      parts = dispatch::EvenSplit(hidden.size(0), slice->size());
-    } else if (tp != nullptr) {
-      at::Tensor n = at::zeros({tp->size() + 1}, at::kLong);
-      if (input.ok()) n[tp->rank()] = hidden.size(0);
-      n[tp->size()] = input.ok() ? 0 : 1;
-      SY_RETURN_IF_ERROR(Sum(*tp, n));
+      parts = slices;
+    } else if (block != nullptr) {
+      // Each member checks its own tokens, and the verdict travels with the exchange of the
+      // parts' sizes.
+      at::Tensor n = at::zeros({block->size() + 1}, at::kLong);
+      if (input.ok()) n[block->rank()] = slice != nullptr ? slices[slice->rank()] : hidden.size(0);
+      n[block->size()] = input.ok() ? 0 : 1;
+      SY_RETURN_IF_ERROR(Sum(*block, n));
       if (!input.ok()) return stop(input);
-      if (n[tp->size()].item<int64_t>() > 0) {
+      if (n[block->size()].item<int64_t>() > 0) {
         return stop(absl::InvalidArgumentError(absl::StrFormat(
-            "%s: another rank of %s had bad hidden states (see its error)", config_.name, tp->name())));
+            "%s: another rank of %s had bad hidden states (see its error)", config_.name, block->name())));
       }
-      parts.assign(n.data_ptr<int64_t>(), n.data_ptr<int64_t>() + tp->size());
+      parts.assign(n.data_ptr<int64_t>(), n.data_ptr<int64_t>() + block->size());
     } else if (!input.ok()) {
       return stop(input);
     }
+    // The per-sequence aux loss's sequences must divide the block (every member of the
+    // block finds out together; the rest of the stage in the router).
+    const int64_t block_tokens = block != nullptr ? std::accumulate(parts.begin(), parts.end(), int64_t{0})
+                                                  : hidden.size(0);
+    if (config_.router.type == gate::RoutingType::kTokenChoice && config_.router.aux_loss == gate::AuxLoss::kSequence &&
+        config_.router.aux_loss_coeff > 0 && (args.num_sequences < 1 || block_tokens % args.num_sequences != 0)) {
+      return stop(absl::InvalidArgumentError(absl::StrFormat(
+          "%s: num_sequences = %d must be >= 1 and divide the %d tokens of the block (the per-sequence aux loss)",
+          config_.name, args.num_sequences, block_tokens)));
+    }
     at::Tensor x = hidden;
     if (slice != nullptr) {
-      SY_ASSIGN_OR_RETURN(x, dispatch::SliceTokens(hidden, *slice, parts));
+      SY_ASSIGN_OR_RETURN(x, dispatch::SliceTokens(hidden, *slice, slices));
     }
     gate::ForwardArgs ga{.training = args.training, .num_sequences = args.num_sequences};
     if (comm_ != nullptr) ga.dp_replicas = int64_t{comm_->layout().dp()} * comm_->layout().cp();
-    if (tp != nullptr) {
-      ga.block_tokens = std::accumulate(parts.begin(), parts.end(), int64_t{0});
-      ga.block_offset = std::accumulate(parts.begin(), parts.begin() + tp->rank(), int64_t{0});
-      ga.sum_over_block = SumOver(*tp);
-      ga.gather_over_block = [tp, parts](const at::Tensor& t) {
+    if (block != nullptr) {
+      ga.block_tokens = block_tokens;
+      ga.block_offset = std::accumulate(parts.begin(), parts.begin() + block->rank(), int64_t{0});
+      ga.sum_over_block = SumOver(*block);
+      ga.gather_over_block = [block, parts](const at::Tensor& t) {
         std::vector<int64_t> shape = t.sizes().vec();
         shape[0] = std::accumulate(parts.begin(), parts.end(), int64_t{0});
         at::Tensor all = at::empty(shape, t.options());
-        const absl::Status st = tp->AllGatherV(t.contiguous(), all, parts).Wait();
+        const absl::Status st = block->AllGatherV(t.contiguous(), all, parts).Wait();
         TORCH_CHECK(st.ok(), std::string(st.message()));
         return all;
       };
@@ -202,10 +234,20 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
       ga.sum_over_dp = [](const at::Tensor& t) { return t; };
     }
     SY_ASSIGN_OR_RETURN(gate::RouterOutput r, router_->Forward(x, ga));
+    if (cp > 1) {
+      // The CP ranks' shares add up to their block's losses, which the optimizer's average
+      // over DP x CP would divide by CP (the global loss is weighted by DP x CP already).
+      if (config_.router.aux_loss != gate::AuxLoss::kGlobal) {
+        r.aux_loss = r.aux_loss * static_cast<double>(cp);
+        r.aux_loss_value *= cp;
+      }
+      r.z_loss = r.z_loss * static_cast<double>(cp);
+      r.z_loss_value *= cp;
+    }
     const gate::Routing& routing = r.routing;
     // A TP part of a block keeps no padding slots (see gate::BlockOfTokens).
     const bool fixed_blocks = routing.capacity >= 0 && config_.router.topk.pad_to_capacity &&
-                              config_.router.type == gate::RoutingType::kTokenChoice && tp == nullptr;
+                              config_.router.type == gate::RoutingType::kTokenChoice && block == nullptr;
     SY_ASSIGN_OR_RETURN(dispatch::PermutePlan plan,
                         dispatch::MakePlan(routing.routing_map, fixed_blocks ? routing.capacity : -1));
     const at::Tensor xe = x.to(config_.dtype);
@@ -229,7 +271,7 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
       y = y + s;
     }
     if (slice != nullptr) {
-      SY_ASSIGN_OR_RETURN(y, dispatch::GatherTokens(y, *slice, parts));
+      SY_ASSIGN_OR_RETURN(y, dispatch::GatherTokens(y, *slice, slices));
     }
 
     MoEOutput out;
@@ -243,7 +285,8 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
     out.dropped = routing.capacity >= 0 && routing.dropped.defined() ? routing.dropped.sum().item<int64_t>() : 0;
     return out;
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat(config_.name, ": ", e.what_without_backtrace()));
+    // (Thrown before the agreement, as by an allocation that failed: the others are told.)
+    return stop(absl::InternalError(absl::StrCat(config_.name, ": ", e.what_without_backtrace())));
   }
 }
 

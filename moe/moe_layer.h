@@ -10,20 +10,26 @@
 //
 // Under a layout (`comm` given): `hidden` is this rank's tokens; with TP > 1 and no sequence
 // parallelism they are replicated across the TP group, and each TP rank routes its slice of
-// them (FastMoE's slice_group) and gathers the outputs back. Routed copies go to their
-// experts over the EP group (all-to-all) and, with ETP > 1, to every F slice of the expert.
-// Capacity is counted over a data-parallel replica's tokens, as in Megatron-Core and
-// DeepSpeed; the TP ranks that route slices or shares of one block count it over the block
-// together, so TP changes no drop (also with expert choice, where every expert picks from
-// the whole block; Megatron-Core counts per TP rank under sequence parallelism). Such a part keeps no padding slots,
-// which change no number. Jitter and noise: each data-parallel replica draws its own; the
-// TP ranks of a block draw the block's, as one process would.
+// them (FastMoE's slice_group) and gathers the outputs back; with CP > 1 each CP rank holds
+// its chunk of the replica's tokens. Routed copies go to their experts over the EP group
+// (all-to-all) and, with ETP > 1, to every F slice of the expert.
+// A block is one data-parallel replica's micro-batch: the tokens of its TP x CP ranks, their
+// parts one after another in the order of the tp_cp group's members (CP rank by CP rank for
+// the default order, each TP rank's slice or share in TP order). Capacity is counted over
+// the block, as over a replica's tokens in one process (Megatron-Core and DeepSpeed count per
+// rank), so TP and CP change no drop (also with expert choice, where every expert picks from
+// the whole block). A part of a block keeps no padding slots, which change no number. Under
+// CP, the per-sequence aux loss and dropping by position are refused: a CP rank holds a
+// chunk of every sequence, so the block is not the tokens in their order. Jitter and noise:
+// each data-parallel replica draws its own; the ranks of a block draw the block's, as one
+// process would.
 // The aux loss and z-loss are weighted like a task loss averaged over this data-parallel
 // replica's tokens, which the optimizer then averages over the DP x CP replicas (the
 // divisors of DESIGN.md): add them to the rank's loss as they are. Each rank's is its share:
-// the TP group's shares add up to the loss of its whole block of tokens; the global aux
-// loss's shares over the stage add up to DP x CP times the global batch's, so that the
-// average gives it the weight it has in one process.
+// the TP group's shares add up to the loss of its block of tokens (under CP, the TP x CP
+// ranks' shares add up to CP times it); the global aux loss's shares over the stage add up
+// to DP x CP times the global batch's, so that the average gives it the weight it has in one
+// process.
 // Bad input on one rank (hidden states of the wrong shape or kind, NaN or inf in them or in
 // the logits) stops every rank of the pipeline stage with a clear error, at one point in the
 // router (one all-reduce of a flag over the stage per forward), instead of leaving the

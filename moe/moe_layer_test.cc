@@ -300,14 +300,18 @@ void RunCase(const Case& c) {
   int ranks_without_tokens = 0;
   const absl::Status s = groups::testing::RunRanks({.layout = c.layout}, [&](Communicator& comm) -> absl::Status {
     const int rank = comm.rank();
-    const int d = comm.layout().Dense(rank).dp;
+    const groups::DenseCoord dc = comm.layout().Dense(rank);
+    const int d = dc.dp;
     int64_t off = std::accumulate(c.dp_tokens.begin(), c.dp_tokens.begin() + d, int64_t{0});
     int64_t n = c.dp_tokens[d];
     const int64_t sequences = c.seq_len > 0 ? n / c.seq_len : 1;  // in the DP block
-    if (c.sequence_parallel) {  // this TP rank's share of the block
-      const int t = comm.layout().Dense(rank).tp;
-      off += std::accumulate(shards[d].begin(), shards[d].begin() + t, int64_t{0});
-      n = shards[d][t];
+    const std::vector<int64_t> chunks = dispatch::EvenSplit(n, comm.layout().cp());  // CP ranks' chunks, in order
+    off += std::accumulate(chunks.begin(), chunks.begin() + dc.cp, int64_t{0});
+    n = chunks[dc.cp];
+    if (c.sequence_parallel) {  // this TP rank's share of its chunk
+      const std::vector<int64_t> shares = dispatch::EvenSplit(n, comm.layout().tp());
+      off += std::accumulate(shares.begin(), shares.begin() + dc.tp, int64_t{0});
+      n = shares[dc.tp];
     }
     auto layer = MoELayer::Create(Config(c), kSeed, &comm);
     if (!layer.ok()) return layer.status();
@@ -315,9 +319,9 @@ void RunCase(const Case& c) {
     at::Tensor x = ref.x.narrow(0, off, n).clone().requires_grad_(true);
     auto out = layer->Forward(x, {.training = c.training, .num_sequences = sequences});
     if (!out.ok()) return out.status();
-    // The optimizer's average over the DP replicas, applied to the losses the layer weights
-    // for it (the task loss here is summed, not averaged, over the tokens).
-    const double replicas = comm.layout().dp();
+    // The optimizer's average over the DP x CP replicas, applied to the losses the layer
+    // weights for it (the task loss here is summed, not averaged, over the tokens).
+    const double replicas = comm.layout().dp() * comm.layout().cp();
     ((out->output * ref.R.narrow(0, off, n)).sum() + (out->aux_loss + out->z_loss) / replicas).backward();
     {
       // Each rank routes its own tokens (its TP slice of them): counts and drops add up, and
@@ -491,6 +495,52 @@ TEST(MoELayerEquivalenceTest, TensorParallel2TrainingWithJitterAndNoise) {
            .dp_tokens = {11},
            .sequence_parallel = true,
            .training = true});
+}
+
+// Context parallelism: each CP rank holds its chunk of the replica's tokens (CP rank 0 the
+// first ones); a block is the TP x CP ranks' tokens, over which capacity and the losses are
+// counted, as one process counts them over the replica's micro-batch.
+TEST(MoELayerEquivalenceTest, ContextParallel) {
+  RunCase({.name = "CP=2, capacity 1.0 (drops), batch aux loss and z-loss, chunks of 8 and 7",
+           .layout = {.world_size = 2, .cp = 2},
+           .capacity_factor = 1.0,
+           .dp_tokens = {15},
+           .aux = gate::AuxLoss::kBatch,
+           .z_loss = 0.01});
+  RunCase({.name = "CP=2 x EP=2 x DP=2, dropless, global aux loss, a shared expert",
+           .layout = {.world_size = 4, .cp = 2, .ep = 2},
+           .shared_experts = 1,
+           .dp_tokens = {14, 11}});
+  RunCase({.name = "TP=2 slicing x CP=2, capacity 0.5, z-loss, a slice without tokens (chunks of 2 and 1)",
+           .layout = {.world_size = 4, .tp = 2, .cp = 2, .etp = 1},
+           .capacity_factor = 0.5,
+           .dp_tokens = {3},
+           .ranks_without_tokens = 1,
+           .aux = gate::AuxLoss::kBatch,
+           .z_loss = 0.01});
+  RunCase({.name = "TP=2 slicing x CP=2 x EP=2, capacity 1.0, padded",
+           .layout = {.world_size = 4, .tp = 2, .cp = 2, .ep = 2, .etp = 1},
+           .capacity_factor = 1.0,
+           .pad_to_capacity = true,
+           .dp_tokens = {19},
+           .aux = gate::AuxLoss::kBatch});
+  RunCase({.name = "TP=2 sequence parallel x CP=2 x DP=2, ETP=2 x EP=2, capacity 1.0, z-loss",
+           .layout = {.world_size = 8, .tp = 2, .cp = 2, .ep = 2},
+           .capacity_factor = 1.0,
+           .dp_tokens = {17, 12},
+           .aux = gate::AuxLoss::kBatch,
+           .z_loss = 0.01,
+           .sequence_parallel = true});
+  RunCase({.name = "CP=2, training: jitter, noisy gating, batch aux loss",
+           .layout = {.world_size = 2, .cp = 2},
+           .dp_tokens = {13},
+           .aux = gate::AuxLoss::kBatch,
+           .training = true});
+  RunCase({.name = "expert choice, CP=2 x EP=2, capacity 1.0",
+           .layout = {.world_size = 2, .cp = 2, .ep = 2},
+           .capacity_factor = 1.0,
+           .dp_tokens = {12},
+           .expert_choice = true});
 }
 
 TEST(MoELayerEquivalenceTest, DataParallel2xExpertParallel2SequenceAuxAndZLoss) {
@@ -860,6 +910,12 @@ TEST(MoELayerTest, BadInputOnOneRankStopsEveryRankAtOnce) {
   });
   EXPECT_THAT(e[1], HasSubstr("hidden states hold NaN or inf"));
   for (int r : {0, 2, 3}) EXPECT_THAT(e[r], HasSubstr("another rank stopped before routing")) << r;
+  // Sequences that do not divide the tokens (the per-sequence aux loss) on one EP rank.
+  e = run({.world_size = 2, .ep = 2}, Config({.aux = gate::AuxLoss::kSequence}), [&](MoELayer& l, int rank) {
+    return l.Forward(good, {.num_sequences = rank == 0 ? 4 : 2}).status();
+  });
+  EXPECT_THAT(e[0], HasSubstr("num_sequences = 4 must be >= 1 and divide the 6 tokens of the block"));
+  EXPECT_THAT(e[1], HasSubstr("another rank stopped before routing"));
   // And the same layers go on after it: the failed step left no collective half done.
   e = run({.world_size = 4, .ep = 4}, Config({}), [&](MoELayer& l, int rank) -> absl::Status {
     if (l.Forward(rank == 0 ? nan : good, {}).ok()) return absl::InternalError("the NaN step went through");
@@ -956,9 +1012,15 @@ TEST(MoELayerTest, LayoutThatDoesNotFitIsAClearError) {
     return absl::OkStatus();
   });
   EXPECT_TRUE(s.ok()) << s;
+  // Under CP a block is not the tokens in their order: what depends on that order is refused.
   s = groups::testing::RunRanks({.layout = {.world_size = 2, .cp = 2}}, [&](Communicator& comm) -> absl::Status {
-    auto layer = MoELayer::Create(Config({}), kSeed, &comm);
-    EXPECT_THAT(std::string(layer.status().message()), HasSubstr("context parallelism (parallel.cp = 2) is not supported"));
+    auto layer = MoELayer::Create(Config({.aux = gate::AuxLoss::kSequence}), kSeed, &comm);
+    EXPECT_THAT(std::string(layer.status().message()),
+                HasSubstr("per-sequence aux loss with context parallelism (parallel.cp = 2) is not supported"));
+    layer = MoELayer::Create(Config({.capacity_factor = 1.0, .drop_policy = gate::DropPolicy::kByPosition}), kSeed, &comm);
+    EXPECT_THAT(std::string(layer.status().message()),
+                HasSubstr("dropping by position with context parallelism (parallel.cp = 2) is not supported"));
+    EXPECT_TRUE(MoELayer::Create(Config({.capacity_factor = 1.0}), kSeed, &comm).ok());
     return absl::OkStatus();
   });
   EXPECT_TRUE(s.ok()) << s;

@@ -82,6 +82,7 @@ absl::string_view GroupKindName(GroupKind kind) {
     case GroupKind::kCp: return "cp";
     case GroupKind::kDp: return "dp";
     case GroupKind::kDpCp: return "dp_cp";
+    case GroupKind::kTpCp: return "tp_cp";
     case GroupKind::kPp: return "pp";
     case GroupKind::kMp: return "mp";
     case GroupKind::kEp: return "ep";
@@ -206,6 +207,7 @@ absl::StatusOr<Layout> Layout::Create(const LayoutSpec& spec) {
   set(GroupKind::kCp, MaskedOrthogonalGroups(W, dense_sizes, mask({"cp"})));
   set(GroupKind::kDp, MaskedOrthogonalGroups(W, dense_sizes, mask({"dp"})));
   set(GroupKind::kDpCp, MaskedOrthogonalGroups(W, dense_sizes, mask({"dp", "cp"})));
+  set(GroupKind::kTpCp, MaskedOrthogonalGroups(W, dense_sizes, mask({"tp", "cp"})));
   set(GroupKind::kPp, MaskedOrthogonalGroups(W, dense_sizes, mask({"pp"})));
   set(GroupKind::kMp, MaskedOrthogonalGroups(W, dense_sizes, mask({"tp", "pp"})));
   set(GroupKind::kGate, MaskedOrthogonalGroups(W, dense_sizes, mask({"tp", "cp", "dp"})));

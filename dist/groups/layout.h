@@ -39,6 +39,7 @@ enum class GroupKind {
   kCp,         // context parallel
   kDp,         // data parallel (dense params)
   kDpCp,       // data × context parallel (what dense grads are reduced over)
+  kTpCp,       // tensor × context parallel: the ranks that hold one replica's tokens of a layer
   kPp,         // pipeline
   kMp,         // model parallel: tp × pp (dense grad norm)
   kEp,         // expert parallel (all-to-all)
@@ -50,11 +51,11 @@ enum class GroupKind {
   kSlice,      // the TP group when tokens are replicated across it (FastMoE's slice_group)
   kEmbedding,  // first and last pipeline stage (tied embeddings); middle stages have none
 };
-inline constexpr std::array<GroupKind, 14> kAllGroupKinds = {
+inline constexpr std::array<GroupKind, 15> kAllGroupKinds = {
     GroupKind::kTp,  GroupKind::kCp,    GroupKind::kDp,     GroupKind::kDpCp,
-    GroupKind::kPp,  GroupKind::kMp,    GroupKind::kEp,     GroupKind::kEdp,
-    GroupKind::kEtp, GroupKind::kEtpEp, GroupKind::kTpEpPp, GroupKind::kGate,
-    GroupKind::kSlice, GroupKind::kEmbedding};
+    GroupKind::kTpCp, GroupKind::kPp,   GroupKind::kMp,     GroupKind::kEp,
+    GroupKind::kEdp, GroupKind::kEtp,   GroupKind::kEtpEp,  GroupKind::kTpEpPp,
+    GroupKind::kGate, GroupKind::kSlice, GroupKind::kEmbedding};
 
 // "tp", "dp_cp", "tp_ep_pp", ...
 absl::string_view GroupKindName(GroupKind kind);

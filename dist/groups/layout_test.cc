@@ -118,6 +118,7 @@ void CheckProperties(const Layout& l, const std::string& what) {
       case GroupKind::kCp: return l.cp();
       case GroupKind::kDp: return l.dp();
       case GroupKind::kDpCp: return l.dp() * l.cp();
+      case GroupKind::kTpCp: return l.tp() * l.cp();
       case GroupKind::kPp: return l.pp();
       case GroupKind::kMp: return l.tp() * l.pp();
       case GroupKind::kEp: return l.ep();
@@ -290,7 +291,7 @@ TEST(Layout, MatchesMegatronCoreFixtures) {
     ++compared;
   }
   EXPECT_GE(configs, 12);
-  EXPECT_EQ(compared, configs * 13);  // every kind but slice (which is tp)
+  EXPECT_EQ(compared, configs * 14);  // every kind but slice (which is tp)
 }
 
 }  // namespace

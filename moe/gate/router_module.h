@@ -50,12 +50,12 @@ struct ForwardArgs {
   // shrinks by the DP size (as Megatron-LM's did: its issue 3672). The batch and sequence
   // losses are each replica's own and need nothing.
   int64_t dp_replicas = 1;
-  // A part of a block: under tensor parallelism each router of the TP group routes a
-  // contiguous share of one block of tokens (slicing, or sequence parallelism). Its losses are
-  // then its share of the block's (counts summed over the group with sum_over_block; the
+  // A part of a block: under tensor or context parallelism each router of the group routes
+  // a contiguous share of one block of tokens (a TP slice or share, a CP chunk). Its losses
+  // are then its share of the block's (counts summed over the group with sum_over_block; the
   // z-loss divided by the block's token count), so that they add up over the group to what
   // one router of the whole block gives (Megatron-Core sums over its tp_cp group alike; the
-  // MoE layer's block is the TP group's tokens, as it has no context parallelism).
+  // MoE layer's block is its tp_cp group's tokens).
   // block_tokens < 0: the tokens given are the whole block.
   int64_t block_tokens = -1;
   int64_t block_offset = 0;  // this part's first token in the block

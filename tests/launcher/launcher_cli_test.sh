@@ -8,7 +8,7 @@ ROOT="${TEST_SRCDIR}/${TEST_WORKSPACE}"
 expect_in "$TMP/tiny.out" 'cluster check passed'
 expect_in "$TMP/tiny.out" 'sum of rank+1 = 10, expected 10'
 expect_in "$TMP/tiny.out" 'tp 1 × cp 1 × dp 4 × pp 1; experts etp 1 × ep 2 × edp 2'
-expect_in "$TMP/tiny.out" 'on each of 14 group kinds'
+expect_in "$TMP/tiny.out" 'on each of 15 group kinds'
 expect_in "$TMP/tiny.out" 'this job only checked the cluster'
 expect_in "$TMP/tiny.out" '[launcher] node 0: all 4 workers finished'
 pass "default job"

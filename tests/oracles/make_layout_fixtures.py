@@ -42,8 +42,8 @@ CONFIGS = [
     (48, 2, 2, 2, 3, 2, "tp-cp-ep-dp-pp"),
 ]
 
-DENSE = [("tp", "tp"), ("cp", "cp"), ("dp", "dp"), ("dp_cp", "dp-cp"), ("pp", "pp"),
-         ("mp", "tp-pp"), ("gate", "tp-dp-cp")]
+DENSE = [("tp", "tp"), ("cp", "cp"), ("dp", "dp"), ("dp_cp", "dp-cp"), ("tp_cp", "tp-cp"),
+         ("pp", "pp"), ("mp", "tp-pp"), ("gate", "tp-dp-cp")]
 EXPERT = [("ep", "ep"), ("etp", "tp"), ("edp", "dp"), ("etp_ep", "tp-ep"),
           ("tp_ep_pp", "tp-ep-pp")]
 WANTED = {"RankGenerator", "generate_masked_orthogonal_rank_groups", "default_embedding_ranks"}

@@ -94,7 +94,7 @@ absl::StatusOr<MoELayer> MoELayer::Create(const MoEConfig& config, uint64_t seed
     ec.etp_size = l.etp();
     ec.etp_rank = c.etp;
   }
-  // Every data-parallel replica draws its own jitter and noise; TP ranks share their block's.
+  // Every data-parallel replica draws its own jitter and noise; the TP x CP ranks of a block share its draw.
   const uint64_t noise_stream = comm != nullptr ? static_cast<uint64_t>(comm->layout().Dense(comm->rank()).dp) : 0;
   SY_ASSIGN_OR_RETURN(gate::Router router, gate::Router::Create(config.router, seed, noise_stream));
   layer.router_.emplace(std::move(router));
@@ -188,7 +188,7 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
       at::Tensor n = at::zeros({block->size() + 1}, at::kLong);
       if (input.ok()) n[block->rank()] = slice != nullptr ? slices[slice->rank()] : hidden.size(0);
       n[block->size()] = input.ok() ? 0 : 1;
-      SY_RETURN_IF_ERROR(Sum(*block, n));
+      if (absl::Status st = Sum(*block, n); !st.ok()) return stop(st);
       if (!input.ok()) return stop(input);
       if (n[block->size()].item<int64_t>() > 0) {
         return stop(absl::InvalidArgumentError(absl::StrFormat(

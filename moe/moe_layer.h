@@ -20,16 +20,22 @@
 // rank), so TP and CP change no drop (also with expert choice, where every expert picks from
 // the whole block). A part of a block keeps no padding slots, which change no number. Under
 // CP, the per-sequence aux loss and dropping by position are refused: a CP rank holds a
-// chunk of every sequence, so the block is not the tokens in their order. Jitter and noise:
+// chunk of every sequence, so the block is not the tokens in their order. With an order
+// string that puts cp before tp the tp_cp members, and so the block, are TP-major: the
+// block's jitter and noise rows and the tie-breaks follow that order, not one process's.
+// Counting capacity over the block costs a [B, E] all-gather of routing keys per layer
+// (B the block's tokens) under TP or CP; dropless routing gathers nothing. Jitter and noise:
 // each data-parallel replica draws its own; the ranks of a block draw the block's, as one
 // process would.
 // The aux loss and z-loss are weighted like a task loss averaged over this data-parallel
 // replica's tokens, which the optimizer then averages over the DP x CP replicas (the
 // divisors of DESIGN.md): add them to the rank's loss as they are. Each rank's is its share:
 // the TP group's shares add up to the loss of its block of tokens (under CP, the TP x CP
-// ranks' shares add up to CP times it); the global aux loss's shares over the stage add up
-// to DP x CP times the global batch's, so that the average gives it the weight it has in one
-// process.
+// ranks' shares add up to CP times it, as each CP rank's task loss must be CP times its
+// share of the replica's, Megatron's loss x cp_size); the global aux loss's shares over the
+// stage add up to DP x CP times the global batch's, so that the average gives it the weight
+// it has in one process. (A trainer that normalises by the global token count, dividing by
+// nothing, must divide these losses by DP x CP.)
 // Bad input on one rank (hidden states of the wrong shape or kind, NaN or inf in them or in
 // the logits) stops every rank of the pipeline stage with a clear error, at one point in the
 // router (one all-reduce of a flag over the stage per forward), instead of leaving the
@@ -89,7 +95,7 @@ struct TaggedParam {
 
 struct MoEForwardArgs {
   bool training = false;
-  // Per-sequence aux loss: the sequences in the TP group's block, whole sequences one after
+  // Per-sequence aux loss: the sequences in the block (no CP), whole sequences one after
   // another ([batch, seq] order). With sequence parallelism the TP ranks' shares joined in TP
   // order must be that block (Megatron-Core's gives each rank a [seq / tp, batch] slice
   // instead: reorder before the layer).

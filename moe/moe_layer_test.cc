@@ -536,11 +536,24 @@ TEST(MoELayerEquivalenceTest, ContextParallel) {
            .dp_tokens = {13},
            .aux = gate::AuxLoss::kBatch,
            .training = true});
-  RunCase({.name = "expert choice, CP=2 x EP=2, capacity 1.0",
+  RunCase({.name = "expert choice, CP=2 x EP=2, capacity 1.0, z-loss",
            .layout = {.world_size = 2, .cp = 2, .ep = 2},
            .capacity_factor = 1.0,
            .dp_tokens = {12},
+           .z_loss = 0.01,
            .expert_choice = true});
+  RunCase({.name = "TP=2 sequence parallel x CP=2, global aux loss, a CP chunk without tokens (1 token: 1 + 0, 0 + 0)",
+           .layout = {.world_size = 4, .tp = 2, .cp = 2, .etp = 1},
+           .dp_tokens = {1},
+           .ranks_without_tokens = 3,
+           .sequence_parallel = true});
+  RunCase({.name = "CP=2 x EP=2, bf16, capacity 1.0",
+           .layout = {.world_size = 2, .cp = 2, .ep = 2},
+           .capacity_factor = 1.0,
+           .dp_tokens = {14},
+           .dtype = at::kBFloat16,
+           .tolerance = 2e-2,
+           .aux = gate::AuxLoss::kBatch});
 }
 
 TEST(MoELayerEquivalenceTest, DataParallel2xExpertParallel2SequenceAuxAndZLoss) {
@@ -910,6 +923,19 @@ TEST(MoELayerTest, BadInputOnOneRankStopsEveryRankAtOnce) {
   });
   EXPECT_THAT(e[1], HasSubstr("hidden states hold NaN or inf"));
   for (int r : {0, 2, 3}) EXPECT_THAT(e[r], HasSubstr("another rank stopped before routing")) << r;
+  // Under CP with slicing: a wrong width in one CP chunk (both its TP ranks hold it; the
+  // other chunk's ranks learn in the exchange of the parts' sizes), and a NaN in one TP
+  // slice of a chunk (the other three learn in the router).
+  e = run({.world_size = 4, .tp = 2, .cp = 2, .etp = 1}, Config({}), [&](MoELayer& l, int rank) {
+    return l.Forward(rank >= 2 ? at::randn({6, kHidden + 1}) : good, {}).status();
+  });
+  for (int r : {0, 1}) EXPECT_THAT(e[r], HasSubstr("had bad hidden states (see its error)")) << r;  // tp_cp = world
+  for (int r : {2, 3}) EXPECT_THAT(e[r], HasSubstr("hidden states must be [tokens, 8]")) << r;
+  e = run({.world_size = 4, .tp = 2, .cp = 2, .etp = 1}, Config({}), [&](MoELayer& l, int rank) {
+    return l.Forward(rank >= 2 ? nan : good, {}).status();
+  });
+  EXPECT_THAT(e[2], HasSubstr("hidden states hold NaN or inf"));  // the NaN token is in TP rank 0's slice
+  for (int r : {0, 1, 3}) EXPECT_THAT(e[r], HasSubstr("another rank stopped before routing")) << r;
   // Sequences that do not divide the tokens (the per-sequence aux loss) on one EP rank.
   e = run({.world_size = 2, .ep = 2}, Config({.aux = gate::AuxLoss::kSequence}), [&](MoELayer& l, int rank) {
     return l.Forward(good, {.num_sequences = rank == 0 ? 4 : 2}).status();

@@ -218,9 +218,9 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
       ga.block_tokens = block_tokens;
       ga.block_offset = std::accumulate(parts.begin(), parts.begin() + block->rank(), int64_t{0});
       ga.sum_over_block = SumOver(*block);
-      ga.gather_over_block = [block, parts](const at::Tensor& t) {
+      ga.gather_over_block = [block, parts, block_tokens](const at::Tensor& t) {
         std::vector<int64_t> shape = t.sizes().vec();
-        shape[0] = std::accumulate(parts.begin(), parts.end(), int64_t{0});
+        shape[0] = block_tokens;
         at::Tensor all = at::empty(shape, t.options());
         const absl::Status st = block->AllGatherV(t.contiguous(), all, parts).Wait();
         TORCH_CHECK(st.ok(), std::string(st.message()));
@@ -245,7 +245,7 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
       r.z_loss_value *= cp;
     }
     const gate::Routing& routing = r.routing;
-    // A TP part of a block keeps no padding slots (see gate::BlockOfTokens).
+    // A part of a block keeps no padding slots (see gate::BlockOfTokens).
     const bool fixed_blocks = routing.capacity >= 0 && config_.router.topk.pad_to_capacity &&
                               config_.router.type == gate::RoutingType::kTokenChoice && block == nullptr;
     SY_ASSIGN_OR_RETURN(dispatch::PermutePlan plan,

@@ -23,8 +23,9 @@
 // chunk of every sequence, so the block is not the tokens in their order. With an order
 // string that puts cp before tp the tp_cp members, and so the block, are TP-major: the
 // block's jitter and noise rows and the tie-breaks follow that order, not one process's.
-// Counting capacity over the block costs a [B, E] all-gather of routing keys per layer
-// (B the block's tokens) under TP or CP; dropless routing gathers nothing. Jitter and noise:
+// Counting capacity over the block costs, per layer under TP or CP, an all-gather of the
+// block's [B, k] choices and keys (B its tokens; expert choice: its [B, E] scores) and a
+// [B, E] mask on every rank; dropless routing gathers nothing. Jitter and noise:
 // each data-parallel replica draws its own; the ranks of a block draw the block's, as one
 // process would.
 // The aux loss and z-loss are weighted like a task loss averaged over this data-parallel

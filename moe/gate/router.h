@@ -105,10 +105,11 @@ absl::Status CheckTopKOptions(const TopKOptions& options, int64_t num_experts);
 // function. Errors name the option: k out of range, bad groups, NaN/inf logits.
 //
 // `block` (optional): these tokens are rows [offset, offset + T) of a block of block_tokens
-// that several routers share (a TP group's slices or shares). Capacity is then the block's,
-// counted and ranked over all of its tokens as one router of the whole block would: `gather`
-// returns a [T, ...] tensor's rows of every part, in block order (an all-gather). A part
-// keeps no padding slots (it cannot hold fixed [E, C] blocks; padding changes no number).
+// that several routers share (a TP x CP group's slices, shares or chunks). Capacity is then
+// the block's, counted and ranked over all of its tokens as one router of the whole block
+// would: `gather` returns a [T, ...] tensor's rows of every part, in block order (an
+// all-gather of each part's chosen experts and their keys, [T, k] each). A part keeps no
+// padding slots (it cannot hold fixed [E, C] blocks; padding changes no number).
 struct BlockOfTokens {
   int64_t block_tokens = 0;
   int64_t offset = 0;

@@ -17,6 +17,7 @@
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
 #include "dist/groups/comm.h"
+#include "dist/groups/testing/multi_process.h"
 #include "dist/groups/testing/multi_rank.h"
 #include "moe/dispatch/exchange.h"
 #include "gmock/gmock.h"
@@ -67,6 +68,7 @@ struct Case {
   // other noise than one process).
   bool training = false;
   bool expert_choice = false;  // each expert picks capacity_factor x T / E tokens (no aux loss)
+  bool processes = false;      // ranks as processes over TCP (as the launcher runs them), not threads
 };
 
 gate::AuxLoss AuxOf(const Case& c) {
@@ -293,12 +295,7 @@ void RunCase(const Case& c) {
   const bool swiglu = c.activation == experts::Activation::kSwiglu;
   const double tol = c.tolerance;
 
-  std::mutex mu;
-  double aux_total = 0, z_total = 0;
-  int64_t dropped_total = 0;
-  at::Tensor routed_total = at::zeros({c.num_experts}, at::kLong);
-  int ranks_without_tokens = 0;
-  const absl::Status s = groups::testing::RunRanks({.layout = c.layout}, [&](Communicator& comm) -> absl::Status {
+  auto run_rank = [&](Communicator& comm) -> absl::Status {
     const int rank = comm.rank();
     const groups::DenseCoord dc = comm.layout().Dense(rank);
     const int d = dc.dp;
@@ -323,16 +320,15 @@ void RunCase(const Case& c) {
     // weights for it (the task loss here is summed, not averaged, over the tokens).
     const double replicas = comm.layout().dp() * comm.layout().cp();
     ((out->output * ref.R.narrow(0, off, n)).sum() + (out->aux_loss + out->z_loss) / replicas).backward();
-    {
-      // Each rank routes its own tokens (its TP slice of them): counts and drops add up, and
-      // so do the losses (each rank's share).
-      std::lock_guard<std::mutex> l(mu);
-      aux_total += out->aux_loss_value / replicas;
-      z_total += out->z_loss_value / replicas;
-      dropped_total += out->dropped;
-      routed_total += out->tokens_per_expert;
-      if (out->tokens_per_expert.sum().item<int64_t>() == 0) ++ranks_without_tokens;
-    }
+    // Each rank routes its own tokens (its TP slice of them): counts and drops add up, and so
+    // do the losses (each rank's share). Summed over the world (ranks may be processes).
+    at::Tensor totals = at::zeros({4 + c.num_experts}, at::kDouble);
+    totals[0] = out->aux_loss_value / replicas;
+    totals[1] = out->z_loss_value / replicas;
+    totals[2] = static_cast<double>(out->dropped);
+    totals[3] = out->tokens_per_expert.sum().item<int64_t>() == 0 ? 1.0 : 0.0;
+    totals.narrow(0, 4, c.num_experts).copy_(out->tokens_per_expert);
+    SY_RETURN_IF_ERROR(comm.World().AllReduce(totals).Wait());
     // Every gradient reduced as DESIGN.md's table says for its tag (the sum; the optimizer's
     // divisor is the same for every layout's reference), so a wrong tag fails here. Every
     // rank takes part in every sum before any comparison can return early (a rank that
@@ -357,15 +353,26 @@ void RunCase(const Case& c) {
     }
     SY_RETURN_IF_ERROR(CheckEach("fc1 gradient", fc1_grad, ExpertShard(ref.fc1_grad, ex, true, swiglu),
                                  ex.first_expert(), tol));
-    return CheckEach("fc2 gradient", fc2_grad, ExpertShard(ref.fc2_grad, ex, false, swiglu), ex.first_expert(), tol);
-  });
+    SY_RETURN_IF_ERROR(
+        CheckEach("fc2 gradient", fc2_grad, ExpertShard(ref.fc2_grad, ex, false, swiglu), ex.first_expert(), tol));
+    auto near = [](double got, double want) { return std::abs(got - want) <= 1e-6 * std::abs(want); };
+    SY_RETURN_IF_ERROR(Expect(near(totals[0].item<double>(), ref.aux),
+                              absl::StrFormat("aux loss summed over ranks %.9g, want %.9g", totals[0].item<double>(), ref.aux)));
+    SY_RETURN_IF_ERROR(Expect(near(totals[1].item<double>(), ref.z),
+                              absl::StrFormat("z-loss summed over ranks %.9g, want %.9g", totals[1].item<double>(), ref.z)));
+    SY_RETURN_IF_ERROR(Expect(totals[2].item<double>() == static_cast<double>(ref.dropped),
+                              absl::StrFormat("dropped copies summed over ranks %g, want %d", totals[2].item<double>(),
+                                              ref.dropped)));
+    SY_RETURN_IF_ERROR(Expect(totals[3].item<double>() == c.ranks_without_tokens,
+                              absl::StrFormat("%g ranks routed no token, want %d", totals[3].item<double>(),
+                                              c.ranks_without_tokens)));
+    const at::Tensor routed = totals.narrow(0, 4, c.num_experts);
+    return Expect(at::equal(routed, ref.tokens_per_expert.to(at::kDouble)),
+                  c10::str("routed copies per expert summed over ranks: ", routed, " want ", ref.tokens_per_expert));
+  };
+  const absl::Status s = c.processes ? groups::testing::RunRanksInProcesses({.layout = c.layout}, run_rank)
+                                     : groups::testing::RunRanks({.layout = c.layout}, run_rank);
   EXPECT_TRUE(s.ok()) << s;
-  EXPECT_NEAR(aux_total, ref.aux, 1e-6 * std::abs(ref.aux)) << "aux loss summed over ranks";
-  EXPECT_NEAR(z_total, ref.z, 1e-6 * std::abs(ref.z)) << "z-loss summed over ranks";
-  EXPECT_EQ(dropped_total, ref.dropped) << "dropped copies summed over ranks";
-  EXPECT_TRUE(at::equal(routed_total, ref.tokens_per_expert)) << "routed copies per expert summed over ranks: "
-                                                              << routed_total << " want " << ref.tokens_per_expert;
-  EXPECT_EQ(ranks_without_tokens, c.ranks_without_tokens) << "ranks that routed no token";
 }
 
 using experts::Activation;
@@ -554,6 +561,26 @@ TEST(MoELayerEquivalenceTest, ContextParallel) {
            .dtype = at::kBFloat16,
            .tolerance = 2e-2,
            .aux = gate::AuxLoss::kBatch});
+}
+
+// Ranks as processes over a TCP store, one rank per process as the launcher runs them (no
+// state shared between ranks but what travels over Gloo).
+TEST(MoELayerEquivalenceTest, RanksAsProcesses) {
+  RunCase({.name = "processes: DP=4 as EP=2 x EDP=2, capacity 1.0, a shared expert, a rank without tokens",
+           .layout = {.world_size = 4, .ep = 2},
+           .capacity_factor = 1.0,
+           .shared_experts = 1,
+           .dp_tokens = {14, 11, 0, 9},
+           .ranks_without_tokens = 1,
+           .processes = true});
+  RunCase({.name = "processes: TP=2 sequence parallel x CP=2 x EP=2, ETP=2, capacity 1.0, z-loss",
+           .layout = {.world_size = 4, .tp = 2, .cp = 2, .ep = 2, .etp = 2},
+           .capacity_factor = 1.0,
+           .dp_tokens = {17},
+           .aux = gate::AuxLoss::kBatch,
+           .z_loss = 0.01,
+           .sequence_parallel = true,
+           .processes = true});
 }
 
 TEST(MoELayerEquivalenceTest, DataParallel2xExpertParallel2SequenceAuxAndZLoss) {

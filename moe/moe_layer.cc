@@ -1,5 +1,6 @@
 #include "moe/moe_layer.h"
 
+#include <algorithm>
 #include <functional>
 #include <numeric>
 #include <string>
@@ -40,6 +41,16 @@ std::function<at::Tensor(const at::Tensor&)> SumOver(groups::Group& g) {
 }
 
 }  // namespace
+
+std::vector<int> MoELayer::BlockOrder(groups::Group& block) const {
+  const groups::Layout& l = comm_->layout();
+  std::vector<int> order;
+  for (int r : block.ranks()) {
+    const groups::DenseCoord d = l.Dense(r);
+    order.push_back(d.cp * l.tp() + d.tp);
+  }
+  return order;
+}
 
 groups::Group* MoELayer::GroupOrNull(GroupKind kind) const {
   if (comm_ == nullptr || !comm_->Has(kind)) return nullptr;
@@ -140,9 +151,7 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
   // The routers of one block of tokens (a data-parallel replica's micro-batch, the TP x CP
   // ranks' tokens) each route a part of it: their TP slice of the tokens the TP group holds,
   // or (sequence parallel) their own share, of their CP rank's chunk. Their losses and
-  // capacity are the block's (else TP = 2 would double the aux and z-loss gradients). The
-  // parts follow one another in the order of the block group's members (CP-major for the
-  // default order).
+  // capacity are the block's (else TP = 2 would double the aux and z-loss gradients).
   const int cp = comm_ != nullptr ? comm_->layout().cp() : 1;
   groups::Group* slice = config_.sequence_parallel ? nullptr : GroupOrNull(GroupKind::kSlice);
   groups::Group* block = cp > 1                      ? GroupOrNull(GroupKind::kTpCp)
@@ -216,15 +225,27 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
     if (comm_ != nullptr) ga.dp_replicas = int64_t{comm_->layout().dp()} * comm_->layout().cp();
     if (block != nullptr) {
       ga.block_tokens = block_tokens;
-      ga.block_offset = std::accumulate(parts.begin(), parts.begin() + block->rank(), int64_t{0});
+      // The block's order is one process's: CP rank by CP rank, each TP rank's part in TP
+      // order, whatever order the layout's order string gives the group's members.
+      const std::vector<int> order = BlockOrder(*block);
+      for (int j = 0; j < order[block->rank()]; ++j) {
+        const int m = static_cast<int>(std::find(order.begin(), order.end(), j) - order.begin());
+        ga.block_offset += parts[m];
+      }
       ga.sum_over_block = SumOver(*block);
-      ga.gather_over_block = [block, parts, block_tokens](const at::Tensor& t) {
+      ga.gather_over_block = [block, parts, block_tokens, order](const at::Tensor& t) {
         std::vector<int64_t> shape = t.sizes().vec();
         shape[0] = block_tokens;
         at::Tensor all = at::empty(shape, t.options());
         const absl::Status st = block->AllGatherV(t.contiguous(), all, parts).Wait();
         TORCH_CHECK(st.ok(), std::string(st.message()));
-        return all;
+        if (std::is_sorted(order.begin(), order.end())) return all;
+        // Members' parts, gathered in member order, into block order.
+        std::vector<int64_t> first(parts.size() + 1, 0);
+        std::partial_sum(parts.begin(), parts.end(), first.begin() + 1);
+        std::vector<at::Tensor> in_order(parts.size());
+        for (size_t m = 0; m < parts.size(); ++m) in_order[order[m]] = all.narrow(0, first[m], parts[m]);
+        return at::cat(in_order);
       };
     }
     ga.all_finite = all_finite;

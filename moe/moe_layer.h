@@ -14,15 +14,13 @@
 // its chunk of the replica's tokens. Routed copies go to their experts over the EP group
 // (all-to-all) and, with ETP > 1, to every F slice of the expert.
 // A block is one data-parallel replica's micro-batch: the tokens of its TP x CP ranks, their
-// parts one after another in the order of the tp_cp group's members (CP rank by CP rank for
-// the default order, each TP rank's slice or share in TP order). Capacity is counted over
+// parts one after another CP rank by CP rank, each TP rank's slice or share in TP order
+// (whatever the layout's order string). Capacity is counted over
 // the block, as over a replica's tokens in one process (Megatron-Core and DeepSpeed count per
 // rank), so TP and CP change no drop (also with expert choice, where every expert picks from
 // the whole block). A part of a block keeps no padding slots, which change no number. Under
 // CP, the per-sequence aux loss and dropping by position are refused: a CP rank holds a
-// chunk of every sequence, so the block is not the tokens in their order. With an order
-// string that puts cp before tp the tp_cp members, and so the block, are TP-major: the
-// block's jitter and noise rows and the tie-breaks follow that order, not one process's.
+// chunk of every sequence, so the block is not the tokens in their order.
 // Counting capacity over the block costs, per layer under TP or CP, an all-gather of the
 // block's [B, k] choices and keys (B its tokens; expert choice: its [B, E] scores) and a
 // [B, E] mask on every rank; dropless routing gathers nothing. Jitter and noise:
@@ -133,6 +131,8 @@ class MoELayer {
  private:
   MoELayer() = default;
   groups::Group* GroupOrNull(groups::GroupKind kind) const;
+  // Each member's place in its block (CP-major, then TP), by the group's member index.
+  std::vector<int> BlockOrder(groups::Group& block) const;
   absl::Status CheckHidden(const at::Tensor& hidden) const;
   MoEConfig config_;
   groups::Communicator* comm_ = nullptr;

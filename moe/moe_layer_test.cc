@@ -554,6 +554,21 @@ TEST(MoELayerEquivalenceTest, ContextParallel) {
            .dp_tokens = {1},
            .ranks_without_tokens = 3,
            .sequence_parallel = true});
+  // An order string with cp before tp: the tp_cp group's members are TP-major, the block's
+  // parts still CP-major (the noise rows of one process's order).
+  RunCase({.name = "order cp-tp-ep-dp-pp: TP=2 sequence parallel x CP=2, training: jitter, noisy gating, capacity 1.0",
+           .layout = {.world_size = 4, .tp = 2, .cp = 2, .etp = 1, .order = "cp-tp-ep-dp-pp"},
+           .capacity_factor = 1.0,
+           .dp_tokens = {15},
+           .aux = gate::AuxLoss::kBatch,
+           .z_loss = 0.01,
+           .sequence_parallel = true,
+           .training = true});
+  RunCase({.name = "order cp-tp-ep-dp-pp: TP=2 slicing x CP=2 x EP=2, capacity 0.75",
+           .layout = {.world_size = 4, .tp = 2, .cp = 2, .ep = 2, .etp = 1, .order = "cp-tp-ep-dp-pp"},
+           .capacity_factor = 0.75,
+           .dp_tokens = {13},
+           .aux = gate::AuxLoss::kBatch});
   RunCase({.name = "CP=2 x EP=2, bf16, capacity 1.0",
            .layout = {.world_size = 2, .cp = 2, .ep = 2},
            .capacity_factor = 1.0,

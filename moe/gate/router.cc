@@ -361,11 +361,12 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
   const at::Tensor x = logits.to(at::kFloat);  // router math in fp32
   const at::Tensor bias = expert_bias.defined() ? expert_bias.detach().to(at::kFloat) : at::Tensor();
   auto choose = [&](const at::Tensor& s) { return ChooseTopK(bias.defined() ? s.detach() + bias : s.detach(), o); };
-  at::Tensor idx, weights;
+  at::Tensor idx, weights, softmax_scores;
   if (o.score == ScoreFunction::kSoftmax && o.pre_softmax) {
     const at::Tensor s = at::softmax(x, -1);
     idx = choose(s);
     weights = s.gather(1, idx);
+    softmax_scores = s;
   } else if (o.score == ScoreFunction::kSoftmax) {
     idx = choose(x);
     weights = at::softmax(x.gather(1, idx), -1);
@@ -391,6 +392,10 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
   const at::Tensor raw_probs = norm_kept ? at::zeros_like(x).scatter(1, idx, raw) : at::Tensor();
   r.probs = norm_kept ? scale(NormalizeKept(raw_probs)) : at::zeros_like(x).scatter(1, idx, weights);
   std::tie(r.routing_map, r.tokens_per_expert) = MapAndCounts(idx, E);
+  if (softmax_scores.defined() && o.group_topk <= 0 && !bias.defined()) {
+    r.softmax_scores = softmax_scores;
+    r.chosen = r.routing_map;
+  }
   if (o.capacity_factor > 0) {
     const bool part = block != nullptr;
     if (absl::Status s = CheckBlock(block, T); !s.ok()) return s;

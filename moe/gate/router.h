@@ -93,6 +93,11 @@ struct Routing {
   at::Tensor tokens_per_expert;  // [E] int64: routed slots before any dropping
   at::Tensor dropped;            // [T, E] bool: routed but over capacity
   int64_t capacity = -1;         // -1: dropless
+  // When the choice was a plain top-k of the softmax over all experts (softmax before top-k,
+  // no groups, no bias): those scores ([T, E] fp32, with autograd) and each token's top-k
+  // before dropping ([T, E] bool), which are what AuxLossScores would compute again.
+  // Undefined otherwise.
+  at::Tensor softmax_scores, chosen;
 };
 
 // OK when `options` can route over `num_experts` experts; otherwise what is wrong, by name.

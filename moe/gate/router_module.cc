@@ -184,7 +184,13 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
   out.aux_loss = at::zeros({}, at::kFloat);
   if (config_.aux_loss != AuxLoss::kNone && config_.aux_loss_coeff > 0 &&
       config_.type == RoutingType::kTokenChoice) {
-    absl::StatusOr<AuxLossInputs> in = AuxLossScores(logits, config_.topk.top_k, config_.topk.score);
+    // The routing's own scores and choice when they are the aux loss's (the default
+    // softmax-then-top-k): not a second softmax, top-k and count over [T, E].
+    const Routing& ro = out.routing;
+    absl::StatusOr<AuxLossInputs> in =
+        ro.softmax_scores.defined()
+            ? AuxLossInputs{.scores = ro.softmax_scores, .routing_map = ro.chosen, .tokens_per_expert = ro.tokens_per_expert}
+            : AuxLossScores(logits, config_.topk.top_k, config_.topk.score);
     if (!in.ok()) return in.status();
     if (config_.aux_loss == AuxLoss::kSequence && part) {
       absl::StatusOr<at::Tensor> counts =

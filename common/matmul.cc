@@ -38,7 +38,7 @@ bool PlainStrides(const at::Tensor& t, int64_t& s0, int64_t& s1) {
 // (measured: 64 experts of ~512 rows, 100 steps of fresh tokens, needed ~1270 primitives).
 constexpr int64_t kDefaultCapacity = 2048;
 
-// dtype, M, N, K, a's strides, b's strides, out's row stride, accumulate, and the intra-op
+// dtypes (operands, out), M, N, K, a's strides, b's strides, out's row stride, accumulate, and the intra-op
 // threads at creation (oneDNN plans a primitive's work split for the threads it will have).
 using Key = std::array<int64_t, 11>;
 
@@ -192,6 +192,13 @@ bool Overlap(const at::Tensor& x, const at::Tensor& y) {
 }
 
 void AtenMatmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (out.scalar_type() != a.scalar_type()) {
+    // A wider output (bf16 operands, fp32 out): the product in out's type, rounded once.
+    at::Tensor o = out;
+    const at::Tensor product = at::mm(a.to(out.scalar_type()), b.to(out.scalar_type()));
+    accumulate ? o.add_(product) : o.copy_(product);
+    return;
+  }
   if (accumulate) {
     // addmm_ on a const view: the view shares out's storage.
     at::Tensor o = out;
@@ -214,10 +221,10 @@ void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
     accumulate ? o.add_(product) : o.copy_(product);
     return;
   }
-  const at::ScalarType dt = a.scalar_type();
+  const at::ScalarType dt = a.scalar_type(), odt = out.scalar_type();
   const bool eligible = backend.load() == MatmulBackend::kAuto && a.dim() == 2 && b.dim() == 2 && out.dim() == 2 &&
                         a.device().is_cpu() && b.device().is_cpu() && out.device().is_cpu() &&
-                        b.scalar_type() == dt && out.scalar_type() == dt &&
+                        b.scalar_type() == dt && (odt == dt || (dt == at::kBFloat16 && odt == at::kFloat)) &&
                         (dt == at::kFloat || (dt == at::kBFloat16 && HasAvx512Bf16())) && a.size(1) == b.size(0) &&
                         out.size(0) == a.size(0) && out.size(1) == b.size(1);
   int64_t as0, as1, bs0, bs1, cs0, cs1;
@@ -237,9 +244,10 @@ void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   }
   using dnnl::memory;
   const memory::data_type mdt = dt == at::kFloat ? memory::data_type::f32 : memory::data_type::bf16;
-  const memory::desc ad({M, K}, mdt, {as0, as1}), bd({K, N}, mdt, {bs0, bs1}), cd({M, N}, mdt, {cs0, 1});
-  const Key key{static_cast<int64_t>(dt), M, N, K, as0, as1, bs0, bs1, cs0, accumulate ? 1 : 0,
-                at::get_num_threads()};
+  const memory::data_type odt_dnnl = odt == at::kFloat ? memory::data_type::f32 : memory::data_type::bf16;
+  const memory::desc ad({M, K}, mdt, {as0, as1}), bd({K, N}, mdt, {bs0, bs1}), cd({M, N}, odt_dnnl, {cs0, 1});
+  const Key key{static_cast<int64_t>(dt) * 64 + static_cast<int64_t>(odt), M, N, K, as0, as1, bs0, bs1, cs0,
+                accumulate ? 1 : 0, at::get_num_threads()};
   const std::shared_ptr<const Entry> entry = TheCache().Get(key, ad, bd, cd);
   const Entry& e = *entry;
   if (!e.ok) {

@@ -18,8 +18,9 @@
 namespace switchyard::common {
 
 // out = a @ b, or out += a @ b with `accumulate`. a: [M, K], b: [K, N], out: [M, N], all on
-// the CPU, one dtype. No autograd: call it inside autograd functions or on tensors that need
-// no gradient. a and b may be transposed views (either stride 1); out must have unit column
+// the CPU, one dtype, except that bf16 operands may have an fp32 out (kept in fp32, not
+// rounded to bf16: for sums of several products). No autograd: call it inside autograd
+// functions or on tensors that need no gradient. a and b may be transposed views (either stride 1); out must have unit column
 // stride. If out shares memory with a or b, the product goes through a temporary. fp32, and bf16 on CPUs with AVX512-BF16 (fp32 accumulation, one rounding), run on a
 // cached oneDNN primitive; other dtypes, layouts and devices call at::mm_out / addmm_.
 void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false);

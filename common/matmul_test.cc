@@ -101,6 +101,30 @@ TEST_P(MatmulTest, EmptyDimensions) {
   MatmulOut(thin, at::randn({4, 5}).to(dt), at::empty({5, 0}, a.options()));
 }
 
+// bf16 operands into an fp32 out: the exact products of the bf16 values summed in fp32, on
+// the primitive path and on LibTorch's, accumulating too; a sum of several products stays
+// unrounded (within fp32 of the fp64 sum, where a bf16 out would round each step).
+TEST(MatmulMixed, Bf16OperandsIntoFp32Out) {
+  SetMatmulCacheCapacity(2048);
+  at::manual_seed(5);
+  for (MatmulBackend backend : {MatmulBackend::kAuto, MatmulBackend::kAten}) {
+    SetMatmulBackend(backend);
+    for (int layout = 0; layout < 4; ++layout) {
+      const at::Tensor out = at::zeros({40, 24}, at::kFloat);
+      at::Tensor want = at::zeros({40, 24}, at::kDouble);
+      for (int step = 0; step < 8; ++step) {
+        const at::Tensor a = Operand(40, 33, layout & 1, at::kBFloat16), b = Operand(33, 24, layout & 2, at::kBFloat16);
+        MatmulOut(out, a, b, /*accumulate=*/step > 0);
+        want += at::mm(a.to(at::kDouble), b.to(at::kDouble));
+      }
+      EXPECT_EQ(out.scalar_type(), at::kFloat);
+      EXPECT_LE(RelErr(out, want), 1e-6) << "layout " << layout << (backend == MatmulBackend::kAten ? " aten" : "");
+    }
+  }
+  SetMatmulBackend(MatmulBackend::kAuto);
+  EXPECT_EQ(GetMatmulCacheStats().misses > 0, HasAvx512Bf16());
+}
+
 INSTANTIATE_TEST_SUITE_P(Dtypes, MatmulTest, ::testing::Values(at::kFloat, at::kBFloat16),
                          [](const auto& info) { return std::string(at::toString(info.param)); });
 

@@ -69,7 +69,9 @@ struct GroupedMatmulFn : torch::autograd::Function<GroupedMatmulFn> {
       }
     }
     if (ctx->needs_input_grad(1)) {
-      gw = at::empty_like(w);
+      // bf16 GEMMs sum an expert's segments into an fp32 gradient, rounded once at the end
+      // (into bf16 it would round after every segment: up to EP x ETP times under EP).
+      gw = at::empty(w.sizes(), w.options().dtype(ct == at::kBFloat16 ? at::kFloat : ct));
       std::vector<bool> written(w.size(0), false);
       for (size_t s = 0; s < counts.size(); ++s) {
         if (counts[s] == 0) continue;
@@ -635,16 +637,26 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
       if (need_w) gw1_buf = at::empty({H, F1}, co), gw2_buf = at::empty({F, H}, co);
       if (!fused) h_buf = at::empty({m, F1}, co);
     }
+    // bf16 GEMMs: an expert with several segments (EP x ETP of them under EP) sums their
+    // weight gradients in fp32 and rounds once, as one segment of all its rows would.
+    at::Tensor gw1_sum, gw2_sum;
     for (int64_t e = 0; e < w1.size(0); ++e) {
       if (sg.of_expert[e].empty()) {
         if (need_w) gw1[e].zero_(), gw2[e].zero_();
         continue;
       }
       const at::Tensor w1e = low ? w1_buf : w1[e], w2e = low ? w2_buf : w2[e];
+      int64_t filled = 0;
+      for (int64_t s : sg.of_expert[e]) filled += sg.rows[s] > 0 ? 1 : 0;
+      const bool sum32 = need_w && !low && ct == at::kBFloat16 && filled > 1;
+      if (sum32 && !gw1_sum.defined()) {
+        gw1_sum = at::empty({H, F1}, x.options().dtype(at::kFloat));
+        gw2_sum = at::empty({F, H}, x.options().dtype(at::kFloat));
+      }
       at::Tensor gw1e, gw2e;
       if (need_w) {
-        gw1e = low ? gw1_buf : gw1[e];
-        gw2e = low ? gw2_buf : gw2[e];
+        gw1e = low ? gw1_buf : sum32 ? gw1_sum : gw1[e];
+        gw2e = low ? gw2_buf : sum32 ? gw2_sum : gw2[e];
       }
       bool first = true;
       for (int64_t s : sg.of_expert[e]) {
@@ -696,7 +708,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         }
         first = false;
       }
-      if (need_w && low) CastAll({{gw1[e], gw1e}, {gw2[e], gw2e}});
+      if (need_w && (low || sum32)) CastAll({{gw1[e], gw1e}, {gw2[e], gw2e}});
     }
     return {gx, ctx->needs_input_grad(1) ? gw1 : at::Tensor(), ctx->needs_input_grad(2) ? gw2 : at::Tensor(), grw,
             at::Tensor(), at::Tensor(), at::Tensor()};

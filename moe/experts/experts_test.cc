@@ -240,7 +240,6 @@ at::Tensor Mm(const at::Tensor& a, const at::Tensor& b) {
   common::MatmulOut(out, a, b);
   return out;
 }
-void AddMm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { common::MatmulOut(out, a, b, true); }
 
 // bf16 GroupedMlp (ReLU) against a reference that makes the same GEMM calls on the same
 // shapes, segment by segment, computing in `gemms`' dtype with h stored in bf16: the two must
@@ -266,10 +265,16 @@ void ExpectBf16MlpIsPerSegmentGemms(Bf16Gemms gemms, uint64_t seed) {
 
   const at::Tensor xc = x0.to(ct), gyc = gy.to(ct);
   at::Tensor y_want = at::empty({N, H}, at::kBFloat16), gx_want = at::empty({N, H}, at::kBFloat16);
-  at::Tensor gw1 = at::zeros({E, H, F}, ct), gw2 = at::zeros({E, F, H}, ct);
+  at::Tensor gw1_want = at::zeros({E, H, F}, at::kBFloat16), gw2_want = at::zeros({E, F, H}, at::kBFloat16);
   std::vector<bool> seen(E, false);
   for (int64_t e = 0; e < E; ++e) {
     const at::Tensor w1e = w10[e].to(ct), w2e = w20[e].to(ct);
+    // An expert's weight gradient sums its segments in fp32 (computed in ct) and rounds once;
+    // bf16 GEMMs round a lone segment's product themselves.
+    int64_t filled = 0;
+    for (size_t s = 0; s < rows.size(); ++s) filled += expert[s] == e && rows[s] > 0 ? 1 : 0;
+    const at::ScalarType acc = filled > 1 ? at::kFloat : ct;
+    at::Tensor gw1 = at::zeros({H, F}, acc), gw2 = at::zeros({F, H}, acc);
     int64_t off = 0;
     for (size_t s = 0; s < rows.size(); off += rows[s], ++s) {
       if (expert[s] != e || rows[s] == 0) continue;
@@ -279,20 +284,18 @@ void ExpectBf16MlpIsPerSegmentGemms(Bf16Gemms gemms, uint64_t seed) {
       y_want.narrow(0, off, rows[s]).copy_(Mm(a, w2e));
       const at::Tensor gh = at::threshold_backward(Mm(gys, w2e.t()), h, 0);
       gx_want.narrow(0, off, rows[s]).copy_(Mm(gh, w1e.t()));
-      if (seen[e]) {
-        AddMm(gw2[e], a.t(), gys), AddMm(gw1[e], xs.t(), gh);
-      } else {
-        gw2[e].copy_(Mm(a.t(), gys)), gw1[e].copy_(Mm(xs.t(), gh));
-        seen[e] = true;
-      }
+      common::MatmulOut(gw2, a.t(), gys, /*accumulate=*/seen[e]);
+      common::MatmulOut(gw1, xs.t(), gh, /*accumulate=*/seen[e]);
+      seen[e] = true;
     }
+    gw1_want[e].copy_(gw1), gw2_want[e].copy_(gw2);
   }
   at::set_num_threads(threads);
   EXPECT_EQ(y.scalar_type(), at::kBFloat16);
   EXPECT_TRUE(at::equal(y, y_want));
   EXPECT_TRUE(at::equal(x.grad(), gx_want));
-  EXPECT_TRUE(at::equal(w1.grad(), gw1.to(at::kBFloat16)));
-  EXPECT_TRUE(at::equal(w2.grad(), gw2.to(at::kBFloat16)));
+  EXPECT_TRUE(at::equal(w1.grad(), gw1_want));
+  EXPECT_TRUE(at::equal(w2.grad(), gw2_want));
   EXPECT_EQ(w1.grad()[1].abs().sum().item<double>(), 0.0);  // only an empty segment
   EXPECT_EQ(w2.grad()[4].abs().sum().item<double>(), 0.0);  // no segment
   EXPECT_GT(w1.grad()[2].abs().sum().item<double>(), 0.0);
@@ -307,9 +310,40 @@ TEST(GroupedMlpTest, Bf16StorageIsExactlyFp32ComputeOnWidenedOperands) {
 
 // With bf16 GEMMs (CPUs with bf16 units: products accumulate in fp32 inside the GEMM and
 // each result is rounded once to bf16), it is exactly one bf16 product per segment, the
-// activation on the bf16 values, and a later segment adding to the bf16 weight gradient.
+// activation on the bf16 values, and an expert's segments summed into an fp32 weight
+// gradient (bf16 products into an fp32 out) that is rounded once.
 TEST(GroupedMlpTest, Bf16GemmsAreLibTorchBf16MatmulsPerSegment) {
   ExpectBf16MlpIsPerSegmentGemms(Bf16Gemms::kBf16, 22);
+}
+
+// Under EP an expert's rows arrive in EP x ETP segments. Its bf16 weight gradient must not
+// depend on that: 32 segments of one expert give, element by element, within one bf16 ulp
+// of what one segment of the same rows gives (both round an fp32 sum once; rounding after
+// every segment was off by up to several ulps). On both GEMM paths.
+TEST(GroupedMlpTest, Bf16WeightGradientDoesNotDependOnTheSegments) {
+  for (Bf16Gemms gemms : {Bf16Gemms::kBf16, Bf16Gemms::kFp32}) {
+    SCOPED_TRACE(Name(gemms));
+    Bf16GemmsScope scope(gemms);
+    at::manual_seed(31);
+    const int64_t N = 512, H = 64, F = 48;
+    const at::Tensor x0 = at::randn({N, H}).to(at::kBFloat16), gy = at::randn({N, H}).to(at::kBFloat16);
+    const at::Tensor w10 = (at::randn({1, H, 2 * F}) * 0.3).to(at::kBFloat16);
+    const at::Tensor w20 = (at::randn({1, F, H}) * 0.3).to(at::kBFloat16);
+    auto grads = [&](const std::vector<int64_t>& rows) {
+      at::Tensor w1 = w10.clone().requires_grad_(true), w2 = w20.clone().requires_grad_(true);
+      GroupedMlp(x0, w1, w2, Activation::kSwiglu, rows, std::vector<int64_t>(rows.size(), 0)).backward(gy);
+      return std::pair<at::Tensor, at::Tensor>{w1.grad().to(at::kDouble), w2.grad().to(at::kDouble)};
+    };
+    const auto [one1, one2] = grads({N});
+    const auto [many1, many2] = grads(std::vector<int64_t>(32, N / 32));
+    // One ulp of a bf16 value v is 2^(floor(log2 |v|) - 7).
+    auto ulps = [](const at::Tensor& got, const at::Tensor& want) {
+      const at::Tensor ulp = at::pow(2.0, at::floor(at::log2(want.abs().clamp_min(1e-30))) - 7);
+      return ((got - want).abs() / ulp).max().item<double>();
+    };
+    EXPECT_LE(ulps(many1, one1), 1.0);
+    EXPECT_LE(ulps(many2, one2), 1.0);
+  }
 }
 
 TEST(GroupedExpertsTest, EveryActivationMatchesPerExpertMlp) {

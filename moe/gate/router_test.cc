@@ -439,5 +439,33 @@ TEST(Router, TopKWithTiesEqualsStableSort) {
   at::set_num_threads(threads);
 }
 
+// The softmax scores and the choice before dropping are handed on exactly when they are the
+// aux loss's inputs (AuxLossScores): softmax before top-k, no groups, no bias.
+TEST(Router, HandsOnTheAuxLossInputsWhenTheyAreThem) {
+  at::manual_seed(41);
+  const at::Tensor logits = at::randn({48, 8});
+  const TopKOptions capped{.top_k = 2, .pre_softmax = true, .capacity_factor = 0.75};
+  absl::StatusOr<Routing> r = TopKRoute(logits, capped);
+  ASSERT_TRUE(r.ok()) << r.status();
+  absl::StatusOr<AuxLossInputs> a = AuxLossScores(logits, 2, ScoreFunction::kSoftmax);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(r->softmax_scores.defined() && r->chosen.defined());
+  EXPECT_TRUE(at::equal(r->softmax_scores, a->scores));
+  EXPECT_TRUE(at::equal(r->chosen, a->routing_map));
+  EXPECT_TRUE(at::equal(r->tokens_per_expert, a->tokens_per_expert));
+  EXPECT_GT(r->dropped.sum().item<int64_t>(), 0);  // chosen is before dropping
+  EXPECT_TRUE(at::equal(r->chosen, r->routing_map.logical_or(r->dropped)));
+  for (const TopKOptions& o : {TopKOptions{.top_k = 2, .pre_softmax = false},
+                               TopKOptions{.top_k = 2, .score = ScoreFunction::kSigmoid},
+                               TopKOptions{.top_k = 2, .pre_softmax = true, .num_groups = 4, .group_topk = 2}}) {
+    absl::StatusOr<Routing> other = TopKRoute(logits, o);
+    ASSERT_TRUE(other.ok()) << other.status();
+    EXPECT_FALSE(other->softmax_scores.defined());
+  }
+  absl::StatusOr<Routing> biased = TopKRoute(logits, {.top_k = 2, .pre_softmax = true}, at::randn({8}));
+  ASSERT_TRUE(biased.ok()) << biased.status();
+  EXPECT_FALSE(biased->softmax_scores.defined());
+}
+
 }  // namespace
 }  // namespace switchyard::gate

@@ -545,7 +545,7 @@ absl::StatusOr<at::Tensor> SequenceLoadBalancingLossOfPart(const at::Tensor& sco
 
 at::Tensor UpdateExpertBias(const at::Tensor& expert_bias, const at::Tensor& tokens_per_expert,
                             double rate, bool center) {
-  const at::Tensor n = tokens_per_expert.detach().to(at::kFloat);
+  const at::Tensor n = tokens_per_expert.detach().to(at::kDouble);  // counts exact past 2^24
   at::Tensor step = at::sign(n.mean() - n).to(expert_bias.scalar_type()) * rate;
   if (center) step = step - step.mean();
   return expert_bias.detach() + step;

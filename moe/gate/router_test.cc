@@ -165,6 +165,10 @@ TEST(Router, MatchesMegatronCoreSequenceLossAndBiasUpdate) {
   // Counts 2, 4, 6 (mean 4): the under-loaded expert moves up, the average one stays.
   const at::Tensor b = UpdateExpertBias(at::zeros({3}), at::tensor({2, 4, 6}), 0.5);
   EXPECT_TRUE(b.equal(at::tensor({0.5f, 0.0f, -0.5f})));
+  // Counts past 2^24 (a large stage's step) are compared exactly: in fp32 both would be 2^24.
+  const int64_t big = int64_t{1} << 24;
+  const at::Tensor bb = UpdateExpertBias(at::zeros({2}), at::tensor({big, big + 1}, at::kLong), 0.5);
+  EXPECT_TRUE(bb.equal(at::tensor({0.5f, -0.5f}))) << bb;
   // One sequence: the sequence loss is the batch loss.
   at::manual_seed(11);  // LibTorch seeds its default generator differently in every process
   at::Tensor logits = at::randn({12, 4}, at::TensorOptions().dtype(at::kFloat));

@@ -166,12 +166,9 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
   std::function<bool(bool)> all_finite;
   bool agreed = false;  // this rank has reached the agreement (or failed in it)
   if (stage != nullptr) {
-    all_finite = [stage, &agreed](bool ok) {
+    all_finite = [sum = SumOver(*stage), &agreed](bool ok) {
       agreed = true;
-      at::Tensor bad = at::full({1}, ok ? 0 : 1, at::kLong);
-      const absl::Status st = Sum(*stage, bad);
-      TORCH_CHECK(st.ok(), std::string(st.message()));
-      return bad.item<int64_t>() == 0;
+      return sum(at::full({1}, ok ? 0 : 1, at::kLong)).item<int64_t>() == 0;
     };
   }
   auto stop = [&](absl::Status s) {
@@ -219,7 +216,9 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
     }
     at::Tensor x = hidden;
     if (slice != nullptr) {
-      SY_ASSIGN_OR_RETURN(x, dispatch::SliceTokens(hidden, *slice, slices));
+      absl::StatusOr<at::Tensor> mine = dispatch::SliceTokens(hidden, *slice, slices);
+      if (!mine.ok()) return stop(mine.status());
+      x = *std::move(mine);
     }
     gate::ForwardArgs ga{.training = args.training, .num_sequences = args.num_sequences};
     if (comm_ != nullptr) ga.dp_replicas = int64_t{comm_->layout().dp()} * comm_->layout().cp();
@@ -228,9 +227,8 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
       // The block's order is one process's: CP rank by CP rank, each TP rank's part in TP
       // order, whatever order the layout's order string gives the group's members.
       const std::vector<int> order = BlockOrder(*block);
-      for (int j = 0; j < order[block->rank()]; ++j) {
-        const int m = static_cast<int>(std::find(order.begin(), order.end(), j) - order.begin());
-        ga.block_offset += parts[m];
+      for (size_t m = 0; m < parts.size(); ++m) {
+        if (order[m] < order[block->rank()]) ga.block_offset += parts[m];
       }
       ga.sum_over_block = SumOver(*block);
       ga.gather_over_block = [block, parts, block_tokens, order](const at::Tensor& t) {
@@ -254,7 +252,9 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
     } else {
       ga.sum_over_dp = [](const at::Tensor& t) { return t; };
     }
-    SY_ASSIGN_OR_RETURN(gate::RouterOutput r, router_->Forward(x, ga));
+    absl::StatusOr<gate::RouterOutput> routed = router_->Forward(x, ga);
+    if (!routed.ok()) return stop(routed.status());  // (nothing more to say once it has agreed)
+    gate::RouterOutput& r = *routed;
     if (cp > 1) {
       // The CP ranks' shares add up to their block's losses, which the optimizer's average
       // over DP x CP would divide by CP (the global loss is weighted by DP x CP already).

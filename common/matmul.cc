@@ -80,6 +80,7 @@ class Cache {
     }
     std::shared_ptr<const Entry> e = Create(key, a, b, c);
     std::lock_guard<std::mutex> lock(mu_);
+    if (!e->ok) ++refused_;
     if (index_.count(key) == 0 && capacity_ > 0) {
       lru_.push_front(e);
       index_[key] = lru_.begin();
@@ -90,14 +91,14 @@ class Cache {
 
   MatmulCacheStats Stats() {
     std::lock_guard<std::mutex> lock(mu_);
-    return {static_cast<int64_t>(lru_.size()), hits_, misses_, capacity_};
+    return {static_cast<int64_t>(lru_.size()), hits_, misses_, capacity_, refused_};
   }
 
   void Reset(int64_t capacity) {
     std::lock_guard<std::mutex> lock(mu_);
     capacity_ = capacity < 0 ? 0 : capacity;
     lru_.clear(), index_.clear();
-    hits_ = misses_ = 0;
+    hits_ = misses_ = refused_ = 0;
   }
 
  private:
@@ -138,7 +139,7 @@ class Cache {
   std::mutex mu_;
   std::list<std::shared_ptr<const Entry>> lru_;  // most recently used first
   std::unordered_map<Key, std::list<std::shared_ptr<const Entry>>::iterator, KeyHash> index_;
-  int64_t capacity_ = 0, hits_ = 0, misses_ = 0;
+  int64_t capacity_ = 0, hits_ = 0, misses_ = 0, refused_ = 0;
 };
 
 // SWITCHYARD_MATMUL_CACHE_CAPACITY overrides the default capacity.
@@ -193,9 +194,12 @@ bool Overlap(const at::Tensor& x, const at::Tensor& y) {
 
 void AtenMatmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   if (out.scalar_type() != a.scalar_type()) {
-    // A wider output (bf16 operands, fp32 out): the product in out's type, rounded once.
+    // bf16 operands, fp32 out: the product of the widened operands, in fp32.
+    TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kFloat,
+                "MatmulOut: operands ", a.scalar_type(), " and ", b.scalar_type(), " with an out of ",
+                out.scalar_type(), " (one dtype, or bf16 operands into fp32)");
     at::Tensor o = out;
-    const at::Tensor product = at::mm(a.to(out.scalar_type()), b.to(out.scalar_type()));
+    const at::Tensor product = at::mm(a.to(at::kFloat), b.to(at::kFloat));
     accumulate ? o.add_(product) : o.copy_(product);
     return;
   }
@@ -216,7 +220,8 @@ void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
       (Overlap(out, a) || Overlap(out, b))) {
     // out shares memory with an operand: the product goes through a temporary (a kernel writing
     // out while it still reads the operand would read its own results).
-    const at::Tensor product = at::mm(a, b);
+    const at::Tensor product = at::empty(out.sizes(), out.options());
+    AtenMatmul(product, a, b, /*accumulate=*/false);
     at::Tensor o = out;
     accumulate ? o.add_(product) : o.copy_(product);
     return;

@@ -22,7 +22,8 @@ namespace switchyard::common {
 // rounded to bf16: for sums of several products). No autograd: call it inside autograd
 // functions or on tensors that need no gradient. a and b may be transposed views (either stride 1); out must have unit column
 // stride. If out shares memory with a or b, the product goes through a temporary. fp32, and bf16 on CPUs with AVX512-BF16 (fp32 accumulation, one rounding), run on a
-// cached oneDNN primitive; other dtypes, layouts and devices call at::mm_out / addmm_.
+// cached oneDNN primitive; other dtypes, layouts and devices call at::mm_out / addmm_
+// (bf16 operands into fp32: at::mm on the widened operands).
 void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false);
 
 // Which path MatmulOut takes (tests compare them): kAuto as above, kAten always LibTorch.
@@ -34,6 +35,7 @@ void SetMatmulBackend(MatmulBackend backend);
 // generated kernels, ~90 KB measured for 512-row bf16 products, and takes ~0.25 ms to create.
 struct MatmulCacheStats {
   int64_t size = 0, hits = 0, misses = 0, capacity = 0;
+  int64_t refused = 0;  // problems oneDNN refused (LibTorch computes them)
 };
 MatmulCacheStats GetMatmulCacheStats();
 void SetMatmulCacheCapacity(int64_t capacity);  // also empties the cache and its counts

@@ -646,9 +646,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
         continue;
       }
       const at::Tensor w1e = low ? w1_buf : w1[e], w2e = low ? w2_buf : w2[e];
-      int64_t filled = 0;
-      for (int64_t s : sg.of_expert[e]) filled += sg.rows[s] > 0 ? 1 : 0;
-      const bool sum32 = need_w && !low && ct == at::kBFloat16 && filled > 1;
+      const bool sum32 = need_w && !low && ct == at::kBFloat16 && sg.of_expert[e].size() > 1;  // (non-empty ones)
       if (sum32 && !gw1_sum.defined()) {
         gw1_sum = at::empty({H, F1}, x.options().dtype(at::kFloat));
         gw2_sum = at::empty({F, H}, x.options().dtype(at::kFloat));

@@ -408,8 +408,9 @@ absl::StatusOr<Routing> TopKRoute(const at::Tensor& logits, const TopKOptions& o
       // Rank the whole block's slots, then keep this part's rows. Only the chosen slots'
       // keys travel ([T, k], not [T, E]: key is 0 elsewhere), with their experts.
       const at::Tensor block_idx = block->gather(idx.contiguous());
+      const at::Tensor key_k = (norm_kept ? raw : weights).detach();  // key at idx
       const at::Tensor block_key = at::zeros({block->block_tokens, E}, key.options())
-                                       .scatter_(1, block_idx, block->gather(key.gather(1, idx).contiguous()));
+                                       .scatter_(1, block_idx, block->gather(key_k.contiguous()));
       const at::Tensor block_map = MapAndCounts(block_idx, E).first;
       keep = CapacityMask(block_key, block_map, block_idx, r.capacity, o.drop_policy).narrow(0, block->offset, T);
     } else {

@@ -113,7 +113,8 @@ absl::Status CheckTopKOptions(const TopKOptions& options, int64_t num_experts);
 // that several routers share (a TP x CP group's slices, shares or chunks). Capacity is then
 // the block's, counted and ranked over all of its tokens as one router of the whole block
 // would: `gather` returns a [T, ...] tensor's rows of every part, in block order (an
-// all-gather of each part's chosen experts and their keys, [T, k] each). A part keeps no
+// all-gather of each part's chosen experts and their keys, [T, k] each; expert choice
+// gathers its [T, E] scores). A part keeps no
 // padding slots (it cannot hold fixed [E, C] blocks; padding changes no number).
 struct BlockOfTokens {
   int64_t block_tokens = 0;

@@ -210,7 +210,8 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
       if (!args.sum_over_dp) {
         return absl::InvalidArgumentError("router: the global aux loss needs ForwardArgs.sum_over_dp");
       }
-      // Counts and the token total summed in double: exact past 2^24 tokens over the stage.
+      // Counts and the token total summed in double (the total exact past 2^24 tokens over
+      // the stage; the counts then enter the loss's fp32 arithmetic).
       const at::Tensor counts = args.sum_over_dp(in->tokens_per_expert.to(at::kDouble)).to(at::kFloat);
       const int64_t total = static_cast<int64_t>(args.sum_over_dp(at::full({1}, static_cast<double>(T), at::kDouble)).item<double>());
       out.aux_loss = LoadBalancingLoss(in->scores, counts, total, config_.topk.top_k, config_.aux_loss_coeff);

@@ -48,7 +48,8 @@ struct ForwardArgs {
   // averages. This router's share of the global loss is weighted by it, so that after the
   // average the global loss keeps the weight it has in one process: otherwise its gradient
   // shrinks by the DP size (as Megatron-LM's did: its issue 3672). The batch and sequence
-  // losses are each replica's own and need nothing.
+  // losses are each replica's own and need nothing here (a caller whose block is split over
+  // CP ranks weights their shares by CP itself, as the MoE layer does).
   int64_t dp_replicas = 1;
   // A part of a block: under tensor or context parallelism each router of the group routes
   // a contiguous share of one block of tokens (a TP slice or share, a CP chunk). Its losses
@@ -90,7 +91,7 @@ class Router {
 
   // hidden: [T, hidden_size]. Jitter and noise draw from this router's own generator, so a
   // run is reproducible from the seed alone. A part of a block (ForwardArgs.block_tokens)
-  // draws the whole block's and keeps its own rows, so that the TP group's routers add what
+  // draws the whole block's and keeps its own rows, so that the block's routers add what
   // one router of the whole block would.
   absl::StatusOr<RouterOutput> Forward(const at::Tensor& hidden, const ForwardArgs& args);
 

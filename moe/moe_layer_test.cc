@@ -69,6 +69,7 @@ struct Case {
   bool training = false;
   bool expert_choice = false;  // each expert picks capacity_factor x T / E tokens (no aux loss)
   bool processes = false;      // ranks as processes over TCP (as the launcher runs them), not threads
+  bool pre_softmax = false;    // softmax over all experts before top-k (the job spec's default)
 };
 
 gate::AuxLoss AuxOf(const Case& c) {
@@ -83,6 +84,7 @@ MoEConfig Config(const Case& c) {
   m.router.topk.capacity_factor = c.capacity_factor;
   m.router.topk.drop_policy = c.drop_policy;
   m.router.topk.pad_to_capacity = c.pad_to_capacity;
+  m.router.topk.pre_softmax = c.pre_softmax;
   m.router.init_std = 0.5f;  // spread logits so routing is decisive
   m.ffn_hidden_size = kFfn;
   m.activation = c.activation;
@@ -596,6 +598,36 @@ TEST(MoELayerEquivalenceTest, RanksAsProcesses) {
            .z_loss = 0.01,
            .sequence_parallel = true,
            .processes = true});
+}
+
+// Softmax over all experts before top-k (the job spec's default): the aux loss reads the
+// routing's own scores and choice (one softmax for both, its gradient from both); the
+// reference computes them apart (gate::AuxLossScores).
+TEST(MoELayerEquivalenceTest, SoftmaxBeforeTopK) {
+  RunCase({.name = "pre-softmax, EP=2, batch aux loss and z-loss, capacity 1.0",
+           .layout = {.world_size = 2, .ep = 2},
+           .capacity_factor = 1.0,
+           .dp_tokens = {14, 11},
+           .aux = gate::AuxLoss::kBatch,
+           .z_loss = 0.01,
+           .pre_softmax = true});
+  RunCase({.name = "pre-softmax, TP=2 sequence parallel, per-sequence aux loss",
+           .layout = {.world_size = 2, .tp = 2, .etp = 1},
+           .dp_tokens = {15},
+           .aux = gate::AuxLoss::kSequence,
+           .seq_len = 5,
+           .sequence_parallel = true,
+           .pre_softmax = true});
+  RunCase({.name = "pre-softmax, DP=4 as EP=2 x EDP=2, global aux loss, dropless",
+           .layout = {.world_size = 4, .ep = 2},
+           .dp_tokens = {9, 12, 7, 10},
+           .pre_softmax = true});
+  RunCase({.name = "pre-softmax, TP=2 slicing, training: jitter, noisy gating, batch aux loss",
+           .layout = {.world_size = 2, .tp = 2, .etp = 1},
+           .dp_tokens = {13},
+           .aux = gate::AuxLoss::kBatch,
+           .training = true,
+           .pre_softmax = true});
 }
 
 TEST(MoELayerEquivalenceTest, DataParallel2xExpertParallel2SequenceAuxAndZLoss) {

@@ -25,7 +25,10 @@
 // block's [B, k] choices and keys (B its tokens; expert choice: its [B, E] scores) and a
 // [B, E] mask on every rank; dropless routing gathers nothing. Jitter and noise:
 // each data-parallel replica draws its own; the ranks of a block draw the block's, as one
-// process would.
+// process would on the block's tokens in block order. Under CP that is one process's order
+// only where each CP rank holds a contiguous range of the micro-batch: with chunks of every
+// sequence (Megatron's split) the noise rows, and exact-score ties under capacity, follow
+// the block's order instead.
 // The aux loss and z-loss are weighted like a task loss averaged over this data-parallel
 // replica's tokens, which the optimizer then averages over the DP x CP replicas (the
 // divisors of DESIGN.md): add them to the rank's loss as they are. Each rank's is its share:

@@ -15,9 +15,9 @@
 // (all-to-all) and, with ETP > 1, to every F slice of the expert.
 // A block is one data-parallel replica's micro-batch: the tokens of its TP x CP ranks, their
 // parts one after another CP rank by CP rank, each TP rank's slice or share in TP order
-// (whatever the layout's order string). Capacity is counted over
-// the block, as over a replica's tokens in one process (Megatron-Core and DeepSpeed count per
-// rank), so TP and CP change no drop (also with expert choice, where every expert picks from
+// (whatever the layout's order string). Capacity is counted over the block, as over a
+// replica's tokens in one process (Megatron-Core and DeepSpeed count per rank), so TP and
+// CP change no drop (also with expert choice, where every expert picks from
 // the whole block). A part of a block keeps no padding slots, which change no number. Under
 // CP, the per-sequence aux loss and dropping by position are refused: a CP rank holds a
 // chunk of every sequence, so the block is not the tokens in their order.
@@ -41,7 +41,8 @@
 // Bad input on one rank (hidden states of the wrong shape or kind, NaN or inf in them or in
 // the logits) stops every rank of the pipeline stage with a clear error, at one point in the
 // router (one all-reduce of a flag over the stage per forward), instead of leaving the
-// others waiting for it in the dispatch or a loss's sum until the collective timeout.
+// others waiting for it in the dispatch or a loss's sum until the collective timeout. So
+// every rank of the stage calls Forward as often as the others, even without EP or TP.
 //
 // Every parameter carries a tag (domain, module name, expert group, global expert indices,
 // EP size) that the optimizer and the grad norm read; the layer never includes them.

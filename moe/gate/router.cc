@@ -32,10 +32,14 @@ bool AllFiniteF32(const float* __restrict__ v, int64_t n) {
   return bad == 0;
 }
 
+}  // namespace
+
 bool AllFinite(const at::Tensor& t) {
   if (t.scalar_type() == at::kFloat && t.is_contiguous()) return AllFiniteF32(t.data_ptr<float>(), t.numel());
   return at::isfinite(t).all().item<bool>();
 }
+
+namespace {
 
 absl::Status CheckLogits(const at::Tensor& logits) {
   if (!logits.defined() || logits.dim() != 2) {

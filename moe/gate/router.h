@@ -104,6 +104,9 @@ struct Routing {
 // TopKRoute checks this itself; a router checks it once when it is made.
 absl::Status CheckTopKOptions(const TopKOptions& options, int64_t num_experts);
 
+// No NaN or inf in t (one vectorised pass for contiguous fp32; ATen's isfinite otherwise).
+bool AllFinite(const at::Tensor& t);
+
 // `logits`: [T, E], any floating dtype. `expert_bias` ([E], optional): added to the scores
 // only to choose experts (aux-loss-free balancing); weights come from unbiased scores. Unlike
 // Megatron-Core, which applies it with sigmoid scores only, it works with every score

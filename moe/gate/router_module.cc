@@ -163,7 +163,7 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
   if (args.all_finite || part) {
     // NaN or inf in one router's logits would stop that router alone, before the gathers and
     // sums the others then wait in: they find out together.
-    const bool mine = at::isfinite(logits).all().item<bool>();
+    const bool mine = AllFinite(logits.contiguous());
     const bool all = args.all_finite ? args.all_finite(mine)
                                      : args.sum_over_block(at::full({1}, mine ? 0.0f : 1.0f)).item<float>() == 0;
     if (!mine) return NotFiniteError(hidden);

@@ -44,6 +44,19 @@ void BM_TopKRoute(benchmark::State& state) {
   Report(state);
 }
 
+// With capacity (factor 1, dropping by score): the cost of choosing each expert's kept slots.
+void BM_TopKRouteCapacity(benchmark::State& state) {
+  Inputs in = Make(state);
+  const int k = static_cast<int>(state.range(2));
+  for (auto _ : state) {
+    at::Tensor x = in.logits.detach().requires_grad_(true);
+    absl::StatusOr<Routing> r = TopKRoute(x, {.top_k = k, .capacity_factor = 1.0});
+    (r->probs * in.upstream).sum().backward();
+    benchmark::DoNotOptimize(x.grad().data_ptr());
+  }
+  Report(state);
+}
+
 void BM_PlainOps(benchmark::State& state) {
   Inputs in = Make(state);
   const int k = static_cast<int>(state.range(2));
@@ -67,6 +80,7 @@ void Shapes(benchmark::internal::Benchmark* b) {
 }
 
 BENCHMARK(BM_TopKRoute)->Apply(Shapes)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_TopKRouteCapacity)->Apply(Shapes)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_PlainOps)->Apply(Shapes)->Unit(benchmark::kMillisecond);
 
 }  // namespace

@@ -217,6 +217,62 @@ TEST(Router, ExpertChoiceMatchesPlainLoop) {
               HasSubstr("expert-choice routing needs capacity_factor > 0"));
 }
 
+// Capacity against its definition, a plain loop: each expert's column of all T slots sorted
+// stably, descending, by (routed, key), the key being the weight (kByScore; an unrouted slot
+// counts as weight 0, so routed slots of weight exactly 0 tie with it by token index), 1
+// (kByPosition) or k − choice rank (kByChoiceThenPosition); the first `capacity` are kept.
+// Integer logits give many equal weights, and rows of -1e4 routed weights that are exactly 0.
+TEST(Router, CapacityMatchesAStableSortOfEveryColumn) {
+  at::manual_seed(21);
+  int checked = 0;
+  for (auto [T, E, k] : {std::tuple<int64_t, int64_t, int>{40, 4, 1}, {64, 8, 2}, {97, 16, 4}, {50, 6, 6}}) {
+    at::Tensor logits = at::randint(0, 3, {T, E}).to(at::kFloat);
+    // The last quarter's tokens have one live expert, so weight 0 on their other choices;
+    // being late, those slots rank after earlier unrouted ones.
+    logits.narrow(0, T - T / 4, T / 4).narrow(1, 1, E - 1).fill_(-1e4);
+    for (DropPolicy policy : {DropPolicy::kByScore, DropPolicy::kByPosition, DropPolicy::kByChoiceThenPosition}) {
+      for (WeightNorm norm : {WeightNorm::kSigmoidTopK, WeightNorm::kKept}) {
+        for (double cf : {0.3, 1.0, 1.7}) {
+          for (bool pad : {false, true}) {
+            SCOPED_TRACE(::testing::Message() << T << "x" << E << " k " << k << " policy " << static_cast<int>(policy)
+                                              << " norm " << static_cast<int>(norm) << " cf " << cf << " pad " << pad);
+            TopKOptions o{.top_k = k, .pre_softmax = true, .weight_norm = norm};
+            absl::StatusOr<Routing> free = TopKRoute(logits, o);  // dropless: the weights before capacity
+            o.capacity_factor = cf;
+            o.drop_policy = policy;
+            o.pad_to_capacity = pad;
+            absl::StatusOr<Routing> r = TopKRoute(logits, o);
+            ASSERT_TRUE(free.ok() && r.ok());
+            const at::Tensor probs = at::softmax(logits, -1);  // the weights; for kKept the raw ones
+            const at::Tensor idx = free->topk_indices;
+            const int64_t cap = r->capacity;
+            at::Tensor want = at::zeros({T, E}, at::kBool);
+            for (int64_t e = 0; e < E; ++e) {
+              std::vector<std::pair<double, int64_t>> key(T);  // (key, token)
+              for (int64_t t = 0; t < T; ++t) {
+                double kv = 0;
+                for (int c = 0; c < k; ++c) {
+                  if (idx[t][c].item<int64_t>() != e) continue;
+                  kv = policy == DropPolicy::kByScore ? probs[t][e].item<float>()
+                       : policy == DropPolicy::kByPosition ? 1.0 : static_cast<double>(k - c);
+                }
+                key[t] = {kv, t};
+              }
+              std::stable_sort(key.begin(), key.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+              for (int64_t i = 0; i < std::min(cap, T); ++i) want[key[i].second][e] = true;
+            }
+            const at::Tensor routed = free->routing_map;
+            EXPECT_TRUE(r->routing_map.equal(pad ? want : want.logical_and(routed)));
+            EXPECT_TRUE(r->dropped.equal(routed.logical_and(want.logical_not())));
+            checked += r->dropped.any().item<bool>();
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GE(checked, 100);  // most cases drop something
+}
+
 TEST(Router, EdgeCases) {
   // Logits on another device (meta here; CUDA on a GPU machine) are refused, not read.
   const at::Tensor meta = at::empty({4, 4}, at::TensorOptions().device(at::kMeta));
@@ -328,11 +384,12 @@ TEST(Router, PartsOfABlockShareItsCapacity) {
       ASSERT_TRUE(whole.ok()) << whole.status();
       ASSERT_GT(whole->dropped.sum().item<int64_t>(), 0);
       std::vector<std::vector<at::Tensor>> recorded(2);
-      size_t call = 0;  // two gathers a part: the keys, then the choices
+      size_t call = 0;  // gathers a part: the choices, then (ranking by score) their keys
+      const size_t gathers = policy == DropPolicy::kByScore ? 2 : 1;
       BlockOfTokens block{.block_tokens = T};
       for (bool second : {false, true}) {
         block.gather = [&](const at::Tensor& t) {
-          const size_t i = call++ % 2;
+          const size_t i = call++ % gathers;
           if (!second) {
             recorded[i].push_back(t.clone());
             return at::cat({t, at::zeros({T - t.size(0), t.size(1)}, t.options())});  // any rows, right shape

@@ -305,14 +305,13 @@ at::Tensor CapacityKeep(const at::Tensor& idx_in, const at::Tensor& key_in, int6
       }
       const int64_t n = static_cast<int64_t>(first.size());
       if (n > capacity) {
-        std::vector<int64_t> ranked = first;
         auto before = [&](int64_t a, int64_t b) {  // a ranks before b; ties: the lower token
           if (by_score && kp[a] != kp[b]) return kp[a] > kp[b];
           if (policy == DropPolicy::kByChoiceThenPosition && a % k != b % k) return a % k < b % k;
           return a < b;  // slot order is token order (one slot per token and expert)
         };
-        if (policy != DropPolicy::kByPosition) std::nth_element(ranked.begin(), ranked.begin() + capacity, ranked.end(), before);
-        for (int64_t i = 0; i < capacity; ++i) mark(ranked[i] / k, e);
+        if (policy != DropPolicy::kByPosition) std::nth_element(first.begin(), first.begin() + capacity, first.end(), before);
+        for (int64_t i = 0; i < capacity; ++i) mark(first[i] / k, e);
         continue;
       }
       // All of `first`, then the lowest tokens not in it (`first` is in token order).

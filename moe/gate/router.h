@@ -116,9 +116,10 @@ bool AllFinite(const at::Tensor& t);
 // that several routers share (a TP x CP group's slices, shares or chunks). Capacity is then
 // the block's, counted and ranked over all of its tokens as one router of the whole block
 // would: `gather` returns a [T, ...] tensor's rows of every part, in block order (an
-// all-gather of each part's chosen experts and their keys, [T, k] each; expert choice
-// gathers its [T, E] scores). A part keeps no
-// padding slots (it cannot hold fixed [E, C] blocks; padding changes no number).
+// all-gather of each part's chosen experts, [T, k], and when dropping by score their keys,
+// [T, k] too; expert choice gathers its [T, E] scores). Every part must make the same
+// gathers, so every router of a block takes the same options. A part keeps no padding slots
+// (it cannot hold fixed [E, C] blocks; padding changes no number).
 struct BlockOfTokens {
   int64_t block_tokens = 0;
   int64_t offset = 0;

@@ -218,7 +218,8 @@ TEST(Router, ExpertChoiceMatchesPlainLoop) {
 }
 
 // Capacity against its definition, a plain loop: each expert's column of all T slots sorted
-// stably, descending, by (routed, key), the key being the weight (kByScore; an unrouted slot
+// stably, descending, by (routed, key), the key being the weight (kByScore: the routing
+// weight after normalisation and scaling, or with kKept the raw score; an unrouted slot
 // counts as weight 0, so routed slots of weight exactly 0 tie with it by token index), 1
 // (kByPosition) or k − choice rank (kByChoiceThenPosition); the first `capacity` are kept.
 // Integer logits give many equal weights, and rows of -1e4 routed weights that are exactly 0.
@@ -231,21 +232,28 @@ TEST(Router, CapacityMatchesAStableSortOfEveryColumn) {
     // being late, those slots rank after earlier unrouted ones.
     logits.narrow(0, T - T / 4, T / 4).narrow(1, 1, E - 1).fill_(-1e4);
     for (DropPolicy policy : {DropPolicy::kByScore, DropPolicy::kByPosition, DropPolicy::kByChoiceThenPosition}) {
-      for (WeightNorm norm : {WeightNorm::kSigmoidTopK, WeightNorm::kKept}) {
+      // Softmax scores as they are; with kKept; normalised over the top k and scaled (weights
+      // unlike the raw scores); sigmoid scores normalised, with a min capacity.
+      for (int variant : {0, 1, 2, 3}) {
         for (double cf : {0.3, 1.0, 1.7}) {
           for (bool pad : {false, true}) {
             SCOPED_TRACE(::testing::Message() << T << "x" << E << " k " << k << " policy " << static_cast<int>(policy)
-                                              << " norm " << static_cast<int>(norm) << " cf " << cf << " pad " << pad);
-            TopKOptions o{.top_k = k, .pre_softmax = true, .weight_norm = norm};
+                                              << " variant " << variant << " cf " << cf << " pad " << pad);
+            TopKOptions o{.top_k = k, .pre_softmax = true};
+            if (variant == 1) o.weight_norm = WeightNorm::kKept;
+            if (variant == 2) o.weight_norm = WeightNorm::kTopK, o.scaling_factor = 2.5f;
+            if (variant == 3) o.score = ScoreFunction::kSigmoid, o.min_capacity = 5;
             absl::StatusOr<Routing> free = TopKRoute(logits, o);  // dropless: the weights before capacity
             o.capacity_factor = cf;
             o.drop_policy = policy;
             o.pad_to_capacity = pad;
             absl::StatusOr<Routing> r = TopKRoute(logits, o);
             ASSERT_TRUE(free.ok() && r.ok());
-            const at::Tensor probs = at::softmax(logits, -1);  // the weights; for kKept the raw ones
-            const at::Tensor idx = free->topk_indices;
-            const int64_t cap = r->capacity;
+            const at::Tensor raw = at::softmax(logits, -1);
+            const at::Tensor idx = free->topk_indices, w = free->topk_weights.detach();
+            const int64_t cap = std::min<int64_t>(
+                T, std::max<int64_t>(static_cast<int64_t>(std::ceil(static_cast<double>(T) * k / E * cf)), o.min_capacity));
+            ASSERT_EQ(r->capacity, cap);
             at::Tensor want = at::zeros({T, E}, at::kBool);
             for (int64_t e = 0; e < E; ++e) {
               std::vector<std::pair<double, int64_t>> key(T);  // (key, token)
@@ -253,13 +261,15 @@ TEST(Router, CapacityMatchesAStableSortOfEveryColumn) {
                 double kv = 0;
                 for (int c = 0; c < k; ++c) {
                   if (idx[t][c].item<int64_t>() != e) continue;
-                  kv = policy == DropPolicy::kByScore ? probs[t][e].item<float>()
-                       : policy == DropPolicy::kByPosition ? 1.0 : static_cast<double>(k - c);
+                  kv = policy == DropPolicy::kByPosition              ? 1.0
+                       : policy == DropPolicy::kByChoiceThenPosition ? static_cast<double>(k - c)
+                       : variant == 1                                 ? raw[t][e].item<float>()
+                                                                      : w[t][c].item<float>();
                 }
                 key[t] = {kv, t};
               }
               std::stable_sort(key.begin(), key.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
-              for (int64_t i = 0; i < std::min(cap, T); ++i) want[key[i].second][e] = true;
+              for (int64_t i = 0; i < cap; ++i) want[key[i].second][e] = true;
             }
             const at::Tensor routed = free->routing_map;
             EXPECT_TRUE(r->routing_map.equal(pad ? want : want.logical_and(routed)));
@@ -270,7 +280,7 @@ TEST(Router, CapacityMatchesAStableSortOfEveryColumn) {
       }
     }
   }
-  EXPECT_GE(checked, 100);  // most cases drop something
+  EXPECT_GE(checked, 150);  // most cases drop something
 }
 
 TEST(Router, EdgeCases) {
@@ -309,14 +319,22 @@ TEST(Router, EdgeCases) {
   r = TopKRoute(at::tensor({1.0f, 5.0f, 5.0f, 0.0f}).view({1, 4}), {.top_k = 3});
   ASSERT_TRUE(r.ok());
   EXPECT_TRUE(r->topk_indices.equal(at::tensor({1, 2, 0}, at::kLong).view({1, 3})));
-  // Many ties (integer scores 0..3): the same choice and order as a full stable sort.
+  // Many ties (integer scores 0..3, or 0..40), and distinct scores: the same choice and order
+  // as a full stable sort, for rows that fit in registers (E ≤ 64) and longer ones (rounds
+  // over the packed keys in memory; E = 65, 100, 300 end in a partial vector).
   at::manual_seed(3);
-  const at::Tensor ints = at::randint(0, 4, {300, 16}).to(at::kFloat);
-  for (int k : {1, 3, 8, 16}) {
-    r = TopKRoute(ints, {.top_k = k});
-    ASSERT_TRUE(r.ok());
-    const at::Tensor want = std::get<1>(at::sort(ints, /*stable=*/true, 1, /*descending=*/true)).narrow(1, 0, k);
-    EXPECT_TRUE(r->topk_indices.equal(want)) << "k = " << k;
+  for (int64_t E : {16, 64, 65, 100, 256, 300}) {
+    for (int variant : {0, 1, 2}) {
+      const at::Tensor scores = variant == 2 ? at::randn({300, E})
+                                             : at::randint(0, variant == 0 ? 4 : 41, {300, E}).to(at::kFloat);
+      const at::Tensor want_all = std::get<1>(at::sort(scores, /*stable=*/true, 1, /*descending=*/true));
+      for (int k : {1, 2, 3, 8, 9, 16, 17, 32}) {
+        if (k > E) continue;
+        r = TopKRoute(scores, {.top_k = k});
+        ASSERT_TRUE(r.ok());
+        EXPECT_TRUE(r->topk_indices.equal(want_all.narrow(1, 0, k))) << "E = " << E << ", variant " << variant << ", k = " << k;
+      }
+    }
   }
   // Capacity ties by score and by position keep the earliest tokens.
   r = TopKRoute(at::zeros({6, 2}), {.top_k = 1, .pre_softmax = true, .capacity_factor = 1.0});
@@ -368,45 +386,54 @@ TEST(Router, EdgeCases) {
 TEST(Router, PartsOfABlockShareItsCapacity) {
   at::manual_seed(12);
   const int64_t T = 30, E = 6;
-  const at::Tensor logits = at::randn({T, E}) * 2;
+  // Distinct scores; and integer ones full of ties, with weight exactly 0 on the choices of
+  // tokens whose one live expert is expert 0 (in the second and last parts).
+  at::Tensor ties = at::randint(0, 3, {T, E}).to(at::kFloat);
+  ties.narrow(0, 12, 4).narrow(1, 1, E - 1).fill_(-1e4);
+  ties.narrow(0, 26, 4).narrow(1, 1, E - 1).fill_(-1e4);
   const std::vector<std::pair<int64_t, int64_t>> parts = {{0, 11}, {11, 0}, {11, 12}, {23, 7}};
-  for (DropPolicy policy : {DropPolicy::kByScore, DropPolicy::kByPosition, DropPolicy::kByChoiceThenPosition}) {
-    for (int variant : {0, 1, 2}) {  // plain; padded; kept-weight normalisation with a min capacity
-      const bool pad = variant == 1;
-      SCOPED_TRACE(::testing::Message() << "policy " << static_cast<int>(policy) << ", variant " << variant);
-      TopKOptions o{.top_k = 2, .capacity_factor = 0.8, .drop_policy = policy, .pad_to_capacity = pad};
-      if (variant == 2) {
-        o.weight_norm = WeightNorm::kKept;
-        o.capacity_factor = 0.3;
-        o.min_capacity = 7;
-      }
-      absl::StatusOr<Routing> whole = TopKRoute(logits, o);
-      ASSERT_TRUE(whole.ok()) << whole.status();
-      ASSERT_GT(whole->dropped.sum().item<int64_t>(), 0);
-      std::vector<std::vector<at::Tensor>> recorded(2);
-      size_t call = 0;  // gathers a part: the choices, then (ranking by score) their keys
-      const size_t gathers = policy == DropPolicy::kByScore ? 2 : 1;
-      BlockOfTokens block{.block_tokens = T};
-      for (bool second : {false, true}) {
-        block.gather = [&](const at::Tensor& t) {
-          const size_t i = call++ % gathers;
-          if (!second) {
-            recorded[i].push_back(t.clone());
-            return at::cat({t, at::zeros({T - t.size(0), t.size(1)}, t.options())});  // any rows, right shape
+  for (int kind : {0, 1}) {
+    for (DropPolicy policy : {DropPolicy::kByScore, DropPolicy::kByPosition, DropPolicy::kByChoiceThenPosition}) {
+      const at::Tensor logits = kind == 0 ? at::randn({T, E}) * 2 : ties;
+      for (int variant : {0, 1, 2}) {  // plain; padded; kept-weight normalisation with a min capacity
+        const bool pad = variant == 1;
+        SCOPED_TRACE(::testing::Message() << "logits " << kind << ", policy " << static_cast<int>(policy) << ", variant " << variant);
+        TopKOptions o{.top_k = 2, .capacity_factor = 0.8, .drop_policy = policy, .pad_to_capacity = pad};
+        if (variant == 2) {
+          o.weight_norm = WeightNorm::kKept;
+          o.capacity_factor = 0.3;
+          o.min_capacity = 7;
+        }
+        absl::StatusOr<Routing> whole = TopKRoute(logits, o);
+        TopKOptions dropless = o;
+        dropless.capacity_factor = 0, dropless.min_capacity = 0, dropless.pad_to_capacity = false;
+        absl::StatusOr<Routing> free = TopKRoute(logits, dropless);
+        ASSERT_TRUE(whole.ok() && free.ok()) << whole.status();
+        ASSERT_GT(whole->dropped.sum().item<int64_t>(), 0);
+        std::vector<std::vector<at::Tensor>> recorded(2);
+        size_t call = 0;  // gathers a part: the choices, then (ranking by score) their keys
+        const size_t gathers = policy == DropPolicy::kByScore ? 2 : 1;
+        BlockOfTokens block{.block_tokens = T};
+        for (bool second : {false, true}) {
+          block.gather = [&](const at::Tensor& t) {
+            const size_t i = call++ % gathers;
+            if (!second) {
+              recorded[i].push_back(t.clone());
+              return at::cat({t, at::zeros({T - t.size(0), t.size(1)}, t.options())});  // any rows, right shape
+            }
+            return at::cat(recorded[i]);
+          };
+          for (auto [off, n] : parts) {
+            block.offset = off;
+            absl::StatusOr<Routing> r = TopKRoute(logits.narrow(0, off, n), o, at::Tensor(), &block);
+            ASSERT_TRUE(r.ok()) << r.status();
+            if (!second) continue;
+            EXPECT_EQ(r->capacity, whole->capacity);
+            // The part routes unpadded: its map is the block's routed and kept slots.
+            EXPECT_TRUE(r->routing_map.equal(whole->routing_map.logical_and(free->routing_map).narrow(0, off, n))) << off;
+            EXPECT_TRUE(r->dropped.equal(whole->dropped.narrow(0, off, n))) << off;
+            EXPECT_TRUE(at::allclose(r->probs, whole->probs.narrow(0, off, n))) << off;
           }
-          return at::cat(recorded[i]);
-        };
-        for (auto [off, n] : parts) {
-          block.offset = off;
-          absl::StatusOr<Routing> r = TopKRoute(logits.narrow(0, off, n), o, at::Tensor(), &block);
-          ASSERT_TRUE(r.ok()) << r.status();
-          if (!second) continue;
-          EXPECT_EQ(r->capacity, whole->capacity);
-          // The part routes unpadded: its map is the block's routed and kept slots (those of
-          // weight > 0; the block's padding slots have weight 0).
-          EXPECT_TRUE(r->routing_map.equal(whole->probs.narrow(0, off, n) > 0)) << off;
-          EXPECT_TRUE(r->dropped.equal(whole->dropped.narrow(0, off, n))) << off;
-          EXPECT_TRUE(at::allclose(r->probs, whole->probs.narrow(0, off, n))) << off;
         }
       }
     }

@@ -9,6 +9,8 @@
 #include <unordered_map>
 #include <utility>
 
+#include <omp.h>
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <dnnl.hpp>
@@ -180,6 +182,27 @@ void* Scratch(size_t bytes) {
   return buf.p;
 }
 
+// Inside a parallel region (a task of a loop that runs several products at once, one per
+// thread), this thread's OpenMP thread count is 1 for the product: oneDNN then plans the
+// primitive for one thread and runs it on the calling thread, instead of planning a split
+// over threads that the region's nested level does not have.
+// (at::get_num_threads first: on a thread's first call it sets the thread's OpenMP count to
+// LibTorch's, which would undo the 1 if it came after.)
+class OneThreadIfNested {
+ public:
+  OneThreadIfNested() : before_(omp_in_parallel() ? at::get_num_threads() : 0) {
+    if (before_ > 0) omp_set_num_threads(1);
+  }
+  ~OneThreadIfNested() {
+    if (before_ > 0) omp_set_num_threads(before_);
+  }
+  OneThreadIfNested(const OneThreadIfNested&) = delete;
+  OneThreadIfNested& operator=(const OneThreadIfNested&) = delete;
+
+ private:
+  int before_;
+};
+
 // Whether two non-empty 2-D tensors' element ranges share bytes.
 bool Overlap(const at::Tensor& x, const at::Tensor& y) {
   auto span = [](const at::Tensor& t) {
@@ -251,8 +274,9 @@ void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   const memory::data_type mdt = dt == at::kFloat ? memory::data_type::f32 : memory::data_type::bf16;
   const memory::data_type odt_dnnl = odt == at::kFloat ? memory::data_type::f32 : memory::data_type::bf16;
   const memory::desc ad({M, K}, mdt, {as0, as1}), bd({K, N}, mdt, {bs0, bs1}), cd({M, N}, odt_dnnl, {cs0, 1});
+  const OneThreadIfNested one_thread;
   const Key key{static_cast<int64_t>(dt) * 64 + static_cast<int64_t>(odt), M, N, K, as0, as1, bs0, bs1, cs0,
-                accumulate ? 1 : 0, at::get_num_threads()};
+                accumulate ? 1 : 0, at::get_num_threads()};  // 1 in a nested task (above)
   const std::shared_ptr<const Entry> entry = TheCache().Get(key, ad, bd, cd);
   const Entry& e = *entry;
   if (!e.ok) {

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include "common/cpu_clones.h"
+#include "common/parallel.h"
 #include "gtest/gtest.h"
 
 namespace switchyard::common {
@@ -241,6 +242,42 @@ TEST(MatmulThreads, ConcurrentCallersGetTheirOwnAnswers) {
   for (auto& th : threads) th.join();
   for (int t = 0; t < 4; ++t) {
     EXPECT_LE(RelErr(outs[t], 20 * at::mm(as[t].to(at::kDouble), bs[t].to(at::kDouble))), 1e-5) << "thread " << t;
+  }
+}
+
+// Inside a parallel region (one task per thread, as the grouped experts run whole experts
+// side by side) each product runs on its thread on a primitive planned for one thread: the
+// right answers, bit for bit those of a one-thread run, which then creates no primitive.
+// Each task's first product too (on a thread's first call LibTorch resets its OpenMP count).
+TEST(MatmulThreads, ProductsInAParallelRegionRunOnOneThreadEach) {
+  const int threads = at::get_num_threads();
+  SetMatmulCacheCapacity(2048);
+  at::manual_seed(6);
+  std::vector<at::Tensor> as, bs;
+  for (int t = 0; t < 6; ++t) {
+    as.push_back(at::randn({90 + 11 * t, 40}).to(t % 2 == 0 ? at::kFloat : at::kBFloat16));
+    bs.push_back(at::randn({40, 30 + t}).to(as.back().scalar_type()));
+  }
+  auto all = [&] {
+    std::vector<at::Tensor> outs(6);
+    at::parallel_for(0, 6, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        outs[t] = at::empty({as[t].size(0), bs[t].size(1)}, as[t].options());
+        MatmulOut(outs[t], as[t], bs[t]);
+      }
+    });
+    return outs;
+  };
+  at::set_num_threads(3);
+  const std::vector<at::Tensor> side = all();
+  const int64_t made = GetMatmulCacheStats().misses;
+  at::set_num_threads(1);
+  const std::vector<at::Tensor> one = all();
+  at::set_num_threads(threads);
+  EXPECT_EQ(GetMatmulCacheStats().misses, made);
+  for (int t = 0; t < 6; ++t) {
+    EXPECT_TRUE(at::equal(side[t], one[t])) << t;
+    EXPECT_LE(RelErr(side[t], at::mm(as[t].to(at::kDouble), bs[t].to(at::kDouble))), Tolerance(as[t].scalar_type())) << t;
   }
 }
 

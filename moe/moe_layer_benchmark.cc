@@ -12,10 +12,15 @@
 //   for the layer. BM_ExpertGemmsAten: the same through at::mm_out. In the dtype the layer's
 //   GEMMs compute in (experts::CpuGemmComputeType: fp32 for bf16 storage on CPUs without
 //   bf16 units, where LibTorch's own bf16 GEMM is a slow fallback).
+//   BM_ExpertGemmsSideBySide: the same GEMMs with whole experts side by side, one per
+//   thread, each product on its thread alone (largest first, each thread taking the next
+//   expert when done), as the layer's grouped experts run them with several threads and
+//   experts enough: a stricter limit (see experts.cc, ExpertSchedule).
 // - BM_MoELayer: router + permute + grouped experts + unpermute, forward and backward.
 // - BM_LayerOverLimit: the two above timed in alternation, 20 pairs; `ratio` is the median of
 //   the per-pair layer ÷ limit ratios (the figure to quote on a machine whose speed drifts),
 //   `best_ratio` the layer's best time ÷ the limit's best time.
+//   BM_LayerOverSideBySideLimit pairs the layer with BM_ExpertGemmsSideBySide likewise.
 //   BM_ExpertsOverLimit and BM_ExpertsOverDense pair the grouped experts with the limit and
 //   with the dense MLP of equal FLOPs in the same way.
 // - BM_LoopMasks: (a) the tutorial loop, one weight tensor per expert, index_select/index_add.
@@ -27,9 +32,11 @@
 // - BM_PermuteUnpermute / BM_Memcpy: permute + weighted unpermute (forward) vs copying the
 //   same bytes (the permuted tensor's size, once each way).
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <memory>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <vector>
@@ -42,6 +49,7 @@
 #include "common/heap.h"
 #include "common/matmul.h"
 #include "common/paired_benchmark.h"
+#include "common/parallel.h"
 #include "moe/dispatch/permute.h"
 #include "moe/experts/experts.h"
 #include "moe/moe_layer.h"
@@ -118,10 +126,11 @@ void Finish(benchmark::State& state, const Setup& s) {
                  (s.dtype == at::kFloat ? " fp32" : " bf16"));
 }
 
-// The per-expert GEMMs alone, into preallocated buffers.
+// The per-expert GEMMs alone, into preallocated buffers: one expert at a time, each product
+// on all threads; or (side_by_side) whole experts on separate threads.
 class ExpertGemms {
  public:
-  explicit ExpertGemms(const Setup& s) : s_(s) {
+  explicit ExpertGemms(const Setup& s, bool side_by_side = false) : s_(s), side_by_side_(side_by_side) {
     const int64_t F = s.shape.ffn, N = s.rows, E = s.shape.experts;
     // The GEMMs the layer runs: bf16 storage computes in fp32 on CPUs without bf16 units.
     auto o = at::TensorOptions().dtype(experts::CpuGemmComputeType(s.dtype));
@@ -132,21 +141,33 @@ class ExpertGemms {
     gx_ = at::empty({N, kHidden}, o), gw1_ = at::empty_like(w1_), gw2_ = at::empty_like(w2_);
   }
   void operator()() {
-    int64_t off = 0;
-    for (int64_t e = 0; e < s_.shape.experts; ++e) {
-      const int64_t n = s_.counts[e];
-      if (n == 0) continue;
-      auto rows = [&](at::Tensor& t) { return t.narrow(0, off, n); };
-      at::Tensor hh = rows(h_), yy = rows(y_), gaa = rows(ga_), gxx = rows(gx_), g1 = gw1_[e], g2 = gw2_[e];
-      common::MatmulOut(hh, rows(x_), w1_[e]);
-      common::MatmulOut(yy, rows(a_), w2_[e]);
-      common::MatmulOut(gaa, rows(gy_), w2_[e].t());
-      common::MatmulOut(g2, rows(a_).t(), rows(gy_));
-      common::MatmulOut(gxx, rows(gh_), w1_[e].t());
-      common::MatmulOut(g1, rows(x_).t(), rows(gh_));
-      off += n;
+    const int64_t E = s_.shape.experts;
+    std::vector<int64_t> off(E + 1, 0);
+    for (int64_t e = 0; e < E; ++e) off[e + 1] = off[e] + s_.counts[e];
+    if (!side_by_side_) {
+      for (int64_t e = 0; e < E; ++e) Expert(e, off[e]);
+    } else {
+      std::vector<int64_t> order(E);
+      std::iota(order.begin(), order.end(), int64_t{0});
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return s_.counts[a] > s_.counts[b]; });
+      std::atomic<int64_t> next{0};
+      at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+        for (int64_t i = next++; i < E; i = next++) Expert(order[i], off[order[i]]);  // products on one thread each
+      });
     }
     benchmark::DoNotOptimize(gw1_.data_ptr());
+  }
+  void Expert(int64_t e, int64_t off) {
+    const int64_t n = s_.counts[e];
+    if (n == 0) return;
+    auto rows = [&](at::Tensor& t) { return t.narrow(0, off, n); };
+    at::Tensor hh = rows(h_), yy = rows(y_), gaa = rows(ga_), gxx = rows(gx_), g1 = gw1_[e], g2 = gw2_[e];
+    common::MatmulOut(hh, rows(x_), w1_[e]);
+    common::MatmulOut(yy, rows(a_), w2_[e]);
+    common::MatmulOut(gaa, rows(gy_), w2_[e].t());
+    common::MatmulOut(g2, rows(a_).t(), rows(gy_));
+    common::MatmulOut(gxx, rows(gh_), w1_[e].t());
+    common::MatmulOut(g1, rows(x_).t(), rows(gh_));
   }
   bool operator()(benchmark::State&) {
     (*this)();
@@ -155,6 +176,7 @@ class ExpertGemms {
 
  private:
   const Setup& s_;
+  bool side_by_side_;
   at::Tensor x_, w1_, w2_, h_, a_, y_, gy_, ga_, gh_, gx_, gw1_, gw2_;
 };
 
@@ -198,6 +220,13 @@ void BM_ExpertGemms(benchmark::State& state) {
   Finish(state, s);
 }
 
+void BM_ExpertGemmsSideBySide(benchmark::State& state) {
+  Setup& s = Get(state);
+  ExpertGemms gemms(s, /*side_by_side=*/true);
+  for (auto _ : state) gemms();
+  Finish(state, s);
+}
+
 void BM_MoELayer(benchmark::State& state) {
   Setup& s = Get(state);
   LayerStep layer(s);
@@ -228,6 +257,13 @@ void BM_LayerOverLimit(benchmark::State& state) {
   Setup& s = Get(state);
   LayerStep layer(s);
   OverLimit(state, s, layer);
+}
+
+void BM_LayerOverSideBySideLimit(benchmark::State& state) {
+  Setup& s = Get(state);
+  LayerStep layer(s);
+  ExpertGemms gemms(s, /*side_by_side=*/true);
+  Paired(state, s, gemms, layer);
 }
 
 at::Tensor Swiglu(const at::Tensor& h) {
@@ -469,9 +505,11 @@ void ShapeArgs(benchmark::internal::Benchmark* b) {
 void Shapes(benchmark::internal::Benchmark* b) { ShapeArgs(b->UseRealTime()->MinTime(4)); }
 
 BENCHMARK(BM_ExpertGemms)->Apply(Shapes);
+BENCHMARK(BM_ExpertGemmsSideBySide)->Apply(Shapes);
 BENCHMARK(BM_ExpertGemmsAten)->Apply(Shapes);
 BENCHMARK(BM_MoELayer)->Apply(Shapes);
 BENCHMARK(BM_LayerOverLimit)->Apply(ShapeArgs)->UseManualTime()->Iterations(kPairs);
+BENCHMARK(BM_LayerOverSideBySideLimit)->Apply(ShapeArgs)->UseManualTime()->Iterations(kPairs);
 BENCHMARK(BM_LoopMasks)->Apply(Shapes);
 BENCHMARK(BM_LoopStacked)->Apply(Shapes);
 BENCHMARK(BM_LoopMasksOverLayer)->Apply(ShapeArgs)->UseManualTime()->Iterations(kLoopPairs);

@@ -210,6 +210,86 @@ TEST(GroupedMlpTest, RowWeightsScaleEachRowOnEveryPath) {
   EXPECT_THROW(GroupedMlp(x, w1, w2, Activation::kSwiglu, rows, expert, at::ones({N - 1})), c10::Error);
 }
 
+// With several intra-op threads, experts of at most 1/threads of the rows run side by side,
+// one per thread, each product on its thread alone: the same one-thread products, in the same
+// order per expert, as a run on one thread, so the results must be identical bit for bit, on
+// every path (fused SwiGLU in fp32 and bf16 with either GEMMs and several segments per expert
+// that sum into one weight gradient, GELU, row weights), with 2 and 3 threads. Then the
+// one-thread run needs no new primitive: the side-by-side run made them all. An expert with
+// more than 1/threads of the rows runs alone on all threads first: within rounding.
+TEST(GroupedMlpTest, ExpertsSideBySideEqualOneThread) {
+  const int threads = at::get_num_threads();
+  const int64_t H = 32, f = 24, E = 8;
+  // 7 experts with rows, 2 segments each for 0 and 5 (as under EP), one empty segment.
+  const std::vector<int64_t> rows = {30, 41, 0, 25, 33, 28, 36, 22, 19, 27}, expert = {0, 1, 2, 3, 0, 4, 5, 6, 7, 5};
+  const int64_t N = std::accumulate(rows.begin(), rows.end(), int64_t{0});
+  struct Path {
+    Activation act;
+    at::ScalarType dtype;
+    Bf16Gemms gemms;
+  };
+  for (const Path& p : {Path{Activation::kSwiglu, at::kFloat, Bf16Gemms::kAuto},
+                        Path{Activation::kGelu, at::kFloat, Bf16Gemms::kAuto},
+                        Path{Activation::kSwiglu, at::kBFloat16, Bf16Gemms::kBf16},
+                        Path{Activation::kSwiglu, at::kBFloat16, Bf16Gemms::kFp32}}) {
+    for (int n : {2, 3}) {
+      for (bool big : {false, true}) {
+        Bf16GemmsScope scope(p.gemms);
+        SCOPED_TRACE(::testing::Message() << "act " << static_cast<int>(p.act) << ", " << p.dtype << ", "
+                                          << Name(p.gemms) << ", " << n << " threads" << (big ? ", a big expert" : ""));
+        std::vector<int64_t> r = rows;
+        if (big) r[1] = 300;  // expert 1: more than a third of the rows
+        const int64_t rows_total = std::accumulate(r.begin(), r.end(), int64_t{0});
+        at::manual_seed(41);
+        const int64_t f1 = p.act == Activation::kSwiglu ? 2 * f : f;
+        const at::Tensor x0 = at::randn({rows_total, H}).to(p.dtype), gy = at::randn({rows_total, H}).to(p.dtype);
+        const at::Tensor w10 = (at::randn({E, H, f1}) * 0.3).to(p.dtype), w20 = (at::randn({E, f, H}) * 0.3).to(p.dtype);
+        const at::Tensor rw0 = at::rand({rows_total});
+        struct Result {
+          at::Tensor y, gx, gw1, gw2, grw;
+        };
+        auto run = [&](int t) {
+          at::set_num_threads(t);
+          at::Tensor x = x0.clone().requires_grad_(true), w1 = w10.clone().requires_grad_(true),
+                     w2 = w20.clone().requires_grad_(true), rw = rw0.clone().requires_grad_(true);
+          const at::Tensor y = GroupedMlp(x, w1, w2, p.act, r, expert, rw);
+          y.backward(gy);
+          at::set_num_threads(threads);
+          return Result{y.detach(), x.grad(), w1.grad(), w2.grad(), rw.grad()};
+        };
+        common::SetMatmulCacheCapacity(4096);  // empty, with fresh counts
+        const Result side = run(n);
+        const int64_t made = common::GetMatmulCacheStats().misses;
+        const Result one = run(1);
+        if (!big) {
+          EXPECT_EQ(common::GetMatmulCacheStats().misses, made) << "the side-by-side run did not use one-thread products";
+          EXPECT_TRUE(at::equal(side.y, one.y));
+          EXPECT_TRUE(at::equal(side.gx, one.gx));
+          EXPECT_TRUE(at::equal(side.gw1, one.gw1));
+          EXPECT_TRUE(at::equal(side.gw2, one.gw2));
+          EXPECT_TRUE(at::equal(side.grw, one.grw));
+        } else {
+          const double tol = p.dtype == at::kFloat ? 1e-6 : 1e-2;
+          EXPECT_GT(common::GetMatmulCacheStats().misses, made);  // expert 1 ran on all threads
+          EXPECT_LT(MaxRel(side.y, one.y), tol);
+          EXPECT_LT(MaxRel(side.gx, one.gx), tol);
+          EXPECT_LT(MaxRel(side.gw1, one.gw1), tol);
+          EXPECT_LT(MaxRel(side.gw2, one.gw2), tol);
+          EXPECT_LT(MaxRel(side.grw, one.grw), tol);
+          // The other experts ran side by side: their weight gradients are the one-thread ones.
+          for (int64_t e : {0, 3, 4, 5, 6, 7}) {
+            EXPECT_TRUE(at::equal(side.gw1[e], one.gw1[e])) << "expert " << e;
+            EXPECT_TRUE(at::equal(side.gw2[e], one.gw2[e])) << "expert " << e;
+          }
+        }
+        EXPECT_EQ(side.gw1[2].abs().sum().item<double>(), 0.0);  // only an empty segment
+      }
+    }
+  }
+  common::SetMatmulCacheCapacity(2048);
+  (void)N;
+}
+
 // bf16 storage: every product accumulates in fp32 per segment and h is rounded to bf16 once,
 // so the result is the fp32 computation on the bf16 inputs up to bf16 rounding of h, y and the
 // gradients; gradients come back in bf16.

@@ -239,6 +239,7 @@ void AtenMatmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 }  // namespace
 
 void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const OneThreadIfNested one_thread;  // for LibTorch's paths below too
   if (a.dim() == 2 && b.dim() == 2 && out.dim() == 2 && out.numel() > 0 && a.numel() > 0 && b.numel() > 0 &&
       (Overlap(out, a) || Overlap(out, b))) {
     // out shares memory with an operand: the product goes through a temporary (a kernel writing
@@ -274,7 +275,6 @@ void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   const memory::data_type mdt = dt == at::kFloat ? memory::data_type::f32 : memory::data_type::bf16;
   const memory::data_type odt_dnnl = odt == at::kFloat ? memory::data_type::f32 : memory::data_type::bf16;
   const memory::desc ad({M, K}, mdt, {as0, as1}), bd({K, N}, mdt, {bs0, bs1}), cd({M, N}, odt_dnnl, {cs0, 1});
-  const OneThreadIfNested one_thread;
   const Key key{static_cast<int64_t>(dt) * 64 + static_cast<int64_t>(odt), M, N, K, as0, as1, bs0, bs1, cs0,
                 accumulate ? 1 : 0, at::get_num_threads()};  // 1 in a nested task (above)
   const std::shared_ptr<const Entry> entry = TheCache().Get(key, ad, bd, cd);

@@ -556,9 +556,15 @@ const float* WeightsFrom(const at::Tensor& rw, int64_t first) {
 // largest first, each thread taking the next when done; experts bigger than that run before,
 // one at a time on all threads. One product of ~500 rows split over threads pays for the
 // split (at the fine-grained shape, 2 threads: 92 % of twice one thread's speed).
+// Each worker has scratch of its own: `fixed_bytes` (weight-sized buffers) plus `row_bytes`
+// per row of the largest segment it may meet; when the workers' scratch would pass
+// kSideScratchBudget (large experts on many threads, whose products split well anyway),
+// experts run one at a time.
+constexpr int64_t kSideScratchBudget = int64_t{256} << 20;
+
 class ExpertSchedule {
  public:
-  explicit ExpertSchedule(const Segments& sg) {
+  ExpertSchedule(const Segments& sg, int64_t fixed_bytes, int64_t row_bytes) {
     const int64_t E = static_cast<int64_t>(sg.of_expert.size());
     std::vector<int64_t> work(E, 0);
     int64_t total = 0;
@@ -577,11 +583,18 @@ class ExpertSchedule {
       side_.clear();
       return;
     }
-    std::stable_sort(side_.begin(), side_.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
-    workers_ = threads;
     for (int64_t e : side_) {
       for (int64_t s : sg.of_expert[e]) side_rows_ = std::max(side_rows_, sg.rows[s]);
     }
+    if (threads * (fixed_bytes + side_rows_ * row_bytes) > kSideScratchBudget) {
+      alone_.insert(alone_.end(), side_.begin(), side_.end());
+      std::sort(alone_.begin(), alone_.end());
+      side_.clear();
+      side_rows_ = 0;
+      return;
+    }
+    std::stable_sort(side_.begin(), side_.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
+    workers_ = threads;
   }
   int64_t Workers() const { return workers_; }
   // The rows of the largest segment worker w may meet (its scratch size): worker 0 runs the
@@ -628,7 +641,8 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
     const int64_t H = x.size(1), F1 = w1.size(2), F = w2.size(1);
     at::Tensor h = at::empty({x.size(0), F1}, x.options()), y = at::empty({x.size(0), H}, x.options());
     const at::TensorOptions co = x.options().dtype(ct);
-    const ExpertSchedule schedule(sg);
+    const int64_t cb = c10::elementSize(ct);
+    const ExpertSchedule schedule(sg, low ? (H * F1 + F * H) * cb : 0, (F + (low ? 2 * H + F1 : 0)) * cb);
     struct Scratch {
       at::Tensor a, x, h, y, w1, w2;
     };
@@ -697,7 +711,13 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
     const bool weighted = Weighted(rw, x), need_rw = weighted && ctx->needs_input_grad(3);
     at::Tensor grw = need_rw ? at::empty_like(rw) : at::Tensor();
     const at::TensorOptions co = x.options().dtype(ct);
-    const ExpertSchedule schedule(sg);
+    const int64_t cb = c10::elementSize(ct);
+    bool split = false;  // an expert whose rows come in several segments (sum32 below)
+    for (const std::vector<int64_t>& of : sg.of_expert) split = split || of.size() > 1;
+    const bool tmp_rows = act == Activation::kSwiglu && !fused;
+    const int64_t fixed = ((low ? (need_w ? 2 : 1) : 0) * cb + (split && !low && ct == at::kBFloat16 ? 4 : 0)) *
+                          (H * F1 + F * H);
+    const ExpertSchedule schedule(sg, fixed, (2 * F + F1 + (tmp_rows ? F : 0) + (low ? 3 * H + (fused ? 0 : F1) : 0)) * cb);
     struct Scratch {
       at::Tensor a, ga, gh, tmp, x, h, gy, gx, w1, w2, gw1, gw2;
       at::Tensor gw1_sum, gw2_sum;  // made when first needed
@@ -707,7 +727,7 @@ struct GroupedMlpFn : torch::autograd::Function<GroupedMlpFn> {
       const int64_t m = schedule.MaxRows(sg, w);
       Scratch& b = bufs[w];
       b.a = at::empty({m, F}, co), b.ga = at::empty({m, F}, co), b.gh = at::empty({m, F1}, co);
-      if (act == Activation::kSwiglu && !fused) b.tmp = at::empty({m, F}, co);
+      if (tmp_rows) b.tmp = at::empty({m, F}, co);
       if (low) {
         b.x = at::empty({m, H}, co), b.gy = at::empty({m, H}, co), b.gx = at::empty({m, H}, co);
         b.w1 = at::empty({H, F1}, co), b.w2 = at::empty({F, H}, co);

@@ -578,19 +578,14 @@ class ExpertSchedule {
       (threads > 1 && work[e] * threads <= total ? side_ : alone_).push_back(e);
     }
     if (threads < 2 || static_cast<int64_t>(side_.size()) < 2 * threads) {
-      alone_.insert(alone_.end(), side_.begin(), side_.end());  // all one at a time, in expert order
-      std::sort(alone_.begin(), alone_.end());
-      side_.clear();
+      OneAtATime();
       return;
     }
     for (int64_t e : side_) {
       for (int64_t s : sg.of_expert[e]) side_rows_ = std::max(side_rows_, sg.rows[s]);
     }
     if (threads * (fixed_bytes + side_rows_ * row_bytes) > kSideScratchBudget) {
-      alone_.insert(alone_.end(), side_.begin(), side_.end());
-      std::sort(alone_.begin(), alone_.end());
-      side_.clear();
-      side_rows_ = 0;
+      OneAtATime();
       return;
     }
     std::stable_sort(side_.begin(), side_.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
@@ -617,6 +612,13 @@ class ExpertSchedule {
   }
 
  private:
+  void OneAtATime() {  // every expert, in expert order
+    alone_.insert(alone_.end(), side_.begin(), side_.end());
+    std::sort(alone_.begin(), alone_.end());
+    side_.clear();
+    side_rows_ = 0;
+  }
+
   std::vector<int64_t> alone_, side_;
   int64_t workers_ = 1, side_rows_ = 0;
 };

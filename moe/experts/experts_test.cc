@@ -264,9 +264,13 @@ TEST(GroupedMlpTest, ExpertsSideBySideEqualOneThread) {
         const Result one = run(1);
         // (bf16 GEMMs on a CPU without bf16 units: LibTorch's, no primitive to count.)
         const bool counted = !(p.dtype == at::kBFloat16 && p.gemms == Bf16Gemms::kBf16 && !common::HasAvx512Bf16());
-        if (counted) EXPECT_GT(made, 0);
+        if (counted) {
+          EXPECT_GT(made, 0);
+        }
         if (!big) {
-          if (counted) EXPECT_EQ(common::GetMatmulCacheStats().misses, made) << "the side-by-side run did not use one-thread products";
+          if (counted) {
+            EXPECT_EQ(common::GetMatmulCacheStats().misses, made) << "the side-by-side run did not use one-thread products";
+          }
           EXPECT_TRUE(at::equal(side.y, one.y));
           EXPECT_TRUE(at::equal(side.gx, one.gx));
           EXPECT_TRUE(at::equal(side.gw1, one.gw1));
@@ -274,7 +278,9 @@ TEST(GroupedMlpTest, ExpertsSideBySideEqualOneThread) {
           EXPECT_TRUE(at::equal(side.grw, one.grw));
         } else {
           const double tol = p.dtype == at::kFloat ? 1e-6 : 1e-2;
-          if (counted) EXPECT_GT(common::GetMatmulCacheStats().misses, made);  // expert 1 ran on all threads
+          if (counted) {
+            EXPECT_GT(common::GetMatmulCacheStats().misses, made);  // expert 1 ran on all threads
+          }
           EXPECT_LT(MaxRel(side.y, one.y), tol);
           EXPECT_LT(MaxRel(side.gx, one.gx), tol);
           EXPECT_LT(MaxRel(side.gw1, one.gw1), tol);

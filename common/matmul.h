@@ -23,7 +23,8 @@ namespace switchyard::common {
 // functions or on tensors that need no gradient. a and b may be transposed views (either stride 1); out must have unit column
 // stride. If out shares memory with a or b, the product goes through a temporary. fp32, and bf16 on CPUs with AVX512-BF16 (fp32 accumulation, one rounding), run on a
 // cached oneDNN primitive; other dtypes, layouts and devices call at::mm_out / addmm_
-// (bf16 operands into fp32: at::mm on the widened operands).
+// (bf16 operands into fp32: at::mm on the widened operands). Called inside a parallel
+// region (several products at once, one per thread), it runs on the calling thread alone.
 void MatmulOut(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false);
 
 // Which path MatmulOut takes (tests compare them): kAuto as above, kAten always LibTorch.

@@ -623,7 +623,8 @@ class ExpertSchedule {
   int64_t workers_ = 1, side_rows_ = 0;
 };
 
-// y = (rw ⊙ act(x @ w1[e])) @ w2[e] per segment, one segment at a time, so that the
+// y = (rw ⊙ act(x @ w1[e])) @ w2[e] per segment, one segment at a time (an expert's segments
+// in order; experts side by side as ExpertSchedule decides), so that the
 // activation and its backward run on a block still in cache instead of streaming [N, F]
 // tensors through memory between separate ops. rw: optional fp32 [N] row weights (the
 // routing weights, applied to fc2's input as Megatron-Core's fused permute does; their

@@ -2,7 +2,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 
 #include "absl/strings/numbers.h"
@@ -20,6 +23,8 @@
 #include "common/status_macros.h"
 #include "dist/groups/comm.h"
 #include "dist/groups/store.h"
+#include "launcher/model_config.h"
+#include "moe/moe_layer.h"
 
 namespace switchyard::launcher {
 namespace {
@@ -54,6 +59,102 @@ Fault ParseFault() {
 
 bool IsLoopback(const std::string& addr) {
   return addr == "localhost" || addr.rfind("127.", 0) == 0 || addr == "::1";
+}
+
+// Every rank runs the job's first MoE layer, built from the spec's model section under this
+// rank's layout, forward and backward on seeded synthetic hidden states (a replica's
+// micro-batch of micro_batch_size × seq_len tokens: each CP rank its chunk; with sequence
+// parallelism each TP rank its share, else the TP ranks the same tokens), kLayerCheckSteps
+// times. Checks that every rank's output, input gradient and parameter gradients are finite,
+// and that TP ranks holding the same tokens got the same output; rank 0 prints the slowest
+// rank's median step. That every layout gives the single-process answer is what
+// moe_layer_test proves; this shows that the job's own layer runs in the job.
+constexpr int kLayerCheckSteps = 4;  // the first warms up
+
+absl::Status CheckMoELayer(const ResolvedJob& job, const WorkerEnv& env, groups::Communicator& comm) {
+  if (job.moe_layers.empty()) {
+    if (env.rank == 0) absl::PrintF("[rank 0] MoE layer check: the model has no MoE layer\n");
+    return absl::OkStatus();
+  }
+  if (job.job.launch().backend() == Launch::NCCL) {
+    if (env.rank == 0) {
+      absl::PrintF("[rank 0] MoE layer check skipped: the layer runs on the CPU, this job's groups use NCCL\n");
+    }
+    return absl::OkStatus();
+  }
+  const int l = job.moe_layers.front();
+  SY_ASSIGN_OR_RETURN(const moe::MoEConfig config, MoELayerConfig(job.job, l));
+  SY_ASSIGN_OR_RETURN(moe::MoELayer layer,
+                      moe::MoELayer::Create(config, static_cast<uint64_t>(job.job.train().seed()) + l, &comm));
+  const groups::Layout& L = job.layout;
+  const groups::DenseCoord d = L.Dense(env.rank);
+  auto part = [](int64_t n, int parts, int i) { return n / parts + (i < n % parts ? 1 : 0); };
+  const int64_t block = int64_t{job.micro_batch_size} * job.job.model().seq_len();
+  const int64_t chunk = part(block, L.cp(), d.cp);
+  const bool sp = config.sequence_parallel;
+  const int64_t tokens = sp ? part(chunk, L.tp(), d.tp) : chunk;
+  // The same tokens wherever the layout gives the same ones (the TP ranks without SP).
+  const uint64_t data_seed = static_cast<uint64_t>(job.job.data().seed()) * 1000003u +
+                             ((static_cast<uint64_t>(d.pp) * L.dp() + d.dp) * L.cp() + d.cp) * L.tp() +
+                             (sp ? d.tp : 0);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(data_seed);
+  const int64_t H = config.router.hidden_size;
+  const at::Tensor x0 = at::randn({tokens, H}, gen).to(config.dtype);
+  const at::Tensor upstream = at::randn({tokens, H}, gen);
+  std::vector<double> ms;
+  at::Tensor output, grad_x;
+  for (int step = 0; step < kLayerCheckSteps; ++step) {
+    for (moe::TaggedParam& p : layer.Parameters()) p.tensor.mutable_grad().reset();
+    const at::Tensor x = x0.clone().requires_grad_(true);
+    const auto t0 = std::chrono::steady_clock::now();
+    SY_ASSIGN_OR_RETURN(moe::MoEOutput out,
+                        layer.Forward(x, {.training = true, .num_sequences = job.micro_batch_size}));
+    try {
+      ((out.output.to(at::kFloat) * upstream).sum() + out.aux_loss + out.z_loss).backward();
+    } catch (const c10::Error& e) {
+      return absl::InternalError(absl::StrCat(config.name, " backward: ", e.what_without_backtrace()));
+    }
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    output = out.output.detach();
+    grad_x = x.grad();
+  }
+  auto finite = [](const at::Tensor& t) { return !t.defined() || at::isfinite(t).all().item<bool>(); };
+  if (!finite(output) || !finite(grad_x)) {
+    return absl::InternalError(absl::StrFormat("%s: the output or its input's gradient holds NaN or inf on synthetic "
+                                               "hidden states", config.name));
+  }
+  for (moe::TaggedParam& p : layer.Parameters()) {
+    if (!finite(p.tensor.grad())) return absl::InternalError(absl::StrFormat("%s: NaN or inf in its gradient", p.tag.name));
+  }
+  if (!sp && L.tp() > 1) {
+    // The TP ranks' outputs are one gathered tensor: the same sum on every rank.
+    const double mine = output.to(at::kDouble).sum().item<double>();
+    at::Tensor sum = at::full({1}, mine, at::kDouble);
+    SY_RETURN_IF_ERROR(comm.Get(groups::GroupKind::kTp).AllReduce(sum).Wait());
+    if (std::abs(sum.item<double>() - L.tp() * mine) > 1e-9 * std::max(1.0, std::abs(L.tp() * mine))) {
+      return absl::InternalError(absl::StrFormat("%s: TP ranks holding the same tokens got different outputs "
+                                                 "(sums %g on this rank, %g over the TP group)",
+                                                 config.name, mine, sum.item<double>()));
+    }
+  }
+  std::vector<double> timed(ms.begin() + 1, ms.end());
+  std::sort(timed.begin(), timed.end());
+  // The slowest rank's median: the sum of one-hot rows is each rank's, then the max is read.
+  at::Tensor medians = at::zeros({env.world_size}, at::kDouble);
+  medians[env.rank] = timed[timed.size() / 2];
+  SY_RETURN_IF_ERROR(comm.World().AllReduce(medians).Wait());
+  if (env.rank == 0) {
+    const double slowest = medians.max().item<double>();
+    absl::PrintF(
+        "[rank 0] MoE layer check passed: %s (%d experts, top-%d, ffn %d, %s) under ep %d × etp %d, "
+        "%d forward+backward steps of %d tokens on rank 0, median %.1f ms on the slowest rank; outputs and "
+        "gradients finite on every rank\n",
+        config.name, config.router.num_experts, config.router.topk.top_k, config.ffn_hidden_size,
+        config.dtype == at::kBFloat16 ? "bf16" : config.dtype == at::kHalf ? "fp16" : "fp32", L.ep(), L.etp(),
+        kLayerCheckSteps - 1, tokens, slowest);
+    std::fflush(stdout);
+  }
+  return absl::OkStatus();
 }
 
 // Builds every group, then checks: a world barrier, a world all-reduce of rank + 1, and an
@@ -133,8 +234,7 @@ absl::Status CheckCluster(const ResolvedJob& job, const WorkerEnv& env, const Fa
         "ep %d × edp %d\n"
         "[rank 0] cluster check passed%s: rendezvous at %s:%d and %d groups in %.0f ms; world "
         "barrier and all-reduce (sum of rank+1 = %g, expected %g) and an all-reduce on each "
-        "of %d group kinds in %.1f ms\n"
-        "[rank 0] training is not implemented yet: this job only checked the cluster\n",
+        "of %d group kinds in %.1f ms\n",
         job.job.name(), env.world_size,
         env.source == "switchyard" ? std::string("started by the Switchyard launcher")
                                    : "started by " + env.source,
@@ -143,6 +243,11 @@ absl::Status CheckCluster(const ResolvedJob& job, const WorkerEnv& env, const Fa
         addr, store->port(), kinds,
         std::chrono::duration<double, std::milli>(t_groups - t0).count(), x.item<double>(),
         expected, kinds, std::chrono::duration<double, std::milli>(t1 - t_groups).count());
+    std::fflush(stdout);
+  }
+  SY_RETURN_IF_ERROR(CheckMoELayer(job, env, *comm));
+  if (env.rank == 0) {
+    absl::PrintF("[rank 0] training is not implemented yet: this job checks the cluster and its MoE layer only\n");
     std::fflush(stdout);
   }
   // Rank 0 may host the store: keep it up until every rank is done with it.

@@ -1,5 +1,6 @@
 // One rank of a job: joins the rendezvous, builds every process group of the layout and
-// checks them. (Training is a later step; until then the job checks the cluster only.)
+// checks them, then runs the job's first MoE layer forward and backward on synthetic tokens
+// (Training is a later step; until then the job checks the cluster and that layer only.)
 #ifndef LAUNCHER_WORKER_H_
 #define LAUNCHER_WORKER_H_
 

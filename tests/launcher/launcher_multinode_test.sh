@@ -44,7 +44,7 @@ pass "two launchers form a world of 4"
 
 # A worker killed on node 1 stops node 0 too.
 start_nodes k two_node_spec sleep:120
-wait_for "$TMP/k0.out" 'cluster check passed' 60
+wait_for "$TMP/k0.out" 'checks the cluster and its MoE layer only' 60
 mapfile -t p0 < <(worker_pids "$TMP/k0.out")
 mapfile -t p1 < <(worker_pids "$TMP/k1.out")
 signal_and_wait KILL "${p1[1]}"
@@ -68,7 +68,7 @@ pass "both nodes restart together after a failure on node 1"
 
 # Ctrl-C on node 1: node 0 stops too, and neither restarts.
 start_nodes i restart_spec sleep:120
-wait_for "$TMP/i0.out" 'cluster check passed' 60
+wait_for "$TMP/i0.out" 'checks the cluster and its MoE layer only' 60
 mapfile -t p0 < <(worker_pids "$TMP/i0.out")
 signal_and_wait INT "$L1"
 (( RC1 == 130 )) || fail "interrupted node 1: exit code $RC1"

@@ -51,11 +51,12 @@ SPEC
 worker_pids() { sed -n 's/^\[launcher\] rank [0-9]*: pid \([0-9]*\)$/\1/p' "$1"; }
 
 # start_sleeping NAME SPEC: starts a launcher in the background whose workers sleep after the
-# cluster check, and waits for that check. Sets LPID (the launcher) and PIDS (its workers).
+# cluster and MoE layer checks, and waits for those (their last line: after it no worker is in
+# a collective). Sets LPID (the launcher) and PIDS (its workers).
 start_sleeping() {
   SWITCHYARD_FAULT=sleep:120 "$LAUNCHER" --spec="$2" >"$TMP/$1.out" 2>"$TMP/$1.err" &
   LPID=$!
-  wait_for "$TMP/$1.out" 'cluster check passed' 60
+  wait_for "$TMP/$1.out" 'checks the cluster and its MoE layer only' 60
   mapfile -t PIDS < <(worker_pids "$TMP/$1.out")
 }
 

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "common/heap.h"
@@ -30,7 +31,7 @@ namespace switchyard::launcher {
 namespace {
 
 struct Fault {
-  std::string kind;  // "", "exit", "hang", "sleep"
+  std::string kind;  // "", "exit", "hang", "sleep", "orphan", "nan"
   int rank = -1;
   int value = 0;
   int restart = -1;  // -1: every restart
@@ -51,6 +52,8 @@ Fault ParseFault() {
     f.kind = "hang";
   } else if (parts[0] == "sleep" && parts.size() == 2 && absl::SimpleAtoi(parts[1], &f.value)) {
     f.kind = "sleep";
+  } else if (parts[0] == "nan" && parts.size() == 2 && absl::SimpleAtoi(parts[1], &f.rank)) {
+    f.kind = "nan";
   } else {
     std::fprintf(stderr, "warning: SWITCHYARD_FAULT=\"%s\" is not understood; ignored\n", v);
   }
@@ -62,26 +65,18 @@ bool IsLoopback(const std::string& addr) {
 }
 
 // Every rank runs the job's first MoE layer, built from the spec's model section under this
-// rank's layout, forward and backward on seeded synthetic hidden states (a replica's
-// micro-batch of micro_batch_size × seq_len tokens: each CP rank its chunk; with sequence
-// parallelism each TP rank its share, else the TP ranks the same tokens), kLayerCheckSteps
-// times. Checks that every rank's output, input gradient and parameter gradients are finite,
-// and that TP ranks holding the same tokens got the same output; rank 0 prints the slowest
+// rank's layout, forward and backward on seeded synthetic hidden states (whole sequences of a
+// replica's micro-batch, at most kLayerCheckTokens tokens unless one sequence is longer: each
+// CP rank its chunk; with sequence parallelism each TP rank its share, else the TP ranks the
+// same tokens), kLayerCheckSteps times. Checks that every rank's output, input gradient and
+// parameter gradients are finite (the ranks agree on the verdict); rank 0 prints the slowest
 // rank's median step. That every layout gives the single-process answer is what
 // moe_layer_test proves; this shows that the job's own layer runs in the job.
 constexpr int kLayerCheckSteps = 4;  // the first warms up
+constexpr int64_t kLayerCheckTokens = 4096;
 
-absl::Status CheckMoELayer(const ResolvedJob& job, const WorkerEnv& env, groups::Communicator& comm) {
-  if (job.moe_layers.empty()) {
-    if (env.rank == 0) absl::PrintF("[rank 0] MoE layer check: the model has no MoE layer\n");
-    return absl::OkStatus();
-  }
-  if (job.job.launch().backend() == Launch::NCCL) {
-    if (env.rank == 0) {
-      absl::PrintF("[rank 0] MoE layer check skipped: the layer runs on the CPU, this job's groups use NCCL\n");
-    }
-    return absl::OkStatus();
-  }
+absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, const Fault& fault,
+                              groups::Communicator& comm) {
   const int l = job.moe_layers.front();
   SY_ASSIGN_OR_RETURN(const moe::MoEConfig config, MoELayerConfig(job.job, l));
   SY_ASSIGN_OR_RETURN(moe::MoELayer layer,
@@ -89,8 +84,9 @@ absl::Status CheckMoELayer(const ResolvedJob& job, const WorkerEnv& env, groups:
   const groups::Layout& L = job.layout;
   const groups::DenseCoord d = L.Dense(env.rank);
   auto part = [](int64_t n, int parts, int i) { return n / parts + (i < n % parts ? 1 : 0); };
-  const int64_t block = int64_t{job.micro_batch_size} * job.job.model().seq_len();
-  const int64_t chunk = part(block, L.cp(), d.cp);
+  const int64_t seq_len = job.job.model().seq_len();
+  const int64_t sequences = std::clamp<int64_t>(kLayerCheckTokens / seq_len, 1, job.micro_batch_size);
+  const int64_t chunk = part(sequences * seq_len, L.cp(), d.cp);
   const bool sp = config.sequence_parallel;
   const int64_t tokens = sp ? part(chunk, L.tp(), d.tp) : chunk;
   // The same tokens wherever the layout gives the same ones (the TP ranks without SP).
@@ -101,14 +97,17 @@ absl::Status CheckMoELayer(const ResolvedJob& job, const WorkerEnv& env, groups:
   const int64_t H = config.router.hidden_size;
   const at::Tensor x0 = at::randn({tokens, H}, gen).to(config.dtype);
   const at::Tensor upstream = at::randn({tokens, H}, gen);
+  if (fault.kind == "nan" && fault.rank == env.rank && tokens > 0) {
+    std::fprintf(stderr, "[rank %d] SWITCHYARD_FAULT: a NaN in the MoE layer check's hidden states\n", env.rank);
+    x0[0][0] = NAN;
+  }
   std::vector<double> ms;
   at::Tensor output, grad_x;
   for (int step = 0; step < kLayerCheckSteps; ++step) {
     for (moe::TaggedParam& p : layer.Parameters()) p.tensor.mutable_grad().reset();
     const at::Tensor x = x0.clone().requires_grad_(true);
     const auto t0 = std::chrono::steady_clock::now();
-    SY_ASSIGN_OR_RETURN(moe::MoEOutput out,
-                        layer.Forward(x, {.training = true, .num_sequences = job.micro_batch_size}));
+    SY_ASSIGN_OR_RETURN(moe::MoEOutput out, layer.Forward(x, {.training = true, .num_sequences = sequences}));
     try {
       ((out.output.to(at::kFloat) * upstream).sum() + out.aux_loss + out.z_loss).backward();
     } catch (const c10::Error& e) {
@@ -119,32 +118,30 @@ absl::Status CheckMoELayer(const ResolvedJob& job, const WorkerEnv& env, groups:
     grad_x = x.grad();
   }
   auto finite = [](const at::Tensor& t) { return !t.defined() || at::isfinite(t).all().item<bool>(); };
+  absl::Status mine;
   if (!finite(output) || !finite(grad_x)) {
-    return absl::InternalError(absl::StrFormat("%s: the output or its input's gradient holds NaN or inf on synthetic "
+    mine = absl::InternalError(absl::StrFormat("%s: the output or its input's gradient holds NaN or inf on synthetic "
                                                "hidden states", config.name));
   }
   for (moe::TaggedParam& p : layer.Parameters()) {
-    if (!finite(p.tensor.grad())) return absl::InternalError(absl::StrFormat("%s: NaN or inf in its gradient", p.tag.name));
-  }
-  if (!sp && L.tp() > 1) {
-    // The TP ranks' outputs are one gathered tensor: the same sum on every rank.
-    const double mine = output.to(at::kDouble).sum().item<double>();
-    at::Tensor sum = at::full({1}, mine, at::kDouble);
-    SY_RETURN_IF_ERROR(comm.Get(groups::GroupKind::kTp).AllReduce(sum).Wait());
-    if (std::abs(sum.item<double>() - L.tp() * mine) > 1e-9 * std::max(1.0, std::abs(L.tp() * mine))) {
-      return absl::InternalError(absl::StrFormat("%s: TP ranks holding the same tokens got different outputs "
-                                                 "(sums %g on this rank, %g over the TP group)",
-                                                 config.name, mine, sum.item<double>()));
+    if (mine.ok() && !finite(p.tensor.grad())) {
+      mine = absl::InternalError(absl::StrFormat("%s: NaN or inf in its gradient", p.tag.name));
     }
   }
   std::vector<double> timed(ms.begin() + 1, ms.end());
   std::sort(timed.begin(), timed.end());
-  // The slowest rank's median: the sum of one-hot rows is each rank's, then the max is read.
-  at::Tensor medians = at::zeros({env.world_size}, at::kDouble);
-  medians[env.rank] = timed[timed.size() / 2];
-  SY_RETURN_IF_ERROR(comm.World().AllReduce(medians).Wait());
+  // Each rank's median in its own slot, and the failures in the last: one sum over the world.
+  at::Tensor sums = at::zeros({env.world_size + 1}, at::kDouble);
+  sums[env.rank] = timed[timed.size() / 2];
+  sums[env.world_size] = mine.ok() ? 0.0 : 1.0;
+  SY_RETURN_IF_ERROR(comm.World().AllReduce(sums).Wait());
+  SY_RETURN_IF_ERROR(mine);
+  if (const double failed = sums[env.world_size].item<double>(); failed > 0) {
+    return absl::InternalError(absl::StrFormat("%s: %g other rank(s) found NaN or inf (see their errors)",
+                                               config.name, failed));
+  }
   if (env.rank == 0) {
-    const double slowest = medians.max().item<double>();
+    const double slowest = sums.narrow(0, 0, env.world_size).max().item<double>();
     absl::PrintF(
         "[rank 0] MoE layer check passed: %s (%d experts, top-%d, ffn %d, %s) under ep %d × etp %d, "
         "%d forward+backward steps of %d tokens on rank 0, median %.1f ms on the slowest rank; outputs and "
@@ -155,6 +152,24 @@ absl::Status CheckMoELayer(const ResolvedJob& job, const WorkerEnv& env, groups:
     std::fflush(stdout);
   }
   return absl::OkStatus();
+}
+
+absl::Status CheckMoELayer(const ResolvedJob& job, const WorkerEnv& env, const Fault& fault,
+                           groups::Communicator& comm) {
+  if (job.moe_layers.empty()) {
+    if (env.rank == 0) absl::PrintF("[rank 0] MoE layer check: the model has no MoE layer\n");
+    return absl::OkStatus();
+  }
+  if (job.job.launch().backend() == Launch::NCCL) {
+    if (env.rank == 0) {
+      absl::PrintF("[rank 0] MoE layer check skipped: the layer runs on the CPU, this job's groups use NCCL\n");
+    }
+    return absl::OkStatus();
+  }
+  const absl::Status s = RunMoELayerCheck(job, env, fault, comm);
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrFormat("MoE layer check of layers.%d.mlp failed: %s", job.moe_layers.front(),
+                                                s.message()));
 }
 
 // Builds every group, then checks: a world barrier, a world all-reduce of rank + 1, and an
@@ -245,7 +260,7 @@ absl::Status CheckCluster(const ResolvedJob& job, const WorkerEnv& env, const Fa
         expected, kinds, std::chrono::duration<double, std::milli>(t1 - t_groups).count());
     std::fflush(stdout);
   }
-  SY_RETURN_IF_ERROR(CheckMoELayer(job, env, *comm));
+  SY_RETURN_IF_ERROR(CheckMoELayer(job, env, fault, *comm));
   if (env.rank == 0) {
     absl::PrintF("[rank 0] training is not implemented yet: this job checks the cluster and its MoE layer only\n");
     std::fflush(stdout);

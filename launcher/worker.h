@@ -1,5 +1,5 @@
 // One rank of a job: joins the rendezvous, builds every process group of the layout and
-// checks them, then runs the job's first MoE layer forward and backward on synthetic tokens
+// checks them, then runs the job's first MoE layer forward and backward on synthetic tokens.
 // (Training is a later step; until then the job checks the cluster and that layer only.)
 #ifndef LAUNCHER_WORKER_H_
 #define LAUNCHER_WORKER_H_
@@ -17,7 +17,8 @@ namespace switchyard::launcher {
 // Tests inject faults with SWITCHYARD_FAULT: "exit:RANK:CODE[:RESTART]" (that rank exits
 // with CODE after the check; only in that restart when given), "hang:RANK" (that rank stops
 // before the first collective), "sleep:SECONDS" (every rank waits that long after the check),
-// "orphan:RANK" (that rank starts a helper process, then exits with code 7).
+// "orphan:RANK" (that rank starts a helper process, then exits with code 7), "nan:RANK" (that
+// rank puts a NaN in the MoE layer check's hidden states).
 int RunWorker(const std::string& spec_path, const WorkerEnv& env);
 
 }  // namespace switchyard::launcher

@@ -25,6 +25,22 @@ expect_in "$TMP/exit.err" 'rank 1 (pid'
 expect_in "$TMP/exit.err" 'exited with code 3'
 pass "worker exit code 3 reported"
 
+# A NaN in one rank's hidden states in the MoE layer check: every rank stops at once with a
+# clear error (the layer's agreement over the stage), none waits for the collective timeout.
+s=$(spec nan 4 'collective_timeout_s: 60' 'parallel { ep: 2 }')
+t0=$(now_ms)
+SWITCHYARD_FAULT=nan:2 "$LAUNCHER" --spec="$s" >"$TMP/nan.out" 2>"$TMP/nan.err"
+rc=$?
+dt=$(( $(now_ms) - t0 ))
+(( rc == 1 )) || fail "NaN in the layer check: launcher exit code $rc, expected 1"
+(( dt < 30000 )) || fail "NaN in the layer check took ${dt} ms"
+expect_in "$TMP/nan.err" '[rank 2] error: MoE layer check of layers.0.mlp failed: router: hidden states hold NaN or inf'
+grep -aqE '^\[rank [013]\] error: MoE layer check of layers.0.mlp failed: router: another rank stopped before routing' "$TMP/nan.err" ||
+  fail "no other rank named the failure: $(cat "$TMP/nan.err")"
+mapfile -t pids < <(worker_pids "$TMP/nan.out")
+assert_gone "${pids[@]}"
+pass "a NaN on rank 2 in the MoE layer check stops the job in ${dt} ms with a clear error"
+
 # A rank that never reaches the collective: the others time out with a clear error.
 s=$(spec hang 2 'collective_timeout_s: 3')
 t0=$(now_ms)

@@ -311,6 +311,20 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
   }
 }
 
+absl::Status SumGradient(groups::Communicator& comm, const ParamTag& tag, at::Tensor& grad) {
+  auto over = [&](GroupKind kind) -> absl::Status {
+    return comm.Has(kind) ? Sum(comm.Get(kind), grad) : absl::OkStatus();
+  };
+  switch (tag.domain) {
+    case ParamDomain::kDense: return over(GroupKind::kDpCp);
+    case ParamDomain::kDenseTpReplicated:
+      SY_RETURN_IF_ERROR(over(GroupKind::kDpCp));
+      return over(GroupKind::kTp);
+    case ParamDomain::kExpert: return over(GroupKind::kEdp);
+  }
+  return absl::InvalidArgumentError(absl::StrCat(tag.name, ": unknown parameter domain"));
+}
+
 absl::Status MoELayer::UpdateExpertBias(const at::Tensor& tokens_per_expert) {
   const int E = config_.router.num_experts;
   absl::Status mine;

@@ -113,6 +113,12 @@ struct MoEOutput {
   int64_t dropped = 0;             // routed copies dropped for capacity on this rank
 };
 
+// DESIGN.md's gradient reduction for a parameter's tag, its sum part, in place: dense
+// parameters over DP × CP; dense ones replicated across TP (whose ranks route different
+// tokens) over DP × CP, then TP; expert parameters over EDP. (The optimizer's average then
+// divides by the replicas.) Groups of one rank are skipped.
+absl::Status SumGradient(groups::Communicator& comm, const ParamTag& tag, at::Tensor& grad);
+
 class MoELayer {
  public:
   // comm: null for one process; otherwise the layout gives EP, ETP and TP, and must agree

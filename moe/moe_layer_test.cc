@@ -245,36 +245,6 @@ absl::Status CheckEach(const std::string& what, const at::Tensor& got, const at:
   return absl::OkStatus();
 }
 
-at::Tensor SumOver(Communicator& comm, GroupKind kind, const at::Tensor& t) {
-  at::Tensor s = t.clone().contiguous();
-  if (comm.Has(kind)) {
-    const absl::Status st = comm.Get(kind).AllReduce(s).Wait();
-    EXPECT_TRUE(st.ok()) << st;
-  }
-  return s;
-}
-
-// DESIGN.md's gradient reduction for a parameter's tag, the sum part: dense over DP (x CP);
-// dense replicated across TP with different tokens over DP, then TP; experts over EDP.
-at::Tensor ReduceByTag(Communicator& comm, const ParamTag& tag, const at::Tensor& grad) {
-  switch (tag.domain) {
-    case ParamDomain::kDense: return SumOver(comm, GroupKind::kDpCp, grad);
-    case ParamDomain::kDenseTpReplicated: return SumOver(comm, GroupKind::kTp, SumOver(comm, GroupKind::kDpCp, grad));
-    case ParamDomain::kExpert: return SumOver(comm, GroupKind::kEdp, grad);
-  }
-  return grad;
-}
-
-// This rank's ETP slice of every local expert's full reference gradient.
-at::Tensor ExpertShard(const at::Tensor& full, const experts::GroupedExperts& ex, bool fc1, bool swiglu) {
-  const experts::ExpertsConfig& c = ex.config();
-  const int64_t fl = ex.local_ffn(), lo = c.etp_rank * fl;
-  const at::Tensor mine = full.narrow(0, ex.first_expert(), ex.num_local_experts());
-  if (!fc1) return mine.narrow(1, lo, fl);
-  if (!swiglu) return mine.narrow(2, lo, fl);
-  return at::cat({mine.narrow(2, lo, fl), mine.narrow(2, c.ffn_hidden_size + lo, fl)}, 2);
-}
-
 void RunCase(const Case& c) {
   SCOPED_TRACE(c.name);
   auto layout = groups::Layout::Create(c.layout);
@@ -294,7 +264,6 @@ void RunCase(const Case& c) {
   for (int e : c.silent_experts) {
     EXPECT_EQ(ref.tokens_per_expert[e].item<int64_t>(), 0) << "expert " << e;
   }
-  const bool swiglu = c.activation == experts::Activation::kSwiglu;
   const double tol = c.tolerance;
 
   auto run_rank = [&](Communicator& comm) -> absl::Status {
@@ -331,14 +300,16 @@ void RunCase(const Case& c) {
     totals[3] = out->tokens_per_expert.sum().item<int64_t>() == 0 ? 1.0 : 0.0;
     totals.narrow(0, 4, c.num_experts).copy_(out->tokens_per_expert);
     SY_RETURN_IF_ERROR(comm.World().AllReduce(totals).Wait());
-    // Every gradient reduced as DESIGN.md's table says for its tag (the sum; the optimizer's
-    // divisor is the same for every layout's reference), so a wrong tag fails here. Every
-    // rank takes part in every sum before any comparison can return early (a rank that
-    // returned would leave the others waiting in the next sum until the timeout).
+    // Every gradient reduced as DESIGN.md's table says for its tag (moe::SumGradient: the
+    // sum; the optimizer's divisor is the same for every layout's reference), so a wrong tag
+    // fails here. Every rank takes part in every sum before any comparison can return early
+    // (a rank that returned would leave the others waiting in the next sum until the timeout).
     experts::GroupedExperts& ex = layer->routed_experts();
     std::map<std::string, at::Tensor> reduced;
     for (const TaggedParam& p : layer->Parameters()) {
-      reduced[p.tag.name.substr(p.tag.name.find('.') + 1)] = ReduceByTag(comm, p.tag, p.tensor.grad());
+      at::Tensor g = p.tensor.grad().clone();
+      SY_RETURN_IF_ERROR(SumGradient(comm, p.tag, g));
+      reduced[p.tag.name.substr(p.tag.name.find('.') + 1)] = g;
     }
     const at::Tensor router_grad = reduced["router.weight"];
     const at::Tensor noise_grad = c.training ? reduced["router.noise_weight"] : at::Tensor();
@@ -353,10 +324,9 @@ void RunCase(const Case& c) {
       SY_RETURN_IF_ERROR(Check("shared fc1 gradient", shared_fc1_grad, ref.shared_fc1_grad, tol));
       SY_RETURN_IF_ERROR(Check("shared fc2 gradient", shared_fc2_grad, ref.shared_fc2_grad, tol));
     }
-    SY_RETURN_IF_ERROR(CheckEach("fc1 gradient", fc1_grad, ExpertShard(ref.fc1_grad, ex, true, swiglu),
-                                 ex.first_expert(), tol));
+    SY_RETURN_IF_ERROR(CheckEach("fc1 gradient", fc1_grad, ex.LocalShard(ref.fc1_grad, true), ex.first_expert(), tol));
     SY_RETURN_IF_ERROR(
-        CheckEach("fc2 gradient", fc2_grad, ExpertShard(ref.fc2_grad, ex, false, swiglu), ex.first_expert(), tol));
+        CheckEach("fc2 gradient", fc2_grad, ex.LocalShard(ref.fc2_grad, false), ex.first_expert(), tol));
     auto near = [](double got, double want) { return std::abs(got - want) <= 1e-6 * std::abs(want); };
     SY_RETURN_IF_ERROR(Expect(near(totals[0].item<double>(), ref.aux),
                               absl::StrFormat("aux loss summed over ranks %.9g, want %.9g", totals[0].item<double>(), ref.aux)));

@@ -957,6 +957,14 @@ absl::StatusOr<GroupedExperts> GroupedExperts::Create(const ExpertsConfig& c, ui
   return x;
 }
 
+at::Tensor GroupedExperts::LocalShard(const at::Tensor& full, bool fc1) const {
+  const int64_t fl = local_ffn(), lo = config_.etp_rank * fl;
+  const at::Tensor mine = full.narrow(0, first_expert(), num_local_experts());
+  if (!fc1) return mine.narrow(1, lo, fl);
+  if (config_.activation != Activation::kSwiglu) return mine.narrow(2, lo, fl);
+  return at::cat({mine.narrow(2, lo, fl), mine.narrow(2, config_.ffn_hidden_size + lo, fl)}, 2);
+}
+
 absl::StatusOr<at::Tensor> GroupedExperts::Forward(const at::Tensor& rows,
                                                    const std::vector<int64_t>& rows_per_segment,
                                                    const std::vector<int64_t>& segment_expert,

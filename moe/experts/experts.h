@@ -100,6 +100,11 @@ class GroupedExperts {
   at::Tensor& fc1() { return fc1_; }
   at::Tensor& fc2() { return fc2_; }
 
+  // This rank's part of a full fc1 or fc2 tensor of every global expert laid out as one
+  // process holds it ([E, H, F] or [E, H, 2F] with gate then up, [E, F, H]; weights or their
+  // gradients): its EP rank's experts and its ETP slice of F, laid out as fc1() / fc2().
+  at::Tensor LocalShard(const at::Tensor& full, bool fc1) const;
+
   // The full (unsharded) weights of global expert e as Create draws them, for tests and
   // checkpoint conversion: fc1 [H, F] (SwiGLU: [H, 2F], gate then up), fc2 [F, H].
   static std::pair<at::Tensor, at::Tensor> FullExpertWeights(const ExpertsConfig& config,

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -31,7 +32,7 @@ namespace switchyard::launcher {
 namespace {
 
 struct Fault {
-  std::string kind;  // "", "exit", "hang", "sleep", "orphan", "nan"
+  std::string kind;  // "", "exit", "hang", "sleep", "orphan", "nan", "skew"
   int rank = -1;
   int value = 0;
   int restart = -1;  // -1: every restart
@@ -52,8 +53,8 @@ Fault ParseFault() {
     f.kind = "hang";
   } else if (parts[0] == "sleep" && parts.size() == 2 && absl::SimpleAtoi(parts[1], &f.value)) {
     f.kind = "sleep";
-  } else if (parts[0] == "nan" && parts.size() == 2 && absl::SimpleAtoi(parts[1], &f.rank)) {
-    f.kind = "nan";
+  } else if ((parts[0] == "nan" || parts[0] == "skew") && parts.size() == 2 && absl::SimpleAtoi(parts[1], &f.rank)) {
+    f.kind = parts[0];
   } else {
     std::fprintf(stderr, "warning: SWITCHYARD_FAULT=\"%s\" is not understood; ignored\n", v);
   }
@@ -68,12 +69,17 @@ bool IsLoopback(const std::string& addr) {
 // rank's layout, forward and backward on seeded synthetic hidden states (whole sequences of a
 // replica's micro-batch, at most kLayerCheckTokens tokens unless one sequence is longer: each
 // CP rank its chunk; with sequence parallelism each TP rank its share, else the TP ranks the
-// same tokens), kLayerCheckSteps times. Checks that every rank's output, input gradient and
-// parameter gradients are finite (the ranks agree on the verdict); rank 0 prints the slowest
-// rank's median step. That every layout gives the single-process answer is what
-// moe_layer_test proves; this shows that the job's own layer runs in the job.
+// same tokens), kLayerCheckSteps times, and checks that every rank's output, input gradient
+// and parameter gradients are finite. Then, when the single-process layer is small enough to
+// build on every rank (kReferenceBytes), one more step without noise and with the task loss
+// only must match it: the output rows, the input gradient, and every parameter gradient
+// summed as DESIGN.md says for its tag (moe::SumGradient; experts as this rank's shard). The
+// ranks agree on the verdict; rank 0 prints the slowest rank's median step and the largest
+// relative error. (moe_layer_test proves the layouts equivalent, aux losses included; this
+// checks the job's own layer, in the job's processes.)
 constexpr int kLayerCheckSteps = 4;  // the first warms up
 constexpr int64_t kLayerCheckTokens = 4096;
+constexpr int64_t kReferenceBytes = int64_t{512} << 20;  // the single-process reference's rough need
 
 absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, const Fault& fault,
                               groups::Communicator& comm) {
@@ -81,6 +87,11 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
   SY_ASSIGN_OR_RETURN(const moe::MoEConfig config, MoELayerConfig(job.job, l));
   SY_ASSIGN_OR_RETURN(moe::MoELayer layer,
                       moe::MoELayer::Create(config, static_cast<uint64_t>(job.job.train().seed()) + l, &comm));
+  if (fault.kind == "skew" && fault.rank == env.rank) {
+    std::fprintf(stderr, "[rank %d] SWITCHYARD_FAULT: this rank's first expert weights are off by 1e-2\n", env.rank);
+    at::NoGradGuard no_grad;
+    layer.routed_experts().fc1()[0].add_(1e-2);
+  }
   const groups::Layout& L = job.layout;
   const groups::DenseCoord d = L.Dense(env.rank);
   auto part = [](int64_t n, int parts, int i) { return n / parts + (i < n % parts ? 1 : 0); };
@@ -89,14 +100,18 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
   const int64_t chunk = part(sequences * seq_len, L.cp(), d.cp);
   const bool sp = config.sequence_parallel;
   const int64_t tokens = sp ? part(chunk, L.tp(), d.tp) : chunk;
-  // The same tokens wherever the layout gives the same ones (the TP ranks without SP).
-  const uint64_t data_seed = static_cast<uint64_t>(job.job.data().seed()) * 1000003u +
-                             ((static_cast<uint64_t>(d.pp) * L.dp() + d.dp) * L.cp() + d.cp) * L.tp() +
-                             (sp ? d.tp : 0);
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(data_seed);
   const int64_t H = config.router.hidden_size;
-  const at::Tensor x0 = at::randn({tokens, H}, gen).to(config.dtype);
-  const at::Tensor upstream = at::randn({tokens, H}, gen);
+  // Hidden states and the output's upstream gradient of one part: replica dp, CP rank cp, and
+  // under SP TP rank tp (else the TP ranks share the tokens): the same wherever the layout
+  // gives the same tokens, and rebuilt by every rank for the reference.
+  auto make_part = [&](int dp, int cp, int tp, int64_t n) {
+    const uint64_t seed = static_cast<uint64_t>(job.job.data().seed()) * 1000003u +
+                          ((static_cast<uint64_t>(d.pp) * L.dp() + dp) * L.cp() + cp) * L.tp() + (sp ? tp : 0);
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+    at::Tensor x = at::randn({n, H}, gen).to(config.dtype);
+    return std::pair<at::Tensor, at::Tensor>{x, at::randn({n, H}, gen)};
+  };
+  auto [x0, upstream] = make_part(d.dp, d.cp, d.tp, tokens);
   if (fault.kind == "nan" && fault.rank == env.rank && tokens > 0) {
     std::fprintf(stderr, "[rank %d] SWITCHYARD_FAULT: a NaN in the MoE layer check's hidden states\n", env.rank);
     x0[0][0] = NAN;
@@ -128,27 +143,122 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
       mine = absl::InternalError(absl::StrFormat("%s: NaN or inf in its gradient", p.tag.name));
     }
   }
+  // Against the single-process layer from the same seed, when it is small enough to build on
+  // every rank: one more step without noise, the task loss only (the aux losses' layout rules
+  // are moe_layer_test's), on every replica's tokens of this stage.
+  const int64_t full_params = int64_t{config.router.num_experts} *
+                              (H * config.ffn_hidden_size * (config.activation == experts::Activation::kSwiglu ? 3 : 2));
+  const int64_t global_tokens = int64_t{L.dp()} * sequences * seq_len;
+  const int64_t reference_bytes = full_params * 12 + global_tokens * config.router.topk.top_k *
+                                                         (2 * H + 3 * config.ffn_hidden_size) * 4;
+  const bool reference = reference_bytes <= kReferenceBytes;
+  double worst = 0;
+  if (reference && mine.ok()) {
+    const double tol = config.dtype == at::kFloat ? 1e-4 : config.dtype == at::kHalf ? 1e-2 : 4e-2;
+    auto rel = [](const at::Tensor& a, const at::Tensor& b) {
+      const at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
+      return ((x - y).abs().max() / (y.abs().max() + 1e-30)).item<double>();
+    };
+    // This rank's step.
+    for (moe::TaggedParam& p : layer.Parameters()) p.tensor.mutable_grad().reset();
+    const at::Tensor x = x0.clone().requires_grad_(true);
+    SY_ASSIGN_OR_RETURN(moe::MoEOutput out, layer.Forward(x, {.training = false, .num_sequences = sequences}));
+    try {
+      (out.output.to(at::kFloat) * upstream).sum().backward();
+    } catch (const c10::Error& e) {
+      return absl::InternalError(absl::StrCat(config.name, " backward: ", e.what_without_backtrace()));
+    }
+    std::map<std::string, at::Tensor> grads;  // by name after the layer's, summed as DESIGN.md says
+    for (moe::TaggedParam& p : layer.Parameters()) {
+      // (Without noise the noise weight gets no gradient: zeros, on every rank alike.)
+      at::Tensor g = p.tensor.grad().defined() ? p.tensor.grad().clone() : at::zeros_like(p.tensor.detach());
+      SY_RETURN_IF_ERROR(moe::SumGradient(comm, p.tag, g));
+      grads[p.tag.name.substr(config.name.size() + 1)] = g;
+    }
+    // The single-process layer on each replica's block (its CP chunks, each in its TP shares).
+    SY_ASSIGN_OR_RETURN(moe::MoELayer one,
+                        moe::MoELayer::Create(config, static_cast<uint64_t>(job.job.train().seed()) + l));
+    at::Tensor want_out, block_x;  // this rank's rows of the reference output; its replica's input
+    int64_t first_row = 0;          // and where they start in it
+    at::Tensor loss = at::zeros({});
+    for (int r = 0; r < L.dp(); ++r) {
+      std::vector<at::Tensor> bx, bu;
+      int64_t row = 0, first = -1, rows = 0;  // this rank's rows in the block
+      for (int c = 0; c < L.cp(); ++c) {
+        const int64_t n_chunk = part(sequences * seq_len, L.cp(), c);
+        for (int t = 0; t < (sp ? L.tp() : 1); ++t) {
+          const int64_t n = sp ? part(n_chunk, L.tp(), t) : n_chunk;
+          auto [px, pu] = make_part(r, c, t, n);
+          if (r == d.dp && c == d.cp && (!sp || t == d.tp)) first = row, rows = n;
+          bx.push_back(px), bu.push_back(pu);
+          row += n;
+        }
+      }
+      const at::Tensor xb = at::cat(bx).requires_grad_(true);
+      SY_ASSIGN_OR_RETURN(moe::MoEOutput o, one.Forward(xb, {.training = false, .num_sequences = sequences}));
+      loss = loss + (o.output.to(at::kFloat) * at::cat(bu)).sum();
+      if (r == d.dp) want_out = o.output.detach().narrow(0, first, rows), block_x = xb, first_row = first;
+    }
+    try {
+      loss.backward();
+    } catch (const c10::Error& e) {
+      return absl::InternalError(absl::StrCat(config.name, " reference backward: ", e.what_without_backtrace()));
+    }
+    auto compare = [&](const std::string& what, const at::Tensor& got, const at::Tensor& want) {
+      if (!mine.ok()) return;
+      if (got.sizes() != want.sizes()) {
+        mine = absl::InternalError(absl::StrFormat("%s: %s has shape %s, the single-process layer's %s", config.name,
+                                                   what, c10::str(got.sizes()), c10::str(want.sizes())));
+        return;
+      }
+      const double e = rel(got, want);
+      worst = std::max(worst, e);
+      if (!(e <= tol)) {
+        mine = absl::InternalError(absl::StrFormat(
+            "%s: %s differs from the single-process layer's: relative error %g (tolerance %g)", config.name, what, e, tol));
+      }
+    };
+    compare("output", out.output, want_out);
+    compare("input gradient", x.grad(), block_x.grad().narrow(0, first_row, tokens));
+    compare("router gradient", grads["router.weight"], one.router().weight().grad());
+    experts::GroupedExperts& ex = layer.routed_experts();
+    compare("fc1 gradient", grads["experts.fc1"], ex.LocalShard(one.routed_experts().fc1().grad(), true));
+    compare("fc2 gradient", grads["experts.fc2"], ex.LocalShard(one.routed_experts().fc2().grad(), false));
+    if (one.shared_experts() != nullptr) {
+      compare("shared fc1 gradient", grads["shared_experts.fc1"], one.shared_experts()->fc1().grad());
+      compare("shared fc2 gradient", grads["shared_experts.fc2"], one.shared_experts()->fc2().grad());
+    }
+  }
   std::vector<double> timed(ms.begin() + 1, ms.end());
   std::sort(timed.begin(), timed.end());
-  // Each rank's median in its own slot, and the failures in the last: one sum over the world.
-  at::Tensor sums = at::zeros({env.world_size + 1}, at::kDouble);
+  // Each rank's median and its largest relative error in slots of their own, and the failures
+  // in the last: one sum over the world.
+  const int W = env.world_size;
+  at::Tensor sums = at::zeros({2 * W + 1}, at::kDouble);
   sums[env.rank] = timed[timed.size() / 2];
-  sums[env.world_size] = mine.ok() ? 0.0 : 1.0;
+  sums[W + env.rank] = worst;
+  sums[2 * W] = mine.ok() ? 0.0 : 1.0;
   SY_RETURN_IF_ERROR(comm.World().AllReduce(sums).Wait());
   SY_RETURN_IF_ERROR(mine);
-  if (const double failed = sums[env.world_size].item<double>(); failed > 0) {
-    return absl::InternalError(absl::StrFormat("%s: %g other rank(s) found NaN or inf (see their errors)",
+  if (const double failed = sums[2 * W].item<double>(); failed > 0) {
+    return absl::InternalError(absl::StrFormat("%s: %g other rank(s) failed the check (see their errors)",
                                                config.name, failed));
   }
   if (env.rank == 0) {
-    const double slowest = sums.narrow(0, 0, env.world_size).max().item<double>();
+    const double slowest = sums.narrow(0, 0, W).max().item<double>();
+    const std::string against =
+        reference ? absl::StrFormat("; output, input and parameter gradients match the single-process layer's "
+                                    "(largest relative error %.2g)",
+                                    sums.narrow(0, W, W).max().item<double>())
+                  : absl::StrFormat("; no single-process reference (it would need ~%d MiB on every rank)",
+                                    reference_bytes >> 20);
     absl::PrintF(
         "[rank 0] MoE layer check passed: %s (%d experts, top-%d, ffn %d, %s) under ep %d × etp %d, "
         "%d forward+backward steps of %d tokens on rank 0, median %.1f ms on the slowest rank; outputs and "
-        "gradients finite on every rank\n",
+        "gradients finite on every rank%s\n",
         config.name, config.router.num_experts, config.router.topk.top_k, config.ffn_hidden_size,
         config.dtype == at::kBFloat16 ? "bf16" : config.dtype == at::kHalf ? "fp16" : "fp32", L.ep(), L.etp(),
-        kLayerCheckSteps - 1, tokens, slowest);
+        kLayerCheckSteps - 1, tokens, slowest, against);
     std::fflush(stdout);
   }
   return absl::OkStatus();
@@ -166,7 +276,12 @@ absl::Status CheckMoELayer(const ResolvedJob& job, const WorkerEnv& env, const F
     }
     return absl::OkStatus();
   }
-  const absl::Status s = RunMoELayerCheck(job, env, fault, comm);
+  absl::Status s;
+  try {
+    s = RunMoELayerCheck(job, env, fault, comm);
+  } catch (const c10::Error& e) {  // (the layer's own errors come back as a status)
+    s = absl::InternalError(e.what_without_backtrace());
+  }
   if (s.ok()) return s;
   return absl::Status(s.code(), absl::StrFormat("MoE layer check of layers.%d.mlp failed: %s", job.moe_layers.front(),
                                                 s.message()));

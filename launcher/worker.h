@@ -1,6 +1,7 @@
 // One rank of a job: joins the rendezvous, builds every process group of the layout and
-// checks them, then runs the job's first MoE layer forward and backward on synthetic tokens.
-// (Training is a later step; until then the job checks the cluster and that layer only.)
+// checks them, then runs the job's first MoE layer forward and backward on synthetic tokens
+// and, where it fits, against the single-process layer. (Training is a later step; until then
+// the job checks the cluster and that layer only.)
 #ifndef LAUNCHER_WORKER_H_
 #define LAUNCHER_WORKER_H_
 
@@ -18,7 +19,8 @@ namespace switchyard::launcher {
 // with CODE after the check; only in that restart when given), "hang:RANK" (that rank stops
 // before the first collective), "sleep:SECONDS" (every rank waits that long after the check),
 // "orphan:RANK" (that rank starts a helper process, then exits with code 7), "nan:RANK" (that
-// rank puts a NaN in the MoE layer check's hidden states).
+// rank puts a NaN in the MoE layer check's hidden states), "skew:RANK" (that rank's first
+// expert weights differ from the single-process layer's by 1e-2).
 int RunWorker(const std::string& spec_path, const WorkerEnv& env);
 
 }  // namespace switchyard::launcher

@@ -10,6 +10,7 @@ expect_in "$TMP/tiny.out" 'sum of rank+1 = 10, expected 10'
 expect_in "$TMP/tiny.out" 'tp 1 × cp 1 × dp 4 × pp 1; experts etp 1 × ep 2 × edp 2'
 expect_in "$TMP/tiny.out" 'on each of 15 group kinds'
 expect_in "$TMP/tiny.out" 'MoE layer check passed: layers.0.mlp (4 experts, top-2, ffn 128, fp32) under ep 2 × etp 1, 3 forward+backward steps of 128 tokens on rank 0'
+expect_in "$TMP/tiny.out" 'output, input and parameter gradients match the single-process layer'"'"'s'
 expect_in "$TMP/tiny.out" 'this job checks the cluster and its MoE layer only'
 expect_in "$TMP/tiny.out" '[launcher] node 0: all 4 workers finished'
 pass "default job"
@@ -24,9 +25,11 @@ launch { nproc_per_node: 4 master_port: 0 rendezvous_timeout_s: 30 collective_ti
 SPEC
 "$LAUNCHER" --spec="$TMP/sp.pbtxt" >"$TMP/sp.out" 2>"$TMP/sp.err" || fail "tp 2 sp exited $?: $(cat "$TMP/sp.err")"
 expect_in "$TMP/sp.out" 'MoE layer check passed: layers.0.mlp (4 experts, top-2, ffn 32, bf16) under ep 2 × etp 2, 3 forward+backward steps of 64 tokens on rank 0'
+expect_in "$TMP/sp.out" 'match the single-process layer'"'"'s'
 s=$(spec cp 4 '' 'parallel { cp: 2 ep: 2 }')
 "$LAUNCHER" --spec="$s" >"$TMP/cp.out" 2>"$TMP/cp.err" || fail "cp 2 exited $?: $(cat "$TMP/cp.err")"
 expect_in "$TMP/cp.out" 'MoE layer check passed'
+expect_in "$TMP/cp.out" 'match the single-process layer'"'"'s'
 pass "MoE layer check under tp 2 with sequence parallelism and under cp 2"
 
 # --dry_run prints every rank's coordinates and groups.

@@ -41,6 +41,16 @@ mapfile -t pids < <(worker_pids "$TMP/nan.out")
 assert_gone "${pids[@]}"
 pass "a NaN on rank 2 in the MoE layer check stops the job in ${dt} ms with a clear error"
 
+# One rank's expert weights off by 1e-2: the check against the single-process layer names
+# what differs (the output, on every rank whose tokens that expert got), and the job fails.
+s=$(spec skew 4 '' 'parallel { ep: 2 }')
+SWITCHYARD_FAULT=skew:1 "$LAUNCHER" --spec="$s" >"$TMP/skew.out" 2>"$TMP/skew.err"
+rc=$?
+(( rc == 1 )) || fail "skewed weights: launcher exit code $rc, expected 1"
+grep -aqE "^\[rank 1\] error: MoE layer check of layers.0.mlp failed: layers.0.mlp: .* differs from the single-process layer's: relative error" "$TMP/skew.err" ||
+  fail "rank 1 did not name the difference: $(cat "$TMP/skew.err")"
+pass "weights that differ from the single-process layer fail the MoE layer check"
+
 # A rank that never reaches the collective: the others time out with a clear error.
 s=$(spec hang 2 'collective_timeout_s: 3')
 t0=$(now_ms)

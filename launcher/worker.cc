@@ -32,7 +32,7 @@ namespace switchyard::launcher {
 namespace {
 
 struct Fault {
-  std::string kind;  // "", "exit", "hang", "sleep", "orphan", "nan", "skew"
+  std::string kind;  // "", "exit", "hang", "sleep", "orphan", "nan", "skew", "inf"
   int rank = -1;
   int value = 0;
   int restart = -1;  // -1: every restart
@@ -53,7 +53,8 @@ Fault ParseFault() {
     f.kind = "hang";
   } else if (parts[0] == "sleep" && parts.size() == 2 && absl::SimpleAtoi(parts[1], &f.value)) {
     f.kind = "sleep";
-  } else if ((parts[0] == "nan" || parts[0] == "skew") && parts.size() == 2 && absl::SimpleAtoi(parts[1], &f.rank)) {
+  } else if ((parts[0] == "nan" || parts[0] == "skew" || parts[0] == "inf") && parts.size() == 2 &&
+             absl::SimpleAtoi(parts[1], &f.rank)) {
     f.kind = parts[0];
   } else {
     std::fprintf(stderr, "warning: SWITCHYARD_FAULT=\"%s\" is not understood; ignored\n", v);
@@ -87,10 +88,11 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
   SY_ASSIGN_OR_RETURN(const moe::MoEConfig config, MoELayerConfig(job.job, l));
   SY_ASSIGN_OR_RETURN(moe::MoELayer layer,
                       moe::MoELayer::Create(config, static_cast<uint64_t>(job.job.train().seed()) + l, &comm));
-  if (fault.kind == "skew" && fault.rank == env.rank) {
-    std::fprintf(stderr, "[rank %d] SWITCHYARD_FAULT: this rank's first expert weights are off by 1e-2\n", env.rank);
+  if ((fault.kind == "skew" || fault.kind == "inf") && fault.rank == env.rank) {
+    std::fprintf(stderr, "[rank %d] SWITCHYARD_FAULT: this rank's first expert weights are %s\n", env.rank,
+                 fault.kind == "skew" ? "off by 1e-2" : "inf");
     at::NoGradGuard no_grad;
-    layer.routed_experts().fc1()[0].add_(1e-2);
+    layer.routed_experts().fc1()[0].add_(fault.kind == "skew" ? 1e-2 : INFINITY);
   }
   const groups::Layout& L = job.layout;
   const groups::DenseCoord d = L.Dense(env.rank);
@@ -123,11 +125,8 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
     const at::Tensor x = x0.clone().requires_grad_(true);
     const auto t0 = std::chrono::steady_clock::now();
     SY_ASSIGN_OR_RETURN(moe::MoEOutput out, layer.Forward(x, {.training = true, .num_sequences = sequences}));
-    try {
-      ((out.output.to(at::kFloat) * upstream).sum() + out.aux_loss + out.z_loss).backward();
-    } catch (const c10::Error& e) {
-      return absl::InternalError(absl::StrCat(config.name, " backward: ", e.what_without_backtrace()));
-    }
+    // (A c10::Error from here on becomes the check's error in CheckMoELayer.)
+    ((out.output.to(at::kFloat) * upstream).sum() + out.aux_loss + out.z_loss).backward();
     ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     output = out.output.detach();
     grad_x = x.grad();
@@ -135,105 +134,139 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
   auto finite = [](const at::Tensor& t) { return !t.defined() || at::isfinite(t).all().item<bool>(); };
   absl::Status mine;
   if (!finite(output) || !finite(grad_x)) {
-    mine = absl::InternalError(absl::StrFormat("%s: the output or its input's gradient holds NaN or inf on synthetic "
-                                               "hidden states", config.name));
+    mine = absl::InternalError("the output or its input's gradient holds NaN or inf on synthetic hidden states");
   }
   for (moe::TaggedParam& p : layer.Parameters()) {
     if (mine.ok() && !finite(p.tensor.grad())) {
       mine = absl::InternalError(absl::StrFormat("%s: NaN or inf in its gradient", p.tag.name));
     }
   }
+  // The ranks agree on the finite checks before the reference step, whose collectives a rank
+  // that stopped here would never join.
+  const int W = env.world_size;
+  at::Tensor failed_finite = at::full({1}, mine.ok() ? 0.0 : 1.0, at::kDouble);
+  SY_RETURN_IF_ERROR(comm.World().AllReduce(failed_finite).Wait());
+  SY_RETURN_IF_ERROR(mine);
+  if (const double failed = failed_finite.item<double>(); failed > 0) {
+    return absl::InternalError(absl::StrFormat("%g other rank(s) found NaN or inf (see their errors)", failed));
+  }
   // Against the single-process layer from the same seed, when it is small enough to build on
   // every rank: one more step without noise, the task loss only (the aux losses' layout rules
-  // are moe_layer_test's), on every replica's tokens of this stage.
-  const int64_t full_params = int64_t{config.router.num_experts} *
-                              (H * config.ffn_hidden_size * (config.activation == experts::Activation::kSwiglu ? 3 : 2));
+  // are moe_layer_test's), on every replica's tokens of this stage. The estimate: the full
+  // layer's weights and gradients (fp32 at most), and per token of the stage its routed rows
+  // and a dozen [T, H] tensors, twice over for the backward's transients.
+  const int64_t F = config.ffn_hidden_size, E = config.router.num_experts, k = config.router.topk.top_k;
+  const int64_t F1 = config.activation == experts::Activation::kSwiglu ? 2 * F : F;
+  const int64_t shared_f = config.num_shared_experts > 0
+                               ? (config.shared_ffn_hidden_size > 0 ? config.shared_ffn_hidden_size
+                                                                    : F * config.num_shared_experts)
+                               : 0;
+  const int64_t full_params = E * H * (F1 + F) + E * H + H * shared_f * (F1 / F + 1);
   const int64_t global_tokens = int64_t{L.dp()} * sequences * seq_len;
-  const int64_t reference_bytes = full_params * 12 + global_tokens * config.router.topk.top_k *
-                                                         (2 * H + 3 * config.ffn_hidden_size) * 4;
+  const int64_t reference_bytes =
+      2 * (full_params * 8 + global_tokens * (k * (2 * H + F1 + F) + 12 * H + 2 * shared_f + 4 * E) * 4);
   const bool reference = reference_bytes <= kReferenceBytes;
+  const double tol = config.dtype == at::kFloat ? 1e-4 : config.dtype == at::kHalf ? 1e-2 : 4e-2;
   double worst = 0;
-  if (reference && mine.ok()) {
-    const double tol = config.dtype == at::kFloat ? 1e-4 : config.dtype == at::kHalf ? 1e-2 : 4e-2;
-    auto rel = [](const at::Tensor& a, const at::Tensor& b) {
-      const at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
-      return ((x - y).abs().max() / (y.abs().max() + 1e-30)).item<double>();
-    };
-    // This rank's step.
+  if (reference) {
+    // This rank's step and its gradients summed over their replicas (collectives: every rank).
     for (moe::TaggedParam& p : layer.Parameters()) p.tensor.mutable_grad().reset();
     const at::Tensor x = x0.clone().requires_grad_(true);
     SY_ASSIGN_OR_RETURN(moe::MoEOutput out, layer.Forward(x, {.training = false, .num_sequences = sequences}));
-    try {
-      (out.output.to(at::kFloat) * upstream).sum().backward();
-    } catch (const c10::Error& e) {
-      return absl::InternalError(absl::StrCat(config.name, " backward: ", e.what_without_backtrace()));
-    }
-    std::map<std::string, at::Tensor> grads;  // by name after the layer's, summed as DESIGN.md says
+    (out.output.to(at::kFloat) * upstream).sum().backward();
+    std::map<std::string, at::Tensor> grads;  // by name after the layer's
     for (moe::TaggedParam& p : layer.Parameters()) {
       // (Without noise the noise weight gets no gradient: zeros, on every rank alike.)
       at::Tensor g = p.tensor.grad().defined() ? p.tensor.grad().clone() : at::zeros_like(p.tensor.detach());
       SY_RETURN_IF_ERROR(moe::SumGradient(comm, p.tag, g));
       grads[p.tag.name.substr(config.name.size() + 1)] = g;
     }
-    // The single-process layer on each replica's block (its CP chunks, each in its TP shares).
-    SY_ASSIGN_OR_RETURN(moe::MoELayer one,
-                        moe::MoELayer::Create(config, static_cast<uint64_t>(job.job.train().seed()) + l));
-    at::Tensor want_out, block_x;  // this rank's rows of the reference output; its replica's input
-    int64_t first_row = 0;          // and where they start in it
-    at::Tensor loss = at::zeros({});
-    for (int r = 0; r < L.dp(); ++r) {
-      std::vector<at::Tensor> bx, bu;
-      int64_t row = 0, first = -1, rows = 0;  // this rank's rows in the block
-      for (int c = 0; c < L.cp(); ++c) {
-        const int64_t n_chunk = part(sequences * seq_len, L.cp(), c);
-        for (int t = 0; t < (sp ? L.tp() : 1); ++t) {
-          const int64_t n = sp ? part(n_chunk, L.tp(), t) : n_chunk;
-          auto [px, pu] = make_part(r, c, t, n);
-          if (r == d.dp && c == d.cp && (!sp || t == d.tp)) first = row, rows = n;
-          bx.push_back(px), bu.push_back(pu);
-          row += n;
+    // The stage's routed copies per expert, to tell a routing difference from a wrong number.
+    at::Tensor routed = out.tokens_per_expert.to(at::kDouble).contiguous();
+    if (comm.Has(groups::GroupKind::kGate)) {
+      SY_RETURN_IF_ERROR(comm.Get(groups::GroupKind::kGate).AllReduce(routed).Wait());
+    }
+    // The single-process layer on each replica's block (its CP chunks, each in its TP shares,
+    // CP-major: one process's order); no collectives from here on, so failures go to `mine`.
+    auto one_process = [&]() -> absl::Status {
+      SY_ASSIGN_OR_RETURN(moe::MoELayer one,
+                          moe::MoELayer::Create(config, static_cast<uint64_t>(job.job.train().seed()) + l));
+      at::Tensor want_out, block_x, want_routed = at::zeros({E}, at::kDouble);
+      int64_t first_row = 0;  // this rank's rows in its replica's block
+      at::Tensor loss = at::zeros({});
+      for (int r = 0; r < L.dp(); ++r) {
+        std::vector<at::Tensor> bx, bu;
+        int64_t row = 0, first = 0, rows = 0;
+        for (int c = 0; c < L.cp(); ++c) {
+          const int64_t n_chunk = part(sequences * seq_len, L.cp(), c);
+          for (int t = 0; t < (sp ? L.tp() : 1); ++t) {
+            const int64_t n = sp ? part(n_chunk, L.tp(), t) : n_chunk;
+            auto [px, pu] = make_part(r, c, t, n);
+            if (r == d.dp && c == d.cp && (!sp || t == d.tp)) first = row, rows = n;
+            bx.push_back(px), bu.push_back(pu);
+            row += n;
+          }
         }
+        const at::Tensor xb = at::cat(bx).requires_grad_(true);
+        SY_ASSIGN_OR_RETURN(moe::MoEOutput o, one.Forward(xb, {.training = false, .num_sequences = sequences}));
+        loss = loss + (o.output.to(at::kFloat) * at::cat(bu)).sum();
+        want_routed += o.tokens_per_expert.to(at::kDouble);
+        if (r == d.dp) want_out = o.output.detach().narrow(0, first, rows), block_x = xb, first_row = first;
       }
-      const at::Tensor xb = at::cat(bx).requires_grad_(true);
-      SY_ASSIGN_OR_RETURN(moe::MoEOutput o, one.Forward(xb, {.training = false, .num_sequences = sequences}));
-      loss = loss + (o.output.to(at::kFloat) * at::cat(bu)).sum();
-      if (r == d.dp) want_out = o.output.detach().narrow(0, first, rows), block_x = xb, first_row = first;
-    }
-    try {
       loss.backward();
-    } catch (const c10::Error& e) {
-      return absl::InternalError(absl::StrCat(config.name, " reference backward: ", e.what_without_backtrace()));
-    }
-    auto compare = [&](const std::string& what, const at::Tensor& got, const at::Tensor& want) {
-      if (!mine.ok()) return;
-      if (got.sizes() != want.sizes()) {
-        mine = absl::InternalError(absl::StrFormat("%s: %s has shape %s, the single-process layer's %s", config.name,
-                                                   what, c10::str(got.sizes()), c10::str(want.sizes())));
-        return;
+      const std::string routing =
+          at::equal(routed, want_routed)
+              ? ""
+              : "; the routing differs too (routed copies per expert over the stage " + c10::str(routed) +
+                    ", one process " + c10::str(want_routed) + "): a near-tie between experts' scores?";
+      auto compare = [&](const std::string& what, const at::Tensor& got, const at::Tensor& want) -> absl::Status {
+        if (got.sizes() != want.sizes()) {
+          return absl::InternalError(absl::StrFormat("%s has shape %s, the single-process layer's %s", what,
+                                                     c10::str(got.sizes()), c10::str(want.sizes())));
+        }
+        const at::Tensor g = got.to(at::kDouble), w = want.to(at::kDouble);
+        const double e = ((g - w).abs().max() / (w.abs().max() + 1e-30)).item<double>();
+        worst = std::max(worst, e);
+        if (!(e <= tol)) {
+          return absl::InternalError(absl::StrFormat("%s differs from the single-process layer's: relative error %g "
+                                                     "(tolerance %g)%s", what, e, tol, routing));
+        }
+        return absl::OkStatus();
+      };
+      // Expert tensors expert by expert too: a lightly loaded expert would hide behind the
+      // busiest one's scale.
+      auto compare_experts = [&](const std::string& what, const at::Tensor& got, const at::Tensor& want) {
+        SY_RETURN_IF_ERROR(compare(what, got, want));
+        const int first = layer.routed_experts().first_expert();
+        for (int64_t i = 0; i < want.size(0); ++i) {
+          SY_RETURN_IF_ERROR(compare(absl::StrFormat("%s of expert %d", what, first + i), got[i], want[i]));
+        }
+        return absl::OkStatus();
+      };
+      SY_RETURN_IF_ERROR(compare("output", out.output, want_out));
+      SY_RETURN_IF_ERROR(compare("input gradient", x.grad(), block_x.grad().narrow(0, first_row, tokens)));
+      SY_RETURN_IF_ERROR(compare_experts("router gradient", grads["router.weight"], one.router().weight().grad()));
+      const experts::GroupedExperts& ex = layer.routed_experts();
+      SY_RETURN_IF_ERROR(compare_experts("fc1 gradient", grads["experts.fc1"],
+                                         ex.LocalShard(one.routed_experts().fc1().grad(), true)));
+      SY_RETURN_IF_ERROR(compare_experts("fc2 gradient", grads["experts.fc2"],
+                                         ex.LocalShard(one.routed_experts().fc2().grad(), false)));
+      if (one.shared_experts() != nullptr) {
+        SY_RETURN_IF_ERROR(compare("shared fc1 gradient", grads["shared_experts.fc1"], one.shared_experts()->fc1().grad()));
+        SY_RETURN_IF_ERROR(compare("shared fc2 gradient", grads["shared_experts.fc2"], one.shared_experts()->fc2().grad()));
       }
-      const double e = rel(got, want);
-      worst = std::max(worst, e);
-      if (!(e <= tol)) {
-        mine = absl::InternalError(absl::StrFormat(
-            "%s: %s differs from the single-process layer's: relative error %g (tolerance %g)", config.name, what, e, tol));
-      }
+      return absl::OkStatus();
     };
-    compare("output", out.output, want_out);
-    compare("input gradient", x.grad(), block_x.grad().narrow(0, first_row, tokens));
-    compare("router gradient", grads["router.weight"], one.router().weight().grad());
-    experts::GroupedExperts& ex = layer.routed_experts();
-    compare("fc1 gradient", grads["experts.fc1"], ex.LocalShard(one.routed_experts().fc1().grad(), true));
-    compare("fc2 gradient", grads["experts.fc2"], ex.LocalShard(one.routed_experts().fc2().grad(), false));
-    if (one.shared_experts() != nullptr) {
-      compare("shared fc1 gradient", grads["shared_experts.fc1"], one.shared_experts()->fc1().grad());
-      compare("shared fc2 gradient", grads["shared_experts.fc2"], one.shared_experts()->fc2().grad());
+    try {
+      mine = one_process();
+    } catch (const c10::Error& e) {
+      mine = absl::InternalError(absl::StrCat("the single-process reference: ", e.what_without_backtrace()));
     }
   }
   std::vector<double> timed(ms.begin() + 1, ms.end());
   std::sort(timed.begin(), timed.end());
   // Each rank's median and its largest relative error in slots of their own, and the failures
   // in the last: one sum over the world.
-  const int W = env.world_size;
   at::Tensor sums = at::zeros({2 * W + 1}, at::kDouble);
   sums[env.rank] = timed[timed.size() / 2];
   sums[W + env.rank] = worst;
@@ -241,17 +274,17 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
   SY_RETURN_IF_ERROR(comm.World().AllReduce(sums).Wait());
   SY_RETURN_IF_ERROR(mine);
   if (const double failed = sums[2 * W].item<double>(); failed > 0) {
-    return absl::InternalError(absl::StrFormat("%s: %g other rank(s) failed the check (see their errors)",
-                                               config.name, failed));
+    return absl::InternalError(absl::StrFormat("%g other rank(s) failed the check (see their errors)", failed));
   }
   if (env.rank == 0) {
     const double slowest = sums.narrow(0, 0, W).max().item<double>();
     const std::string against =
         reference ? absl::StrFormat("; output, input and parameter gradients match the single-process layer's "
                                     "(largest relative error %.2g)",
-                                    sums.narrow(0, W, W).max().item<double>())
-                  : absl::StrFormat("; no single-process reference (it would need ~%d MiB on every rank)",
-                                    reference_bytes >> 20);
+                                    sums.narrow(0, W, W).max().item<double>(), tol)
+                  : absl::StrFormat("; no single-process reference (estimated ~%d MiB on every rank, over the %d MiB "
+                                    "allowed)",
+                                    reference_bytes >> 20, kReferenceBytes >> 20);
     absl::PrintF(
         "[rank 0] MoE layer check passed: %s (%d experts, top-%d, ffn %d, %s) under ep %d × etp %d, "
         "%d forward+backward steps of %d tokens on rank 0, median %.1f ms on the slowest rank; outputs and "

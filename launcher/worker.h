@@ -19,8 +19,8 @@ namespace switchyard::launcher {
 // with CODE after the check; only in that restart when given), "hang:RANK" (that rank stops
 // before the first collective), "sleep:SECONDS" (every rank waits that long after the check),
 // "orphan:RANK" (that rank starts a helper process, then exits with code 7), "nan:RANK" (that
-// rank puts a NaN in the MoE layer check's hidden states), "skew:RANK" (that rank's first
-// expert weights differ from the single-process layer's by 1e-2).
+// rank puts a NaN in the MoE layer check's hidden states), "skew:RANK" / "inf:RANK" (that
+// rank's first expert weights differ from the single-process layer's by 1e-2 / are inf).
 int RunWorker(const std::string& spec_path, const WorkerEnv& env);
 
 }  // namespace switchyard::launcher

@@ -47,9 +47,23 @@ s=$(spec skew 4 '' 'parallel { ep: 2 }')
 SWITCHYARD_FAULT=skew:1 "$LAUNCHER" --spec="$s" >"$TMP/skew.out" 2>"$TMP/skew.err"
 rc=$?
 (( rc == 1 )) || fail "skewed weights: launcher exit code $rc, expected 1"
-grep -aqE "^\[rank 1\] error: MoE layer check of layers.0.mlp failed: layers.0.mlp: .* differs from the single-process layer's: relative error" "$TMP/skew.err" ||
+grep -aqE "^\[rank 1\] error: MoE layer check of layers.0.mlp failed: .* differs from the single-process layer's: relative error" "$TMP/skew.err" ||
   fail "rank 1 did not name the difference: $(cat "$TMP/skew.err")"
 pass "weights that differ from the single-process layer fail the MoE layer check"
+
+# Inf expert weights on rank 1: the ranks whose tokens reach that expert find inf, the others
+# do not; they agree before the reference step (whose collectives would otherwise wait for the
+# ranks that stopped until the timeout), and the job fails at once.
+s=$(spec inf 4 'collective_timeout_s: 60' 'parallel { ep: 2 }')
+t0=$(now_ms)
+SWITCHYARD_FAULT=inf:1 "$LAUNCHER" --spec="$s" >"$TMP/inf.out" 2>"$TMP/inf.err"
+rc=$?
+dt=$(( $(now_ms) - t0 ))
+(( rc == 1 )) || fail "inf weights: launcher exit code $rc, expected 1"
+(( dt < 30000 )) || fail "inf weights took ${dt} ms"
+expect_in "$TMP/inf.err" 'holds NaN or inf'
+expect_in "$TMP/inf.err" 'other rank(s) found NaN or inf (see their errors)'
+pass "inf weights on rank 1 fail the MoE layer check in ${dt} ms"
 
 # A rank that never reaches the collective: the others time out with a clear error.
 s=$(spec hang 2 'collective_timeout_s: 3')

@@ -280,7 +280,7 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
     const double slowest = sums.narrow(0, 0, W).max().item<double>();
     const std::string against =
         reference ? absl::StrFormat("; output, input and parameter gradients match the single-process layer's "
-                                    "(largest relative error %.2g)",
+                                    "(largest relative error %.2g, tolerance %.0e)",
                                     sums.narrow(0, W, W).max().item<double>(), tol)
                   : absl::StrFormat("; no single-process reference (estimated ~%d MiB on every rank, over the %d MiB "
                                     "allowed)",

@@ -27,26 +27,20 @@ pass "worker exit code 3 reported"
 
 # A NaN in one rank's hidden states in the MoE layer check: every rank stops at once with a
 # clear error (the layer's agreement over the stage), none waits for the collective timeout.
-s=$(spec nan 4 'collective_timeout_s: 60' 'parallel { ep: 2 }')
-t0=$(now_ms)
-SWITCHYARD_FAULT=nan:2 "$LAUNCHER" --spec="$s" >"$TMP/nan.out" 2>"$TMP/nan.err"
-rc=$?
-dt=$(( $(now_ms) - t0 ))
-(( rc == 1 )) || fail "NaN in the layer check: launcher exit code $rc, expected 1"
-(( dt < 30000 )) || fail "NaN in the layer check took ${dt} ms"
+run_with_fault nan nan:2 "$(spec nan 4 'collective_timeout_s: 60' 'parallel { ep: 2 }')"
+(( RC == 1 )) || fail "NaN in the layer check: launcher exit code $RC, expected 1"
+(( DT < 30000 )) || fail "NaN in the layer check took ${DT} ms"
 expect_in "$TMP/nan.err" '[rank 2] error: MoE layer check of layers.0.mlp failed: router: hidden states hold NaN or inf'
 grep -aqE '^\[rank [013]\] error: MoE layer check of layers.0.mlp failed: router: another rank stopped before routing' "$TMP/nan.err" ||
   fail "no other rank named the failure: $(cat "$TMP/nan.err")"
 mapfile -t pids < <(worker_pids "$TMP/nan.out")
 assert_gone "${pids[@]}"
-pass "a NaN on rank 2 in the MoE layer check stops the job in ${dt} ms with a clear error"
+pass "a NaN on rank 2 in the MoE layer check stops the job in ${DT} ms with a clear error"
 
 # One rank's expert weights off by 1e-2: the check against the single-process layer names
 # what differs (the output, on every rank whose tokens that expert got), and the job fails.
-s=$(spec skew 4 '' 'parallel { ep: 2 }')
-SWITCHYARD_FAULT=skew:1 "$LAUNCHER" --spec="$s" >"$TMP/skew.out" 2>"$TMP/skew.err"
-rc=$?
-(( rc == 1 )) || fail "skewed weights: launcher exit code $rc, expected 1"
+run_with_fault skew skew:1 "$(spec skew 4 '' 'parallel { ep: 2 }')"
+(( RC == 1 )) || fail "skewed weights: launcher exit code $RC, expected 1"
 grep -aqE "^\[rank 1\] error: MoE layer check of layers.0.mlp failed: .* differs from the single-process layer's: relative error" "$TMP/skew.err" ||
   fail "rank 1 did not name the difference: $(cat "$TMP/skew.err")"
 pass "weights that differ from the single-process layer fail the MoE layer check"
@@ -54,30 +48,22 @@ pass "weights that differ from the single-process layer fail the MoE layer check
 # Inf expert weights on rank 1: the ranks whose tokens reach that expert find inf, the others
 # do not; they agree before the reference step (whose collectives would otherwise wait for the
 # ranks that stopped until the timeout), and the job fails at once.
-s=$(spec inf 4 'collective_timeout_s: 60' 'parallel { ep: 2 }')
-t0=$(now_ms)
-SWITCHYARD_FAULT=inf:1 "$LAUNCHER" --spec="$s" >"$TMP/inf.out" 2>"$TMP/inf.err"
-rc=$?
-dt=$(( $(now_ms) - t0 ))
-(( rc == 1 )) || fail "inf weights: launcher exit code $rc, expected 1"
-(( dt < 30000 )) || fail "inf weights took ${dt} ms"
+run_with_fault inf inf:1 "$(spec inf 4 'collective_timeout_s: 60' 'parallel { ep: 2 }')"
+(( RC == 1 )) || fail "inf weights: launcher exit code $RC, expected 1"
+(( DT < 30000 )) || fail "inf weights took ${DT} ms"
 expect_in "$TMP/inf.err" 'holds NaN or inf'
 expect_in "$TMP/inf.err" 'other rank(s) found NaN or inf (see their errors)'
-pass "inf weights on rank 1 fail the MoE layer check in ${dt} ms"
+pass "inf weights on rank 1 fail the MoE layer check in ${DT} ms"
 
 # A rank that never reaches the collective: the others time out with a clear error.
-s=$(spec hang 2 'collective_timeout_s: 3')
-t0=$(now_ms)
-SWITCHYARD_FAULT=hang:1 "$LAUNCHER" --spec="$s" >"$TMP/hang.out" 2>"$TMP/hang.err"
-rc=$?
-dt=$(( $(now_ms) - t0 ))
-(( rc == 1 )) || fail "hung collective: launcher exit code $rc"
-(( dt < 20000 )) || fail "hung collective took ${dt} ms"
+run_with_fault hang hang:1 "$(spec hang 2 'collective_timeout_s: 3')"
+(( RC == 1 )) || fail "hung collective: launcher exit code $RC"
+(( DT < 20000 )) || fail "hung collective took ${DT} ms"
 expect_in "$TMP/hang.err" '[rank 0] error: group world, member 0 of 2 (global rank 0): barrier timed out'
 expect_in "$TMP/hang.err" 'rank 0 (pid'
 mapfile -t pids < <(worker_pids "$TMP/hang.out")
 assert_gone "${pids[@]}"
-pass "hung collective times out after ${dt} ms"
+pass "hung collective times out after ${DT} ms"
 
 # Ctrl-C (SIGINT to the launcher): every worker stops, exit code 130.
 start_sleeping int "$(spec int 2)"

@@ -47,6 +47,16 @@ SPEC
   echo "$TMP/$name.pbtxt"
 }
 
+# run_with_fault NAME FAULT SPEC: runs a launcher to its end with SWITCHYARD_FAULT=FAULT, its
+# output in $TMP/NAME.out and .err; sets RC (its exit code) and DT (milliseconds it took).
+run_with_fault() {
+  local t0
+  t0=$(now_ms)
+  SWITCHYARD_FAULT=$2 "$LAUNCHER" --spec="$3" >"$TMP/$1.out" 2>"$TMP/$1.err"
+  RC=$?
+  DT=$(( $(now_ms) - t0 ))
+}
+
 # The pids a launcher started, from its "[launcher] rank R: pid P" lines.
 worker_pids() { sed -n 's/^\[launcher\] rank [0-9]*: pid \([0-9]*\)$/\1/p' "$1"; }
 

@@ -91,8 +91,7 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
   if ((fault.kind == "skew" || fault.kind == "inf") && fault.rank == env.rank) {
     std::fprintf(stderr, "[rank %d] SWITCHYARD_FAULT: this rank's first expert weights are %s\n", env.rank,
                  fault.kind == "skew" ? "off by 1e-2" : "inf");
-    at::NoGradGuard no_grad;
-    layer.routed_experts().fc1()[0].add_(fault.kind == "skew" ? 1e-2 : INFINITY);
+    layer.routed_experts().fc1().detach()[0].add_(fault.kind == "skew" ? 1e-2 : INFINITY);  // (outside autograd)
   }
   const groups::Layout& L = job.layout;
   const groups::DenseCoord d = L.Dense(env.rank);

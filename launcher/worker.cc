@@ -26,6 +26,7 @@
 #include "dist/groups/comm.h"
 #include "dist/groups/store.h"
 #include "launcher/model_config.h"
+#include "moe/dispatch/exchange.h"
 #include "moe/moe_layer.h"
 
 namespace switchyard::launcher {
@@ -95,7 +96,7 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
   }
   const groups::Layout& L = job.layout;
   const groups::DenseCoord d = L.Dense(env.rank);
-  auto part = [](int64_t n, int parts, int i) { return n / parts + (i < n % parts ? 1 : 0); };
+  auto part = [](int64_t n, int parts, int i) { return dispatch::EvenSplit(n, parts)[i]; };  // as the layer splits
   const int64_t seq_len = job.job.model().seq_len();
   const int64_t sequences = std::clamp<int64_t>(kLayerCheckTokens / seq_len, 1, job.micro_batch_size);
   const int64_t chunk = part(sequences * seq_len, L.cp(), d.cp);
@@ -117,19 +118,27 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
     std::fprintf(stderr, "[rank %d] SWITCHYARD_FAULT: a NaN in the MoE layer check's hidden states\n", env.rank);
     x0[0][0] = NAN;
   }
-  std::vector<double> ms;
-  at::Tensor output, grad_x;
-  for (int step = 0; step < kLayerCheckSteps; ++step) {
+  // One forward + backward from fresh gradients: training (noise, the aux losses too) or the
+  // task loss alone. Sets `x` to this step's input leaf. (A c10::Error becomes the check's
+  // error in CheckMoELayer.)
+  at::Tensor x;
+  auto step = [&](bool training) -> absl::StatusOr<moe::MoEOutput> {
     for (moe::TaggedParam& p : layer.Parameters()) p.tensor.mutable_grad().reset();
-    const at::Tensor x = x0.clone().requires_grad_(true);
+    x = x0.clone().requires_grad_(true);
+    SY_ASSIGN_OR_RETURN(moe::MoEOutput out, layer.Forward(x, {.training = training, .num_sequences = sequences}));
+    at::Tensor loss = (out.output.to(at::kFloat) * upstream).sum();
+    (training ? loss + out.aux_loss + out.z_loss : loss).backward();
+    return out;
+  };
+  std::vector<double> ms;
+  at::Tensor output;
+  for (int i = 0; i < kLayerCheckSteps; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
-    SY_ASSIGN_OR_RETURN(moe::MoEOutput out, layer.Forward(x, {.training = true, .num_sequences = sequences}));
-    // (A c10::Error from here on becomes the check's error in CheckMoELayer.)
-    ((out.output.to(at::kFloat) * upstream).sum() + out.aux_loss + out.z_loss).backward();
+    SY_ASSIGN_OR_RETURN(const moe::MoEOutput out, step(/*training=*/true));
     ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     output = out.output.detach();
-    grad_x = x.grad();
   }
+  const at::Tensor grad_x = x.grad();
   auto finite = [](const at::Tensor& t) { return !t.defined() || at::isfinite(t).all().item<bool>(); };
   absl::Status mine;
   if (!finite(output) || !finite(grad_x)) {
@@ -169,10 +178,7 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
   double worst = 0;
   if (reference) {
     // This rank's step and its gradients summed over their replicas (collectives: every rank).
-    for (moe::TaggedParam& p : layer.Parameters()) p.tensor.mutable_grad().reset();
-    const at::Tensor x = x0.clone().requires_grad_(true);
-    SY_ASSIGN_OR_RETURN(moe::MoEOutput out, layer.Forward(x, {.training = false, .num_sequences = sequences}));
-    (out.output.to(at::kFloat) * upstream).sum().backward();
+    SY_ASSIGN_OR_RETURN(const moe::MoEOutput out, step(/*training=*/false));
     std::map<std::string, at::Tensor> grads;  // by name after the layer's
     for (moe::TaggedParam& p : layer.Parameters()) {
       // (Without noise the noise weight gets no gradient: zeros, on every rank alike.)

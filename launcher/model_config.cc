@@ -51,6 +51,7 @@ absl::StatusOr<moe::MoEConfig> MoELayerConfig(const Job& job, int layer) {
   }
   c.num_shared_experts = e.num_shared_experts();
   c.shared_ffn_hidden_size = e.shared_ffn_hidden_size();
+  c.shared_expert_gate = e.shared_expert_gate();
   switch (job.train().precision()) {
     case Train::FP32: c.dtype = at::kFloat; break;
     case Train::BF16: c.dtype = at::kBFloat16; break;

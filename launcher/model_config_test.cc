@@ -21,7 +21,7 @@ TEST(MoELayerConfigTest, EveryModelFieldReachesTheLayer) {
       hidden_size: 64 num_heads: 4 num_layers: 4 activation: GELU
       moe {
         every_n: 2 num_experts: 16 top_k: 4 ffn_hidden_size: 96
-        num_shared_experts: 2 shared_ffn_hidden_size: 48
+        num_shared_experts: 2 shared_ffn_hidden_size: 48 shared_expert_gate: true
         router {
           score: SIGMOID pre_softmax: false normalize_topk: true scaling_factor: 2.5
           jitter_eps: 0.01 noisy_gating: true num_groups: 4 group_topk: 2
@@ -64,6 +64,7 @@ TEST(MoELayerConfigTest, EveryModelFieldReachesTheLayer) {
   EXPECT_EQ(c->activation, experts::Activation::kGelu);
   EXPECT_EQ(c->num_shared_experts, 2);
   EXPECT_EQ(c->shared_ffn_hidden_size, 48);
+  EXPECT_TRUE(c->shared_expert_gate);
   EXPECT_EQ(c->dtype, at::kBFloat16);
   EXPECT_TRUE(c->sequence_parallel);
   // The layer builds from it.

@@ -126,6 +126,10 @@ absl::Status ValidateModel(const Model& m) {
         "model.moe.shared_ffn_hidden_size: %d needs model.moe.num_shared_experts > 0 (it sizes the shared experts)",
         e.shared_ffn_hidden_size()));
   }
+  if (e.shared_expert_gate() && e.num_shared_experts() == 0) {
+    return Invalid("model.moe.shared_expert_gate: true needs model.moe.num_shared_experts > 0 (it gates the shared "
+                   "experts' output)");
+  }
   if (e.router().type() != Router::EXPERT_CHOICE && (e.top_k() < 1 || e.top_k() > e.num_experts())) {
     return Invalid(absl::StrFormat(
         "model.moe.top_k: %d must be between 1 and model.moe.num_experts = %d", e.top_k(),

@@ -260,6 +260,10 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
         SY_RETURN_IF_ERROR(compare("shared fc1 gradient", grads["shared_experts.fc1"], one.shared_experts()->fc1().grad()));
         SY_RETURN_IF_ERROR(compare("shared fc2 gradient", grads["shared_experts.fc2"], one.shared_experts()->fc2().grad()));
       }
+      if (one.shared_expert_gate().defined()) {
+        SY_RETURN_IF_ERROR(compare("shared expert gate gradient", grads["shared_experts.gate_weight"],
+                                   one.shared_expert_gate().grad()));
+      }
       return absl::OkStatus();
     };
     try {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -24,6 +25,7 @@ using groups::GroupKind;
 // Independent streams for the router, the routed and the shared experts from one seed.
 constexpr uint64_t kExpertSeedSalt = 0x5157ull;
 constexpr uint64_t kSharedSeedSalt = 0x5348ull;
+constexpr uint64_t kSharedGateSeedSalt = 0x5347ull;
 
 absl::Status Sum(groups::Group& g, at::Tensor& t) {
   return g.AllReduce(t, groups::ReduceOp::kSum).Wait();
@@ -127,9 +129,19 @@ absl::StatusOr<MoELayer> MoELayer::Create(const MoEConfig& config, uint64_t seed
                               .init_std = config.init_std};
     SY_ASSIGN_OR_RETURN(experts::GroupedExperts shared, experts::GroupedExperts::Create(sc, seed ^ kSharedSeedSalt));
     layer.shared_.emplace(std::move(shared));
+    if (config.shared_expert_gate) {
+      at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed ^ kSharedGateSeedSalt);
+      layer.shared_gate_ = (at::randn({1, config.router.hidden_size}, gen) * config.init_std)
+                               .to(config.dtype)
+                               .requires_grad_(true);
+    }
   } else if (config.num_shared_experts < 0) {
     return absl::InvalidArgumentError(absl::StrFormat("%s: num_shared_experts = %d must be >= 0",
                                                       config.name, config.num_shared_experts));
+  }
+  if (config.shared_expert_gate && config.num_shared_experts == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: shared_expert_gate needs num_shared_experts > 0", config.name));
   }
   return layer;
 }
@@ -289,6 +301,9 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
     at::Tensor y = dispatch::Unpermute(back, plan);
     if (shared_) {
       SY_ASSIGN_OR_RETURN(at::Tensor s, shared_->Forward(xe, {xe.size(0)}));
+      if (shared_gate_.defined()) {
+        s = s * at::sigmoid(at::mm(xe.to(at::kFloat), shared_gate_.to(at::kFloat).t())).to(config_.dtype);
+      }
       y = y + s;
     }
     if (slice != nullptr) {
@@ -384,6 +399,9 @@ std::vector<TaggedParam> MoELayer::Parameters() {
   if (shared_) {
     out.push_back({shared_->fc1(), {.name = n + ".shared_experts.fc1", .domain = replicated}});
     out.push_back({shared_->fc2(), {.name = n + ".shared_experts.fc2", .domain = replicated}});
+    if (shared_gate_.defined()) {
+      out.push_back({shared_gate_, {.name = n + ".shared_experts.gate_weight", .domain = replicated}});
+    }
   }
   return out;
 }

@@ -69,6 +69,9 @@ struct MoEConfig {
   experts::Activation activation = experts::Activation::kSwiglu;
   int num_shared_experts = 0;           // always-on experts, one dense MLP of the summed size
   int64_t shared_ffn_hidden_size = 0;   // 0: ffn_hidden_size × num_shared_experts
+  // The shared experts' output times sigmoid(x · w_gateᵀ) per token (Qwen2-MoE; Megatron-Core's
+  // moe_shared_expert_gate): w_gate [1, hidden] in `dtype`, the logit computed in fp32.
+  bool shared_expert_gate = false;
   at::ScalarType dtype = at::kFloat;    // experts' weights and activations; the router is fp32
   bool sequence_parallel = false;       // tokens already split across TP (no slicing)
   std::string name = "moe";             // module name in parameter tags
@@ -137,6 +140,7 @@ class MoELayer {
   gate::Router& router() { return *router_; }
   experts::GroupedExperts& routed_experts() { return *experts_; }
   experts::GroupedExperts* shared_experts() { return shared_ ? &*shared_ : nullptr; }
+  at::Tensor& shared_expert_gate() { return shared_gate_; }  // [1, H]; undefined when off
 
  private:
   MoELayer() = default;
@@ -149,6 +153,7 @@ class MoELayer {
   std::optional<gate::Router> router_;
   std::optional<experts::GroupedExperts> experts_;
   std::optional<experts::GroupedExperts> shared_;
+  at::Tensor shared_gate_;
 };
 
 }  // namespace switchyard::moe

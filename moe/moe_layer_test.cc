@@ -53,6 +53,7 @@ struct Case {
   bool pad_to_capacity = false;
   experts::Activation activation = experts::Activation::kSwiglu;
   int shared_experts = 0;
+  bool shared_gate = false;         // the shared experts' sigmoid gate
   std::vector<int64_t> dp_tokens;   // tokens of each data-parallel block (0 allowed)
   std::vector<int> silent_experts;  // experts no token picks
   at::ScalarType dtype = at::kFloat;
@@ -89,6 +90,7 @@ MoEConfig Config(const Case& c) {
   m.ffn_hidden_size = kFfn;
   m.activation = c.activation;
   m.num_shared_experts = c.shared_experts;
+  m.shared_expert_gate = c.shared_gate;
   m.dtype = c.dtype;
   m.sequence_parallel = c.sequence_parallel;
   m.init_std = 0.3f;
@@ -108,7 +110,8 @@ void Silence(MoELayer& layer, const std::vector<int>& experts) {
 }
 
 struct Reference {
-  at::Tensor x, R, out, x_grad, router_grad, noise_grad, fc1_grad, fc2_grad, shared_fc1_grad, shared_fc2_grad;
+  at::Tensor x, R, out, x_grad, router_grad, noise_grad, fc1_grad, fc2_grad, shared_fc1_grad, shared_fc2_grad,
+      shared_gate_grad;
   double aux = 0, z = 0;
   int64_t dropped = 0;
   at::Tensor tokens_per_expert;
@@ -218,6 +221,7 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
     ref.shared_fc1_grad = s->fc1().grad().clone();
     ref.shared_fc2_grad = s->fc2().grad().clone();
   }
+  if (c.shared_gate) ref.shared_gate_grad = layer->shared_expert_gate().grad().clone();
   return ref;
 }
 
@@ -323,6 +327,10 @@ void RunCase(const Case& c) {
     if (c.shared_experts > 0) {
       SY_RETURN_IF_ERROR(Check("shared fc1 gradient", shared_fc1_grad, ref.shared_fc1_grad, tol));
       SY_RETURN_IF_ERROR(Check("shared fc2 gradient", shared_fc2_grad, ref.shared_fc2_grad, tol));
+    }
+    if (c.shared_gate) {
+      SY_RETURN_IF_ERROR(
+          Check("shared expert gate gradient", reduced["shared_experts.gate_weight"], ref.shared_gate_grad, tol));
     }
     SY_RETURN_IF_ERROR(CheckEach("fc1 gradient", fc1_grad, ex.LocalShard(ref.fc1_grad, true), ex.first_expert(), tol));
     SY_RETURN_IF_ERROR(
@@ -631,6 +639,19 @@ TEST(MoELayerEquivalenceTest, ExpertTensorParallel2xExpertParallel2SwigluShared)
            .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 2},
            .shared_experts = 2,
            .dp_tokens = {14, 17}});
+  // The gate's weight is replicated across TP and fed each rank's tokens: summed over TP.
+  RunCase({.name = "ETP=2 x EP=2 slicing, a gated shared expert",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 2},
+           .shared_experts = 1,
+           .shared_gate = true,
+           .dp_tokens = {14, 17}});
+  RunCase({.name = "TP=2 sequence parallel x EP=2, a gated shared expert, capacity 1.0",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 1},
+           .capacity_factor = 1.0,
+           .shared_experts = 1,
+           .shared_gate = true,
+           .dp_tokens = {14, 17},
+           .sequence_parallel = true});
 }
 
 TEST(MoELayerEquivalenceTest, ExpertTensorParallelWithoutGating) {
@@ -802,7 +823,7 @@ TEST(MoELayerTest, MatchesPlainOpsMixture) {
 // Every field of every parameter's tag, and its local shape, against what the layout says
 // (computed here from the layout's coordinates, not read back from the layer).
 TEST(MoELayerTest, TagsEveryParameter) {
-  MoEConfig c = Config({.shared_experts = 1});
+  MoEConfig c = Config({.shared_experts = 1, .shared_gate = true});
   c.name = "layers.3.mlp";
   c.router.noisy_gating = true;
   const int64_t H = kHidden, F = kFfn, Fs = kFfn;  // one shared expert of F
@@ -832,7 +853,8 @@ TEST(MoELayerTest, TagsEveryParameter) {
           {"experts.fc1", expert, {local, H, 2 * fl}},  // SwiGLU: gate and up slices
           {"experts.fc2", expert, {local, fl, H}},
           {"shared_experts.fc1", dense, {1, H, 2 * Fs}},
-          {"shared_experts.fc2", dense, {1, Fs, H}}};
+          {"shared_experts.fc2", dense, {1, Fs, H}},
+          {"shared_experts.gate_weight", dense, {1, H}}};
       const std::vector<TaggedParam> params = layer->Parameters();
       EXPECT_EQ(params.size(), want.size());
       for (size_t i = 0; i < std::min(params.size(), want.size()); ++i) {
@@ -1122,6 +1144,9 @@ TEST(MoELayerTest, LayoutThatDoesNotFitIsAClearError) {
   bad = Config({.shared_experts = 1});
   bad.shared_ffn_hidden_size = -4;
   EXPECT_THAT(message(MoELayer::Create(bad, kSeed)), HasSubstr("shared_ffn_hidden_size = -4"));
+  bad = Config({});
+  bad.shared_expert_gate = true;
+  EXPECT_THAT(message(MoELayer::Create(bad, kSeed)), HasSubstr("shared_expert_gate needs num_shared_experts > 0"));
   bad = Config({});
   bad.init_std = NAN;
   EXPECT_THAT(message(MoELayer::Create(bad, kSeed)), HasSubstr("experts: init_std = nan must be finite"));

@@ -32,9 +32,9 @@ expect_in "$TMP/cp.out" 'MoE layer check passed'
 expect_in "$TMP/cp.out" 'match the single-process layer'"'"'s'
 pass "MoE layer check under tp 2 with sequence parallelism and under cp 2"
 
-# Against the single-process layer under ETP x EP with shared experts and capacity drops, and
+# Against the single-process layer under ETP x EP with a gated shared expert and capacity drops, and
 # expert choice with noisy gating under CP x EP, in fp32: within 1e-4.
-for variant in 'etp|parallel { tp: 2 ep: 2 etp: 2 }|num_shared_experts: 1 router { capacity_factor: 1.0 }' \
+for variant in 'etp|parallel { tp: 2 ep: 2 etp: 2 }|num_shared_experts: 1 shared_expert_gate: true router { capacity_factor: 1.0 }' \
                'ec|parallel { cp: 2 ep: 2 }|router { type: EXPERT_CHOICE capacity_factor: 1.0 noisy_gating: true }'; do
   IFS='|' read -r name parallel moe <<<"$variant"
   cat > "$TMP/$name.pbtxt" <<SPEC
@@ -47,7 +47,7 @@ SPEC
   "$LAUNCHER" --spec="$TMP/$name.pbtxt" >"$TMP/$name.out" 2>"$TMP/$name.err" || fail "$name exited $?: $(cat "$TMP/$name.err")"
   expect_in "$TMP/$name.out" 'match the single-process layer'"'"'s'
 done
-pass "MoE layer check matches one process under etp 2 x ep 2 with shared experts and drops, and expert choice under cp 2"
+pass "MoE layer check matches one process under etp 2 x ep 2 with a gated shared expert and drops, and expert choice under cp 2"
 
 # --dry_run prints every rank's coordinates and groups.
 s=$(spec dry 8 '' 'parallel { tp: 2 ep: 2 }')

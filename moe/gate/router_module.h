@@ -96,7 +96,10 @@ class Router {
   absl::StatusOr<RouterOutput> Forward(const at::Tensor& hidden, const ForwardArgs& args);
 
   // Aux-loss-free balancing after an optimizer step: `tokens_per_expert` must already be
-  // summed over every rank that shares this router.
+  // summed over every rank that shares this router. The layer passes Routing's counts, the
+  // copies routed before any dropping (each expert's demand); Megatron-Core's update counts
+  // the copies kept after dropping, which is the same number when dropless (the only case
+  // DeepSeek-V3's aux-loss-free balancing runs in) and never above capacity otherwise.
   // Bad counts (shape, NaN, negative) are an error and leave the bias as it was.
   absl::Status UpdateBias(const at::Tensor& tokens_per_expert);
 

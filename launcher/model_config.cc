@@ -52,6 +52,7 @@ absl::StatusOr<moe::MoEConfig> MoELayerConfig(const Job& job, int layer) {
   c.num_shared_experts = e.num_shared_experts();
   c.shared_ffn_hidden_size = e.shared_ffn_hidden_size();
   c.shared_expert_gate = e.shared_expert_gate();
+  c.apply_probs_on_input = e.apply_probs_on_input();
   switch (job.train().precision()) {
     case Train::FP32: c.dtype = at::kFloat; break;
     case Train::BF16: c.dtype = at::kBFloat16; break;

@@ -70,6 +70,12 @@ TEST(MoELayerConfigTest, EveryModelFieldReachesTheLayer) {
   // The layer builds from it.
   EXPECT_TRUE(moe::MoELayer::Create(*c, 1).ok());
   EXPECT_FALSE(MoELayerConfig(*job, 4).ok());
+  EXPECT_FALSE(c->apply_probs_on_input);
+  absl::StatusOr<Job> top1 = ParseJob("model { moe { top_k: 1 apply_probs_on_input: true } }", "top1");
+  ASSERT_TRUE(top1.ok()) << top1.status();
+  absl::StatusOr<moe::MoEConfig> c1 = MoELayerConfig(*top1, 0);
+  ASSERT_TRUE(c1.ok()) << c1.status();
+  EXPECT_TRUE(c1->apply_probs_on_input);
 }
 
 // A spec that passes validation must give layers that build and route: no setting the spec
@@ -91,6 +97,9 @@ TEST(MoELayerConfigTest, EveryValidSpecBuildsLayersThatRoute) {
       {"shared, ReLU, bf16",
        "model { activation: RELU moe { num_shared_experts: 1 shared_ffn_hidden_size: 64 } } train { precision: BF16 }"},
       {"top-1, per-sequence aux loss", "model { moe { top_k: 1 router { aux_loss: AUX_SEQUENCE } } }"},
+      {"top-1 sigmoid, weights on the input, a gated shared expert",
+       "model { moe { top_k: 1 apply_probs_on_input: true num_shared_experts: 1 shared_expert_gate: true "
+       "router { score: SIGMOID } } }"},
       {"global aux loss", "model { moe { router { aux_loss: AUX_GLOBAL } } }"},
       {"context parallel, capacity by score",
        "model { moe { router { capacity_factor: 1.25 } } } parallel { cp: 2 } launch { nproc_per_node: 2 }"}};

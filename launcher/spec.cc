@@ -135,6 +135,12 @@ absl::Status ValidateModel(const Model& m) {
         "model.moe.top_k: %d must be between 1 and model.moe.num_experts = %d", e.top_k(),
         e.num_experts()));
   }
+  if (e.apply_probs_on_input() && (e.router().type() == Router::EXPERT_CHOICE || e.top_k() != 1)) {
+    return Invalid(absl::StrFormat(
+        "model.moe.apply_probs_on_input: true needs token-choice routing with model.moe.top_k = 1 (got %s, top_k = "
+        "%d): one weight per token scales the expert's input",
+        e.router().type() == Router::EXPERT_CHOICE ? "EXPERT_CHOICE" : "TOKEN_CHOICE", e.top_k()));
+  }
   std::set<int> seen;
   for (int i = 0; i < e.layers_size(); ++i) {
     const std::string path = absl::StrFormat("model.moe.layers[%d]", i);

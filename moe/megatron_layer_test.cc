@@ -96,6 +96,7 @@ MoEConfig ConfigOf(const Case& c, int64_t hidden) {
     m.shared_ffn_hidden_size = static_cast<int64_t>(c.Num("shared"));
   }
   m.shared_expert_gate = c.Flag("shared_gate");
+  m.apply_probs_on_input = c.Flag("probs_on_input");
   return m;
 }
 
@@ -110,7 +111,7 @@ TEST(MegatronLayerTest, MatchesMegatronCoreMoELayer) {
   absl::StatusOr<common::Safetensors> f = common::ReadSafetensors(kFixture);
   ASSERT_TRUE(f.ok()) << f.status();
   const std::vector<std::string> names = absl::StrSplit(f->metadata.at("cases"), ' ');
-  ASSERT_GE(names.size(), 6u);
+  ASSERT_GE(names.size(), 7u);
   for (const std::string& name : names) {
     SCOPED_TRACE(name);
     const Case c(*f, name);

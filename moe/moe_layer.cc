@@ -139,6 +139,13 @@ absl::StatusOr<MoELayer> MoELayer::Create(const MoEConfig& config, uint64_t seed
     return absl::InvalidArgumentError(absl::StrFormat("%s: num_shared_experts = %d must be >= 0",
                                                       config.name, config.num_shared_experts));
   }
+  if (config.apply_probs_on_input &&
+      (config.router.type != gate::RoutingType::kTokenChoice || config.router.topk.top_k != 1)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: apply_probs_on_input needs token-choice routing with top_k = 1 (got %s, top_k = %d)", config.name,
+        config.router.type == gate::RoutingType::kTokenChoice ? "token choice" : "expert choice",
+        config.router.topk.top_k));
+  }
   if (config.shared_expert_gate && config.num_shared_experts == 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("%s: shared_expert_gate needs num_shared_experts > 0", config.name));
@@ -295,6 +302,10 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
     // backward need not read the expert outputs again.
     SY_ASSIGN_OR_RETURN(at::Tensor local_w,
                         dispatch::DispatchRowWeights(dispatch::RowWeights(routing.probs, plan), st, eg));
+    if (config_.apply_probs_on_input) {  // expert(w · x): the weight scales the copy, in fp32
+      local_rows = (local_rows * local_w.unsqueeze(1)).to(config_.dtype);
+      local_w = at::Tensor();
+    }
     SY_ASSIGN_OR_RETURN(at::Tensor expert_out,
                         experts_->Forward(local_rows, st.rows_per_segment, st.segment_expert, local_w));
     SY_ASSIGN_OR_RETURN(at::Tensor back, dispatch::CombineFromExperts(expert_out, st, eg));

@@ -72,6 +72,10 @@ struct MoEConfig {
   // The shared experts' output times sigmoid(x · w_gateᵀ) per token (Qwen2-MoE; Megatron-Core's
   // moe_shared_expert_gate): w_gate [1, hidden] in `dtype`, the logit computed in fp32.
   bool shared_expert_gate = false;
+  // Scale each routed copy's input by its routing weight (Llama 4; Megatron-Core's
+  // moe_apply_probs_on_input) instead of fc2's input: expert(w · x) rather than w · expert(x).
+  // Token-choice routing with top_k = 1 only, as in Megatron-Core.
+  bool apply_probs_on_input = false;
   at::ScalarType dtype = at::kFloat;    // experts' weights and activations; the router is fp32
   bool sequence_parallel = false;       // tokens already split across TP (no slicing)
   std::string name = "moe";             // module name in parameter tags

@@ -54,6 +54,7 @@ struct Case {
   experts::Activation activation = experts::Activation::kSwiglu;
   int shared_experts = 0;
   bool shared_gate = false;         // the shared experts' sigmoid gate
+  bool probs_on_input = false;      // routing weights scale the experts' input (top-1)
   std::vector<int64_t> dp_tokens;   // tokens of each data-parallel block (0 allowed)
   std::vector<int> silent_experts;  // experts no token picks
   at::ScalarType dtype = at::kFloat;
@@ -91,6 +92,7 @@ MoEConfig Config(const Case& c) {
   m.activation = c.activation;
   m.num_shared_experts = c.shared_experts;
   m.shared_expert_gate = c.shared_gate;
+  m.apply_probs_on_input = c.probs_on_input;
   m.dtype = c.dtype;
   m.sequence_parallel = c.sequence_parallel;
   m.init_std = 0.3f;
@@ -375,6 +377,24 @@ TEST(MoELayerEquivalenceTest, ExpertParallel2) {
 
 TEST(MoELayerEquivalenceTest, ExpertParallel2TopK1) {
   RunCase({.name = "EP=2, k=1 dropless", .layout = {.world_size = 2, .ep = 2}, .top_k = 1, .dp_tokens = {13, 15}});
+}
+
+// Llama 4's expert(w · x): the weight's gradient comes back through the rows' exchange, and
+// under ETP each F slice's share of it is summed.
+TEST(MoELayerEquivalenceTest, WeightsOnTheExpertsInput) {
+  RunCase({.name = "DP=4 x EP=2, k=1, weights on the input, capacity 1.0",
+           .layout = {.world_size = 4, .ep = 2},
+           .top_k = 1,
+           .capacity_factor = 1.0,
+           .probs_on_input = true,
+           .dp_tokens = {13, 15, 9, 11}});
+  RunCase({.name = "ETP=2 x EP=2, k=1, weights on the input, a gated shared expert",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 2},
+           .top_k = 1,
+           .shared_experts = 1,
+           .shared_gate = true,
+           .probs_on_input = true,
+           .dp_tokens = {14, 17}});
 }
 
 TEST(MoELayerEquivalenceTest, ExpertParallel2RankWhoseExpertsGetNothing) {
@@ -1144,6 +1164,10 @@ TEST(MoELayerTest, LayoutThatDoesNotFitIsAClearError) {
   bad = Config({.shared_experts = 1});
   bad.shared_ffn_hidden_size = -4;
   EXPECT_THAT(message(MoELayer::Create(bad, kSeed)), HasSubstr("shared_ffn_hidden_size = -4"));
+  bad = Config({});
+  bad.apply_probs_on_input = true;
+  EXPECT_THAT(message(MoELayer::Create(bad, kSeed)),
+              HasSubstr("apply_probs_on_input needs token-choice routing with top_k = 1 (got token choice, top_k = 2)"));
   bad = Config({});
   bad.shared_expert_gate = true;
   EXPECT_THAT(message(MoELayer::Create(bad, kSeed)), HasSubstr("shared_expert_gate needs num_shared_experts > 0"));

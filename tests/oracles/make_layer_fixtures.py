@@ -82,6 +82,10 @@ CASES = [
     ("swiglu_shared_gate_capacity", dict(
         activation="swiglu", experts=8, ffn=12, topk=2, aux="aux_loss", aux_coeff=1e-2,
         capacity=1.0, drop="probs", shared=16, shared_gate=True)),
+    # Llama 4's routing: sigmoid top-1, the weight on the expert's input, a shared expert.
+    ("sigmoid_top1_probs_on_input_shared", dict(
+        activation="swiglu", experts=8, ffn=12, topk=1, score="sigmoid", aux="aux_loss",
+        aux_coeff=1e-3, probs_on_input=True, shared=12)),
 ]
 
 # Attached losses, in the order the router attaches them (z-loss to the logits first).
@@ -114,6 +118,7 @@ def build(o):
         moe_pad_expert_input_to_capacity=o.get("pad", False),
         moe_shared_expert_intermediate_size=o.get("shared"),
         moe_shared_expert_gate=o.get("shared_gate", False),
+        moe_apply_probs_on_input=o.get("probs_on_input", False),
         moe_token_dispatcher_type="allgather", moe_grouped_gemm=False, moe_permute_fusion=False,
         moe_router_fusion=False, gated_linear_unit=glu, activation_func=act,
         bias_activation_fusion=False, add_bias_linear=False, gradient_accumulation_fusion=False,

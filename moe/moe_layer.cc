@@ -167,6 +167,37 @@ absl::Status MoELayer::CheckHidden(const at::Tensor& hidden) const {
 }
 
 absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEForwardArgs& args) {
+  if (!args.valid_tokens.defined()) return ForwardTokens(hidden, args);
+  const at::Tensor& m = args.valid_tokens;
+  MoEForwardArgs inner = args;
+  inner.valid_tokens = at::Tensor();
+  absl::Status bad;
+  if (m.dim() != 1 || m.scalar_type() != at::kBool || !m.device().is_cpu() || !hidden.defined() ||
+      hidden.dim() < 1 || m.size(0) != hidden.size(0)) {
+    bad = absl::InvalidArgumentError(absl::StrFormat(
+        "%s: valid_tokens must be a [%d] bool CPU tensor, one entry per token; got %s %s", config_.name,
+        hidden.defined() && hidden.dim() >= 1 ? hidden.size(0) : 0, c10::toString(m.scalar_type()),
+        c10::str(m.sizes())));
+  } else if (config_.router.type == gate::RoutingType::kTokenChoice &&
+             config_.router.aux_loss == gate::AuxLoss::kSequence && config_.router.aux_loss_coeff > 0) {
+    bad = absl::InvalidArgumentError(absl::StrFormat(
+        "%s: valid_tokens with the per-sequence aux loss is not supported (its sequences must be whole); use the "
+        "batch or global aux loss", config_.name));
+  }
+  if (!bad.ok()) {
+    // The rest of the stage waits for this rank in the router's agreement and the block's
+    // exchanges: it fails there as a rank with bad hidden states does, and reports why.
+    (void)ForwardTokens(at::Tensor(), inner);
+    return bad;
+  }
+  // The real tokens, in order: routing, experts and losses see nothing else.
+  const at::Tensor keep = m.nonzero().squeeze(1);
+  SY_ASSIGN_OR_RETURN(MoEOutput out, ForwardTokens(hidden.index_select(0, keep), inner));
+  out.output = at::zeros({hidden.size(0), out.output.size(1)}, out.output.options()).index_copy(0, keep, out.output);
+  return out;
+}
+
+absl::StatusOr<MoEOutput> MoELayer::ForwardTokens(const at::Tensor& hidden, const MoEForwardArgs& args) {
   // The routers of one block of tokens (a data-parallel replica's micro-batch, the TP x CP
   // ranks' tokens) each route a part of it: their TP slice of the tokens the TP group holds,
   // or (sequence parallel) their own share, of their CP rank's chunk. Their losses and

@@ -110,6 +110,14 @@ struct MoEForwardArgs {
   // order must be that block (Megatron-Core's gives each rank a [seq / tp, batch] slice
   // instead: reorder before the layer).
   int64_t num_sequences = 1;
+  // Optional [T] bool, true for the tokens that count and false for padding: padding tokens
+  // are not routed and take no capacity, and the losses, counts and capacity are those of
+  // the real tokens alone, as if the padding were not there; their output rows are 0 and
+  // their gradient 0. (Megatron-Core's padding_mask keeps padding out of the losses and the
+  // bias counts but still routes it.) Each rank gives its own tokens' mask (under TP
+  // slicing every TP rank the same mask of the tokens they share). Not with the
+  // per-sequence aux loss, whose sequences must be whole.
+  at::Tensor valid_tokens;
 };
 
 struct MoEOutput {
@@ -152,6 +160,8 @@ class MoELayer {
   // Each member's place in its block (CP-major, then TP), by the group's member index.
   std::vector<int> BlockOrder(groups::Group& block) const;
   absl::Status CheckHidden(const at::Tensor& hidden) const;
+  // Forward of every given token (MoEForwardArgs.valid_tokens unset).
+  absl::StatusOr<MoEOutput> ForwardTokens(const at::Tensor& hidden, const MoEForwardArgs& args);
   MoEConfig config_;
   groups::Communicator* comm_ = nullptr;
   std::optional<gate::Router> router_;

@@ -55,6 +55,7 @@ struct Case {
   int shared_experts = 0;
   bool shared_gate = false;         // the shared experts' sigmoid gate
   bool probs_on_input = false;      // routing weights scale the experts' input (top-1)
+  int pad_every = 0;                // > 0: every pad_every-th token of the global batch is padding
   std::vector<int64_t> dp_tokens;   // tokens of each data-parallel block (0 allowed)
   std::vector<int> silent_experts;  // experts no token picks
   at::ScalarType dtype = at::kFloat;
@@ -131,6 +132,20 @@ Inputs MakeInputs(const Case& c) {
   return {x.to(c.dtype), at::randn({T, kHidden}).to(c.dtype)};
 }
 
+// Which tokens of the global batch count (MoEForwardArgs.valid_tokens); undefined without padding.
+at::Tensor ValidTokens(const Case& c) {
+  if (c.pad_every == 0) return at::Tensor();
+  const int64_t T = std::accumulate(c.dp_tokens.begin(), c.dp_tokens.end(), int64_t{0});
+  return at::arange(T, at::kLong).remainder(c.pad_every) != c.pad_every - 1;
+}
+at::Tensor Part(const at::Tensor& valid, int64_t off, int64_t n) {
+  return valid.defined() ? valid.narrow(0, off, n).contiguous() : at::Tensor();
+}
+// Rows of t that are real tokens (all of them without padding).
+at::Tensor RealRows(const at::Tensor& t, const at::Tensor& valid) {
+  return valid.defined() ? t.index_select(0, valid.nonzero().squeeze(1)) : t;
+}
+
 // The single-process layer, on each DP block in turn (a data-parallel replica's micro-batch,
 // over which capacity is counted: the TP ranks that share a block count it together).
 // Its own losses are off: the load-balancing loss and z-loss are added from the gate's
@@ -142,6 +157,7 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
   ref.x = in.x;
   ref.R = in.R;
   MoEConfig cfg = Config(c);
+  const at::Tensor valid = ValidTokens(c);
   if (!c.training) {  // (training: the layer's own losses, of the one block, with its noise)
     cfg.router.aux_loss = gate::AuxLoss::kNone;
     cfg.router.z_loss_coeff = 0;
@@ -169,7 +185,7 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
     const int64_t block_off = off;
     {
       const int64_t n = std::accumulate(block.begin(), block.end(), int64_t{0});
-      auto out = layer->Forward(x.narrow(0, off, n), {.training = c.training});
+      auto out = layer->Forward(x.narrow(0, off, n), {.training = c.training, .valid_tokens = Part(valid, off, n)});
       EXPECT_TRUE(out.ok()) << out.status();
       outs.push_back(out->output);
       loss = loss + (out->output * ref.R.narrow(0, off, n)).sum();
@@ -183,9 +199,11 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
                                                               : out->tokens_per_expert;
       off += n;
     }
-    const int64_t Tb = off - block_off;
     if (c.training) continue;
-    const at::Tensor logits = at::mm(x.narrow(0, block_off, Tb).to(at::kFloat), W.t());
+    // The losses of the block's real tokens.
+    const at::Tensor xb = RealRows(x.narrow(0, block_off, off - block_off), Part(valid, block_off, off - block_off));
+    const int64_t Tb = xb.size(0);
+    const at::Tensor logits = at::mm(xb.to(at::kFloat), W.t());
     at::Tensor aux;
     if (AuxOf(c) == gate::AuxLoss::kBatch) {
       const gate::AuxLossInputs a = aux_scores(logits);
@@ -207,8 +225,9 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
     }
   }
   if (AuxOf(c) == gate::AuxLoss::kGlobal && !c.training) {
-    const gate::AuxLossInputs a = aux_scores(at::mm(x.to(at::kFloat), W.t()));
-    const at::Tensor aux = gate::LoadBalancingLoss(a.scores, a.tokens_per_expert, x.size(0), k, coeff);
+    const at::Tensor xr = RealRows(x, valid);
+    const gate::AuxLossInputs a = aux_scores(at::mm(xr.to(at::kFloat), W.t()));
+    const at::Tensor aux = gate::LoadBalancingLoss(a.scores, a.tokens_per_expert, xr.size(0), k, coeff);
     loss = loss + aux;
     ref.aux += aux.item<double>();
   }
@@ -291,7 +310,9 @@ void RunCase(const Case& c) {
     if (!layer.ok()) return layer.status();
     Silence(*layer, c.silent_experts);
     at::Tensor x = ref.x.narrow(0, off, n).clone().requires_grad_(true);
-    auto out = layer->Forward(x, {.training = c.training, .num_sequences = sequences});
+    auto out = layer->Forward(x, {.training = c.training,
+                                  .num_sequences = sequences,
+                                  .valid_tokens = Part(ValidTokens(c), off, n)});
     if (!out.ok()) return out.status();
     // The optimizer's average over the DP x CP replicas, applied to the losses the layer
     // weights for it (the task loss here is summed, not averaged, over the tokens).
@@ -395,6 +416,38 @@ TEST(MoELayerEquivalenceTest, WeightsOnTheExpertsInput) {
            .shared_gate = true,
            .probs_on_input = true,
            .dp_tokens = {14, 17}});
+}
+
+// Padding tokens (MoEForwardArgs.valid_tokens) are not there for routing, capacity, losses
+// and counts, under every kind of block: DP x EP, TP slices (every TP rank masks the same
+// tokens), sequence parallel x CP shares, and expert choice.
+TEST(MoELayerEquivalenceTest, PaddingTokens) {
+  RunCase({.name = "DP=4 x EP=2, every 3rd token padding, capacity 1.0, batch aux loss and z-loss",
+           .layout = {.world_size = 4, .ep = 2},
+           .capacity_factor = 1.0,
+           .pad_every = 3,
+           .dp_tokens = {13, 15, 9, 11},
+           .aux = gate::AuxLoss::kBatch,
+           .z_loss = 0.01});
+  RunCase({.name = "TP=2 slicing x EP=2, every 4th token padding, global aux loss, a shared expert",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 1},
+           .shared_experts = 1,
+           .pad_every = 4,
+           .dp_tokens = {14, 17}});
+  RunCase({.name = "TP=2 sequence parallel x CP=2, every 5th token padding, capacity 1.25",
+           .layout = {.world_size = 4, .tp = 2, .cp = 2, .etp = 1},
+           .capacity_factor = 1.25,
+           .pad_every = 5,
+           .dp_tokens = {23},
+           .aux = gate::AuxLoss::kBatch,
+           .z_loss = 0.01,
+           .sequence_parallel = true});
+  RunCase({.name = "TP=2 slicing, expert choice, every 3rd token padding",
+           .layout = {.world_size = 2, .tp = 2, .etp = 1},
+           .capacity_factor = 1.0,
+           .pad_every = 3,
+           .dp_tokens = {20},
+           .expert_choice = true});
 }
 
 TEST(MoELayerEquivalenceTest, ExpertParallel2RankWhoseExpertsGetNothing) {
@@ -913,6 +966,63 @@ TEST(MoELayerTest, TagsEveryParameter) {
   }
 }
 
+// A token mask is the layer without the masked tokens: the real tokens' outputs, gradients,
+// losses, counts and drops are those of the layer run on them alone (bit for bit), and the
+// masked rows' outputs and gradients are 0.
+TEST(MoELayerTest, MaskedTokensAreNotThere) {
+  for (const Case& c : {Case{.capacity_factor = 1.0, .shared_experts = 1, .aux = gate::AuxLoss::kBatch, .z_loss = 0.01},
+                        Case{.aux = gate::AuxLoss::kGlobal},
+                        Case{.capacity_factor = 0.75, .expert_choice = true}}) {
+    at::manual_seed(8);
+    const at::Tensor x0 = at::randn({30, kHidden}), R = at::randn({30, kHidden});
+    const at::Tensor valid = at::rand({30}) > 0.4;
+    const at::Tensor keep = valid.nonzero().squeeze(1);
+    std::vector<at::Tensor> grads[2];
+    MoEOutput outs[2];
+    for (int masked = 0; masked < 2; ++masked) {
+      auto layer = MoELayer::Create(Config(c), kSeed);
+      ASSERT_TRUE(layer.ok()) << layer.status();
+      at::Tensor x = (masked ? x0 : x0.index_select(0, keep)).clone().requires_grad_(true);
+      auto out = layer->Forward(x, {.training = true, .valid_tokens = masked ? valid : at::Tensor()});
+      ASSERT_TRUE(out.ok()) << out.status();
+      const at::Tensor r = masked ? R : R.index_select(0, keep);
+      ((out->output * r).sum() + out->aux_loss + out->z_loss).backward();
+      if (masked) {
+        EXPECT_TRUE(out->output.index_select(0, (~valid).nonzero().squeeze(1)).eq(0).all().item<bool>());
+        EXPECT_TRUE(x.grad().index_select(0, (~valid).nonzero().squeeze(1)).eq(0).all().item<bool>());
+        out->output = out->output.index_select(0, keep);
+        grads[1].push_back(x.grad().index_select(0, keep));
+      } else {
+        grads[0].push_back(x.grad());
+      }
+      for (const TaggedParam& p : layer->Parameters()) grads[masked].push_back(p.tensor.grad());
+      outs[masked] = *out;
+    }
+    EXPECT_TRUE(outs[1].output.equal(outs[0].output));
+    ASSERT_EQ(grads[0].size(), grads[1].size());
+    for (size_t i = 0; i < grads[0].size(); ++i) EXPECT_TRUE(grads[1][i].equal(grads[0][i])) << "gradient " << i;
+    EXPECT_EQ(outs[1].aux_loss_value, outs[0].aux_loss_value);
+    EXPECT_EQ(outs[1].z_loss_value, outs[0].z_loss_value);
+    EXPECT_TRUE(outs[1].tokens_per_expert.equal(outs[0].tokens_per_expert));
+    EXPECT_EQ(outs[1].dropped, outs[0].dropped);
+    if (c.capacity_factor > 0 && !c.expert_choice) {
+      EXPECT_GT(outs[1].dropped, 0);
+    }
+  }
+  // Bad masks, and the per-sequence loss, whose sequences a mask would cut.
+  auto layer = MoELayer::Create(Config({}), kSeed);
+  ASSERT_TRUE(layer.ok());
+  const at::Tensor x = at::randn({6, kHidden});
+  for (const at::Tensor& m : {at::ones({6}, at::kInt), at::ones({6, 1}, at::kBool), at::ones({7}, at::kBool)}) {
+    EXPECT_THAT(std::string(layer->Forward(x, {.valid_tokens = m}).status().message()),
+                HasSubstr("valid_tokens must be a [6] bool CPU tensor, one entry per token"));
+  }
+  auto seq = MoELayer::Create(Config({.aux = gate::AuxLoss::kSequence}), kSeed);
+  ASSERT_TRUE(seq.ok());
+  EXPECT_THAT(std::string(seq->Forward(x, {.training = true, .valid_tokens = at::ones({6}, at::kBool)}).status().message()),
+              HasSubstr("valid_tokens with the per-sequence aux loss is not supported"));
+}
+
 // Padding [E, C, H] blocks changes the layout in memory, not the numbers.
 TEST(MoELayerTest, PaddingToCapacityChangesNoNumber) {
   std::vector<at::Tensor> results[2];
@@ -983,6 +1093,12 @@ TEST(MoELayerTest, BadInputOnOneRankStopsEveryRankAtOnce) {
   });
   EXPECT_THAT(e[0], HasSubstr("logits contain NaN or inf on finite hidden states"));
   EXPECT_THAT(e[1], HasSubstr("another rank stopped before routing"));
+  // A bad token mask on one sequence-parallel rank: both stop.
+  e = run({.world_size = 2, .tp = 2}, sp, [&](MoELayer& l, int rank) {
+    return l.Forward(good, {.valid_tokens = rank == 1 ? at::ones({5}, at::kBool) : at::ones({6}, at::kBool)}).status();
+  });
+  EXPECT_THAT(e[0], HasSubstr("had bad hidden states"));
+  EXPECT_THAT(e[1], HasSubstr("valid_tokens must be a [6] bool CPU tensor, one entry per token; got Bool [5]"));
   // Slicing: the NaN token is in rank 0's slice only.
   e = run({.world_size = 2, .tp = 2}, Config({}), [&](MoELayer& l, int) { return l.Forward(nan, {}).status(); });
   EXPECT_THAT(e[0], HasSubstr("hidden states hold NaN or inf"));

@@ -82,6 +82,11 @@ CASES = [
     ("swiglu_shared_gate_capacity", dict(
         activation="swiglu", experts=8, ffn=12, topk=2, aux="aux_loss", aux_coeff=1e-2,
         capacity=1.0, drop="probs", shared=16, shared_gate=True)),
+    # Padding tokens (MoELayer.forward's padding_mask): out of the losses; the test's
+    # layer does not route them either, which changes no real token's number when dropless.
+    ("swiglu_top2_padding_shared_z", dict(
+        activation="swiglu", experts=8, ffn=12, topk=2, aux="aux_loss", aux_coeff=1e-2,
+        z_coeff=1e-3, shared=16, padding=True)),
     # Llama 4's routing: sigmoid top-1, the weight on the expert's input, a shared expert.
     ("sigmoid_top1_probs_on_input_shared", dict(
         activation="swiglu", experts=8, ffn=12, topk=1, score="sigmoid", aux="aux_loss",
@@ -212,13 +217,33 @@ def run_case(i, name, o):
     print(f"{name}: margin {gap:.2g} after {attempt + 1} draw(s), {dropped} of "
           f"{SEQ * BATCH * o['topk']} routed copies dropped")
     g = torch.randn(SEQ, BATCH, HIDDEN, generator=gen)
+    valid = None
+    if o.get("padding"):
+        valid = torch.rand(SEQ, BATCH, generator=gen) > 0.3
+        g = g * valid.unsqueeze(-1)  # a loss that ignores the padding rows
     bias_before = None if layer.router.expert_bias is None else layer.router.expert_bias.clone()
     x = x.requires_grad_(True)
     attached.clear()
-    out, out_bias = layer(x)
+    if valid is None:
+        out, out_bias = layer(x)
+    else:
+        # MoELayer.forward documents padding_mask [bsz, seq] as "True for valid tokens", but
+        # its router keeps the tokens where it is False out of the losses (valid_mask =
+        # ~padding_mask in moe_utils): pass True for padding, and check that the attached
+        # aux loss is the one of the real tokens alone.
+        out, out_bias = layer(x, padding_mask=(~valid).transpose(0, 1))
+        real = valid.reshape(-1)
+        logits = x.detach().reshape(-1, HIDDEN)[real] @ layer.router.weight.detach().t()
+        rmap, scores = moe_utils.compute_routing_scores_for_aux_loss(logits, o["topk"], "softmax")
+        want = moe_utils.switch_load_balancing_loss_func(
+            scores, rmap.sum(0), int(real.sum()), o["topk"], o["experts"], o["aux_coeff"])
+        got = attached[-1]
+        assert torch.allclose(got, want, rtol=1e-6), (name, got.item(), want.item())
     assert out_bias is None
     (out * g).sum().backward()
     t = {"x": x.detach(), "g": g, "out": out.detach(), "x.grad": x.grad}
+    if valid is not None:
+        t["valid"] = valid.float()
     for key, p in w.items():
         t[key] = p.detach()
         t[key + ".grad"] = p.grad

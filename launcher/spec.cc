@@ -136,10 +136,13 @@ absl::Status ValidateModel(const Model& m) {
         e.num_experts()));
   }
   if (e.apply_probs_on_input() && (e.router().type() == Router::EXPERT_CHOICE || e.top_k() != 1)) {
-    return Invalid(absl::StrFormat(
-        "model.moe.apply_probs_on_input: true needs token-choice routing with model.moe.top_k = 1 (got %s, top_k = "
-        "%d): one weight per token scales the expert's input",
-        e.router().type() == Router::EXPERT_CHOICE ? "EXPERT_CHOICE" : "TOKEN_CHOICE", e.top_k()));
+    return Invalid(e.router().type() == Router::EXPERT_CHOICE
+                       ? std::string("model.moe.apply_probs_on_input: true needs token-choice routing (got "
+                                     "model.moe.router.type = EXPERT_CHOICE): one weight per token scales the "
+                                     "expert's input")
+                       : absl::StrFormat("model.moe.apply_probs_on_input: true needs model.moe.top_k = 1 (got %d): one "
+                                         "weight per token scales the expert's input",
+                                         e.top_k()));
   }
   std::set<int> seen;
   for (int i = 0; i < e.layers_size(); ++i) {

@@ -167,34 +167,86 @@ absl::Status MoELayer::CheckHidden(const at::Tensor& hidden) const {
 }
 
 absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEForwardArgs& args) {
-  if (!args.valid_tokens.defined()) return ForwardTokens(hidden, args);
   const at::Tensor& m = args.valid_tokens;
   MoEForwardArgs inner = args;
   inner.valid_tokens = at::Tensor();
   absl::Status bad;
-  if (m.dim() != 1 || m.scalar_type() != at::kBool || !m.device().is_cpu() || !hidden.defined() ||
-      hidden.dim() < 1 || m.size(0) != hidden.size(0)) {
-    bad = absl::InvalidArgumentError(absl::StrFormat(
-        "%s: valid_tokens must be a [%d] bool CPU tensor, one entry per token; got %s %s", config_.name,
-        hidden.defined() && hidden.dim() >= 1 ? hidden.size(0) : 0, c10::toString(m.scalar_type()),
-        c10::str(m.sizes())));
-  } else if (config_.router.type == gate::RoutingType::kTokenChoice &&
-             config_.router.aux_loss == gate::AuxLoss::kSequence && config_.router.aux_loss_coeff > 0) {
-    bad = absl::InvalidArgumentError(absl::StrFormat(
-        "%s: valid_tokens with the per-sequence aux loss is not supported (its sequences must be whole); use the "
-        "batch or global aux loss", config_.name));
+  if (m.defined()) {
+    bad = CheckHidden(hidden);
+    if (bad.ok() && (m.dim() != 1 || m.scalar_type() != at::kBool || !m.device().is_cpu() || m.size(0) != hidden.size(0))) {
+      bad = absl::InvalidArgumentError(absl::StrFormat(
+          "%s: valid_tokens must be a [%d] bool CPU tensor, one entry per token; got %s %s on %s", config_.name,
+          hidden.size(0), c10::toString(m.scalar_type()), c10::str(m.sizes()), m.device().str()));
+    } else if (bad.ok() && config_.router.type == gate::RoutingType::kTokenChoice &&
+               config_.router.aux_loss == gate::AuxLoss::kSequence && config_.router.aux_loss_coeff > 0) {
+      bad = absl::InvalidArgumentError(absl::StrFormat(
+          "%s: valid_tokens with the per-sequence aux loss is not supported (its sequences must be whole); use the "
+          "batch or global aux loss", config_.name));
+    }
   }
-  if (!bad.ok()) {
-    // The rest of the stage waits for this rank in the router's agreement and the block's
-    // exchanges: it fails there as a rank with bad hidden states does, and reports why.
-    (void)ForwardTokens(at::Tensor(), inner);
-    return bad;
+  bool forwarded = false;  // ForwardTokens was called (it reaches the stage's agreement)
+  auto release = [&] {
+    forwarded = true;
+    (void)ForwardTokens(at::Tensor(), inner);  // fails as bad hidden states do, which the stage hears
+  };
+  try {
+    at::Tensor keep;
+    if (m.defined() && bad.ok()) keep = m.nonzero().squeeze(1);
+    // Under TP slicing the TP ranks hold the same tokens and each routes an even slice of
+    // the real ones: their masks must agree, or their slices and gathers would not fit. One
+    // sum over the group of each member's (mask state, kept count, two hashes of the kept
+    // positions) and of their squares: all members are equal iff Σ(v − mine)² = 0.
+    groups::Group* slice = config_.sequence_parallel ? nullptr : GroupOrNull(GroupKind::kSlice);
+    if (slice != nullptr) {
+      int64_t v[4] = {!m.defined() ? 0 : bad.ok() ? 1 : 2, 0, 0, 0};
+      if (keep.defined()) {
+        v[1] = keep.numel();
+        const int64_t* k = keep.data_ptr<int64_t>();
+        for (int64_t i = 0; i < keep.numel(); ++i) {
+          v[2] = (v[2] + k[i] % 1000003) % 1000003;
+          v[3] = (v[3] + (k[i] % 999983) * (k[i] % 999983) % 999983) % 999983;
+        }
+      }
+      at::Tensor t = at::zeros({8}, at::kDouble);
+      for (int i = 0; i < 4; ++i) t[i] = static_cast<double>(v[i]), t[4 + i] = static_cast<double>(v[i]) * v[i];
+      if (absl::Status st = Sum(*slice, t); !st.ok()) {
+        release();
+        return st;
+      }
+      const double n = slice->size();
+      bool same = true;
+      for (int i = 0; i < 4; ++i) {
+        const double x = static_cast<double>(v[i]);
+        same = same && t[4 + i].item<double>() - 2 * x * t[i].item<double>() + n * x * x == 0;
+      }
+      if (!same && bad.ok()) {
+        bad = absl::InvalidArgumentError(absl::StrFormat(
+            "%s: the TP ranks of %s hold the same tokens but gave different valid_tokens (some none, or one of them "
+            "bad input: see its error); under TP slicing each must mask them alike", config_.name, slice->name()));
+      }
+    }
+    if (!bad.ok()) {
+      // The rest of the stage waits for this rank in the router's agreement and the block's
+      // exchanges: it fails there as a rank with bad hidden states does, and reports why.
+      release();
+      return bad;
+    }
+    if (!m.defined()) {
+      forwarded = true;
+      return ForwardTokens(hidden, inner);
+    }
+    // The real tokens, in order: routing, experts and losses see nothing else.
+    const at::Tensor real = hidden.index_select(0, keep);
+    forwarded = true;
+    SY_ASSIGN_OR_RETURN(MoEOutput out, ForwardTokens(real, inner));
+    out.output = at::zeros({hidden.size(0), out.output.size(1)}, out.output.options()).index_copy(0, keep, out.output);
+    return out;
+  } catch (const c10::Error& e) {
+    // Before ForwardTokens the stage still waits to hear from this rank; after it, its
+    // collectives are done.
+    if (!forwarded) release();
+    return absl::InternalError(absl::StrCat(config_.name, ": valid_tokens: ", e.what_without_backtrace()));
   }
-  // The real tokens, in order: routing, experts and losses see nothing else.
-  const at::Tensor keep = m.nonzero().squeeze(1);
-  SY_ASSIGN_OR_RETURN(MoEOutput out, ForwardTokens(hidden.index_select(0, keep), inner));
-  out.output = at::zeros({hidden.size(0), out.output.size(1)}, out.output.options()).index_copy(0, keep, out.output);
-  return out;
 }
 
 absl::StatusOr<MoEOutput> MoELayer::ForwardTokens(const at::Tensor& hidden, const MoEForwardArgs& args) {
@@ -248,7 +300,8 @@ absl::StatusOr<MoEOutput> MoELayer::ForwardTokens(const at::Tensor& hidden, cons
       if (!input.ok()) return stop(input);
       if (n[block->size()].item<int64_t>() > 0) {
         return stop(absl::InvalidArgumentError(absl::StrFormat(
-            "%s: another rank of %s had bad hidden states (see its error)", config_.name, block->name())));
+            "%s: another rank of %s had bad hidden states or valid_tokens (see its error)", config_.name,
+            block->name())));
       }
       parts.assign(n.data_ptr<int64_t>(), n.data_ptr<int64_t>() + block->size());
     } else if (!input.ok()) {

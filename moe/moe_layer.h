@@ -113,10 +113,11 @@ struct MoEForwardArgs {
   // Optional [T] bool, true for the tokens that count and false for padding: padding tokens
   // are not routed and take no capacity, and the losses, counts and capacity are those of
   // the real tokens alone, as if the padding were not there; their output rows are 0 and
-  // their gradient 0. (Megatron-Core's padding_mask keeps padding out of the losses and the
-  // bias counts but still routes it.) Each rank gives its own tokens' mask (under TP
-  // slicing every TP rank the same mask of the tokens they share). Not with the
-  // per-sequence aux loss, whose sequences must be whole.
+  // their gradient 0. (Megatron-Core 0.16's padding_mask keeps padding out of the losses but
+  // still routes it.) Each rank gives its own tokens' mask; under TP slicing the TP ranks
+  // share their tokens and must give the same mask, which one small all-reduce over the TP
+  // group checks on every call (masked or not: a rank without a mask must meet one with).
+  // Not with the per-sequence aux loss, whose sequences must be whole.
   at::Tensor valid_tokens;
 };
 

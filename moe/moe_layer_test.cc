@@ -1131,13 +1131,38 @@ TEST(MoELayerTest, BadInputOnOneRankStopsEveryRankAtOnce) {
   e = run({.world_size = 4, .tp = 2, .cp = 2, .etp = 1}, Config({}), [&](MoELayer& l, int rank) {
     return l.Forward(rank >= 2 ? at::randn({6, kHidden + 1}) : good, {}).status();
   });
-  for (int r : {0, 1}) EXPECT_THAT(e[r], HasSubstr("had bad hidden states (see its error)")) << r;  // tp_cp = world
+  for (int r : {0, 1}) EXPECT_THAT(e[r], HasSubstr("had bad hidden states or valid_tokens (see its error)")) << r;  // tp_cp = world
   for (int r : {2, 3}) EXPECT_THAT(e[r], HasSubstr("hidden states must be [tokens, 8]")) << r;
   e = run({.world_size = 4, .tp = 2, .cp = 2, .etp = 1}, Config({}), [&](MoELayer& l, int rank) {
     return l.Forward(rank >= 2 ? nan : good, {}).status();
   });
   EXPECT_THAT(e[2], HasSubstr("hidden states hold NaN or inf"));  // the NaN token is in TP rank 0's slice
   for (int r : {0, 1, 3}) EXPECT_THAT(e[r], HasSubstr("another rank stopped before routing")) << r;
+  // Token masks. Under TP slicing both TP ranks must give the same one: a mask on one rank
+  // only, or masks of the same count that differ, stop both.
+  const at::Tensor mask = at::tensor(std::vector<int64_t>{1, 1, 0, 1, 1, 1}).to(at::kBool);
+  const at::Tensor other = at::tensor(std::vector<int64_t>{1, 1, 1, 0, 1, 1}).to(at::kBool);
+  for (bool none : {true, false}) {
+    e = run({.world_size = 2, .tp = 2}, Config({}), [&](MoELayer& l, int rank) {
+      return l.Forward(good, {.valid_tokens = rank == 1 ? mask : none ? at::Tensor() : other}).status();
+    });
+    for (int r : {0, 1}) EXPECT_THAT(e[r], HasSubstr("hold the same tokens but gave different valid_tokens")) << r;
+  }
+  e = run({.world_size = 2, .tp = 2}, Config({}), [&](MoELayer& l, int) {
+    return l.Forward(good, {.valid_tokens = mask}).status();
+  });
+  for (int r : {0, 1}) EXPECT_EQ(e[r], "ok") << r;
+  // A bad mask in one CP chunk (both of its TP ranks), and on one rank of DP = 2 x EP = 2.
+  e = run({.world_size = 4, .tp = 2, .cp = 2, .etp = 1}, Config({}), [&](MoELayer& l, int rank) {
+    return l.Forward(good, {.valid_tokens = rank >= 2 ? at::ones({5}, at::kBool) : mask}).status();
+  });
+  for (int r : {0, 1}) EXPECT_THAT(e[r], HasSubstr("had bad hidden states or valid_tokens (see its error)")) << r;
+  for (int r : {2, 3}) EXPECT_THAT(e[r], HasSubstr("valid_tokens must be a [6] bool CPU tensor")) << r;
+  e = run({.world_size = 4, .ep = 2}, Config({}), [&](MoELayer& l, int rank) {
+    return l.Forward(good, {.valid_tokens = rank == 3 ? at::ones({6}, at::kFloat) : mask}).status();
+  });
+  for (int r : {0, 1, 2}) EXPECT_THAT(e[r], HasSubstr("another rank stopped before routing")) << r;
+  EXPECT_THAT(e[3], HasSubstr("valid_tokens must be a [6] bool CPU tensor, one entry per token; got Float"));
   // Sequences that do not divide the tokens (the per-sequence aux loss) on one EP rank.
   e = run({.world_size = 2, .ep = 2}, Config({.aux = gate::AuxLoss::kSequence}), [&](MoELayer& l, int rank) {
     return l.Forward(good, {.num_sequences = rank == 0 ? 4 : 2}).status();

@@ -224,6 +224,8 @@ def run_case(i, name, o):
     bias_before = None if layer.router.expert_bias is None else layer.router.expert_bias.clone()
     x = x.requires_grad_(True)
     attached.clear()
+    routed = []
+    hook = layer.router.register_forward_hook(lambda m, i, out: routed.append(out[1].detach()))
     if valid is None:
         out, out_bias = layer(x)
     else:
@@ -239,9 +241,13 @@ def run_case(i, name, o):
             scores, rmap.sum(0), int(real.sum()), o["topk"], o["experts"], o["aux_coeff"])
         got = attached[-1]
         assert torch.allclose(got, want, rtol=1e-6), (name, got.item(), want.item())
+    hook.remove()
     assert out_bias is None
+    if not o.get("pad"):  # (padded maps hold every slot up to capacity)
+        assert SEQ * BATCH * o["topk"] - routed[0].sum().item() == dropped, (name, dropped)
     (out * g).sum().backward()
     t = {"x": x.detach(), "g": g, "out": out.detach(), "x.grad": x.grad}
+    t["dropped"] = torch.tensor(float(dropped))
     if valid is not None:
         t["valid"] = valid.float()
     for key, p in w.items():

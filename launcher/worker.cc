@@ -223,7 +223,10 @@ absl::Status RunMoELayerCheck(const ResolvedJob& job, const WorkerEnv& env, cons
           at::equal(routed, want_routed)
               ? ""
               : "; the routing differs too (routed copies per expert over the stage " + c10::str(routed) +
-                    ", one process " + c10::str(want_routed) + "): a near-tie between experts' scores?";
+                    ", one process " + c10::str(want_routed) +
+                    "): a layout error, or a near-tie flipped by logits that depend on the other tokens in the "
+                    "product on this CPU (//moe/gate:router_module_test LogitsOfAPartAreTheBlocksRows checks "
+                    "that they do not)";
       auto compare = [&](const std::string& what, const at::Tensor& got, const at::Tensor& want) -> absl::Status {
         if (got.sizes() != want.sizes()) {
           return absl::InternalError(absl::StrFormat("%s has shape %s, the single-process layer's %s", what,

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "gmock/gmock.h"
@@ -258,6 +259,31 @@ TEST(RouterModule, LogitsAndTheirGradientsMatchFp64) {
   const at::Tensor w = Hidden(4, 8, 11).requires_grad_(true);
   RouterLogits(Hidden(6, 8, 12), w).sum().backward();
   EXPECT_TRUE(at::allclose(w.grad(), Hidden(6, 8, 12).sum(0).expand({4, 8}), 1e-5, 1e-6));
+}
+
+// A token's logits do not depend on which other tokens share the product: a TP slice, an SP
+// share or a CP chunk of a block gets its rows of the whole block's logits bit for bit, on 1
+// and 2 threads. So no layout can flip a near-tie in the top-k choice or a capacity cut
+// (the launcher's check compares a layout with one process at the spec's init std 0.02,
+// where near-ties do occur); were this to fail on some CPU, that check could report a
+// routing difference there that no layout error caused.
+TEST(RouterModule, LogitsOfAPartAreTheBlocksRows) {
+  const int threads = at::get_num_threads();
+  for (int n : {1, 2}) {
+    at::set_num_threads(n);
+    for (at::ScalarType dt : {at::kFloat, at::kBFloat16}) {
+      for (auto [H, E] : {std::pair<int64_t, int64_t>{512, 64}, {1024, 8}, {96, 256}}) {
+        SCOPED_TRACE(testing::Message() << at::toString(dt) << " H=" << H << " E=" << E << ", " << n << " threads");
+        const at::Tensor x = Hidden(2048, H, 13).to(dt), w = Hidden(E, H, 14) * 0.02;
+        const at::Tensor whole = RouterLogits(x, w);
+        for (auto [off, len] : {std::pair<int64_t, int64_t>{0, 1024}, {1024, 1024}, {1, 1023}, {5, 7}, {2047, 1}, {100, 683}}) {
+          EXPECT_TRUE(RouterLogits(x.narrow(0, off, len).contiguous(), w).equal(whole.narrow(0, off, len)))
+              << "rows " << off << " to " << off + len;
+        }
+      }
+    }
+  }
+  at::set_num_threads(threads);
 }
 
 TEST(RouterModule, ExpertChoiceAndBadInput) {

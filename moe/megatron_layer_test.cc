@@ -68,7 +68,8 @@ MoEConfig ConfigOf(const Case& c, int64_t hidden) {
   m.router.num_experts = static_cast<int>(c.Num("experts"));
   gate::TopKOptions& t = m.router.topk;
   t.top_k = static_cast<int>(c.Num("topk"));
-  if (c.Has("score")) t.score = c.Str("score") == "sigmoid" ? gate::ScoreFunction::kSigmoid : gate::ScoreFunction::kSoftmax;
+  if (c.Has("score"))
+    t.score = c.Str("score") == "sigmoid" ? gate::ScoreFunction::kSigmoid : gate::ScoreFunction::kSoftmax;
   t.pre_softmax = c.Flag("pre_softmax");
   if (c.Has("groups")) {
     t.num_groups = static_cast<int>(c.Num("groups"));
@@ -88,7 +89,7 @@ MoEConfig ConfigOf(const Case& c, int64_t hidden) {
   m.router.bias_update_rate = 1e-2;
   m.ffn_hidden_size = static_cast<int64_t>(c.Num("ffn"));
   const std::string& act = c.Str("activation");
-  m.activation = act == "gelu" ? experts::Activation::kGelu
+  m.activation = act == "gelu"   ? experts::Activation::kGelu
                  : act == "relu" ? experts::Activation::kRelu
                                  : experts::Activation::kSwiglu;
   if (c.Has("shared")) {
@@ -113,93 +114,99 @@ TEST(MegatronLayerTest, MatchesMegatronCoreMoELayer) {
   const std::vector<std::string> names = absl::StrSplit(f->metadata.at("cases"), ' ');
   ASSERT_GE(names.size(), 8u);
   for (const std::string& name : names) {
-    SCOPED_TRACE(name);
     const Case c(*f, name);
-    const at::Tensor& x_sbh = c.T("x");
-    const int64_t S = x_sbh.size(0), B = x_sbh.size(1), H = x_sbh.size(2);
-    const bool by_sequence = c.Str("aux") == "seq_aux_loss";
-    const MoEConfig cfg = ConfigOf(c, H);
-    absl::StatusOr<MoELayer> layer = MoELayer::Create(cfg, 7);
-    ASSERT_TRUE(layer.ok()) << layer.status();
-    const int E = cfg.router.num_experts;
+    // The per-sequence loss's tokens go in as whole sequences one after another, and as they
+    // are, position by position (SequenceOrder::kInterleaved).
+    for (bool by_sequence :
+         c.Str("aux") == "seq_aux_loss" ? std::vector<bool>{true, false} : std::vector<bool>{false}) {
+      SCOPED_TRACE(name + (by_sequence ? ", whole sequences" : ""));
+      const at::Tensor& x_sbh = c.T("x");
+      const int64_t S = x_sbh.size(0), B = x_sbh.size(1), H = x_sbh.size(2);
+      const bool per_sequence = c.Str("aux") == "seq_aux_loss";
+      const MoEConfig cfg = ConfigOf(c, H);
+      absl::StatusOr<MoELayer> layer = MoELayer::Create(cfg, 7);
+      ASSERT_TRUE(layer.ok()) << layer.status();
+      const int E = cfg.router.num_experts;
 
-    // Megatron's weights: expert i's linear_fc1.weight [2F | F, H] (SwiGLU: gate rows, then
-    // up rows) is our fc1[i]ᵀ ([H, gate | up]); linear_fc2.weight [H, F] is fc2[i]ᵀ.
-    {
-      at::NoGradGuard no_grad;
-      layer->router().weight().copy_(c.T("router.weight"));
+      // Megatron's weights: expert i's linear_fc1.weight [2F | F, H] (SwiGLU: gate rows, then
+      // up rows) is our fc1[i]ᵀ ([H, gate | up]); linear_fc2.weight [H, F] is fc2[i]ᵀ.
+      {
+        at::NoGradGuard no_grad;
+        layer->router().weight().copy_(c.T("router.weight"));
+        for (int e = 0; e < E; ++e) {
+          layer->routed_experts().fc1()[e].copy_(c.T(absl::StrCat("experts.", e, ".fc1")).t());
+          layer->routed_experts().fc2()[e].copy_(c.T(absl::StrCat("experts.", e, ".fc2")).t());
+        }
+        if (cfg.num_shared_experts > 0) {
+          layer->shared_experts()->fc1()[0].copy_(c.T("shared.fc1").t());
+          layer->shared_experts()->fc2()[0].copy_(c.T("shared.fc2").t());
+        }
+        if (cfg.shared_expert_gate) layer->shared_expert_gate().copy_(c.T("shared.gate"));
+        if (cfg.router.expert_bias) layer->router().expert_bias().copy_(c.T("expert_bias"));
+      }
+      ASSERT_EQ(c.HasT("shared.gate"), cfg.shared_expert_gate);
+
+      at::Tensor x = Tokens(x_sbh, by_sequence).requires_grad_(true);
+      // Padding (the fixture's "valid", [seq, batch]): Megatron still routes it, we do not;
+      // its g rows are 0, so only the real rows' outputs are compared.
+      const at::Tensor valid = c.HasT("valid") ? c.T("valid").unsqueeze(2) > 0.5f : at::ones({S, B, 1}, at::kBool);
+      absl::StatusOr<MoEOutput> out = layer->Forward(
+          x, {.training = true,
+              .num_sequences = per_sequence ? B : 1,
+              .sequence_order = by_sequence ? gate::SequenceOrder::kWhole : gate::SequenceOrder::kInterleaved,
+              .valid_tokens = c.HasT("valid") ? Tokens(valid, by_sequence).squeeze(1) : at::Tensor()});
+      ASSERT_TRUE(out.ok()) << out.status();
+      ((out->output * Tokens(c.T("g"), by_sequence)).sum() + out->aux_loss + out->z_loss).backward();
+
+      auto back = [&](const at::Tensor& t) {  // our [tokens, H] as Megatron's [seq, batch, H]
+        return by_sequence ? t.reshape({B, S, H}).transpose(0, 1) : t.reshape({S, B, H});
+      };
+      constexpr double kTol = 1e-5;
+      double worst = 0;
+      auto err = [&worst](const at::Tensor& got, const at::Tensor& want) {
+        const double e = RelErr(got, want);
+        worst = std::max(worst, e);
+        return e;
+      };
+      EXPECT_LT(err(back(out->output) * valid, c.T("out") * valid), kTol);
+      EXPECT_LT(err(back(x.grad()), c.T("x.grad")), kTol);
+      EXPECT_NEAR(out->aux_loss_value, c.T("aux_loss").item<double>(), 1e-6 * c.T("aux_loss").item<double>());
+      if (c.HasT("z_loss")) {
+        EXPECT_NEAR(out->z_loss_value, c.T("z_loss").item<double>(), 1e-6 * c.T("z_loss").item<double>());
+      } else {
+        EXPECT_EQ(out->z_loss_value, 0);
+      }
+      EXPECT_LT(err(layer->router().weight().grad(), c.T("router.weight.grad")), kTol);
       for (int e = 0; e < E; ++e) {
-        layer->routed_experts().fc1()[e].copy_(c.T(absl::StrCat("experts.", e, ".fc1")).t());
-        layer->routed_experts().fc2()[e].copy_(c.T(absl::StrCat("experts.", e, ".fc2")).t());
+        SCOPED_TRACE(absl::StrCat("expert ", e));
+        const std::string k = absl::StrCat("experts.", e);
+        EXPECT_LT(err(layer->routed_experts().fc1().grad()[e].t(), c.T(k + ".fc1.grad")), kTol);
+        EXPECT_LT(err(layer->routed_experts().fc2().grad()[e].t(), c.T(k + ".fc2.grad")), kTol);
       }
       if (cfg.num_shared_experts > 0) {
-        layer->shared_experts()->fc1()[0].copy_(c.T("shared.fc1").t());
-        layer->shared_experts()->fc2()[0].copy_(c.T("shared.fc2").t());
+        EXPECT_LT(err(layer->shared_experts()->fc1().grad()[0].t(), c.T("shared.fc1.grad")), kTol);
+        EXPECT_LT(err(layer->shared_experts()->fc2().grad()[0].t(), c.T("shared.fc2.grad")), kTol);
       }
-      if (cfg.shared_expert_gate) layer->shared_expert_gate().copy_(c.T("shared.gate"));
-      if (cfg.router.expert_bias) layer->router().expert_bias().copy_(c.T("expert_bias"));
+      if (cfg.shared_expert_gate) {
+        EXPECT_LT(err(layer->shared_expert_gate().grad(), c.T("shared.gate.grad")), kTol);
+      }
+      if (cfg.router.expert_bias) {
+        // Megatron counts the copies each expert kept; these cases drop none, where that is
+        // also our count of routed copies.
+        ASSERT_FALSE(c.Has("capacity"));
+        EXPECT_TRUE(at::equal(out->tokens_per_expert.to(at::kFloat), c.T("tokens_per_expert")))
+            << out->tokens_per_expert << c.T("tokens_per_expert");
+        ASSERT_TRUE(layer->UpdateExpertBias(out->tokens_per_expert).ok());
+        EXPECT_LT(RelErr(layer->router().expert_bias(), c.T("expert_bias.updated")), 1e-6);
+      }
+      // Megatron's drops: each expert's routed copies past its capacity.
+      EXPECT_EQ(out->dropped, static_cast<int64_t>(c.T("dropped").item<float>()));
+      if (c.Has("capacity")) {
+        EXPECT_GT(out->dropped, 0);
+      }
+      std::printf("%-36s largest relative error %.2g (output and gradients), %lld copies dropped%s\n", name.c_str(),
+                  worst, static_cast<long long>(out->dropped), by_sequence ? " (whole sequences)" : "");
     }
-    ASSERT_EQ(c.HasT("shared.gate"), cfg.shared_expert_gate);
-
-    at::Tensor x = Tokens(x_sbh, by_sequence).requires_grad_(true);
-    // Padding (the fixture's "valid", [seq, batch]): Megatron still routes it, we do not;
-    // its g rows are 0, so only the real rows' outputs are compared.
-    const at::Tensor valid = c.HasT("valid") ? c.T("valid").unsqueeze(2) > 0.5f : at::ones({S, B, 1}, at::kBool);
-    absl::StatusOr<MoEOutput> out = layer->Forward(
-        x, {.training = true,
-            .num_sequences = by_sequence ? B : 1,
-            .valid_tokens = c.HasT("valid") ? Tokens(valid, by_sequence).squeeze(1) : at::Tensor()});
-    ASSERT_TRUE(out.ok()) << out.status();
-    ((out->output * Tokens(c.T("g"), by_sequence)).sum() + out->aux_loss + out->z_loss).backward();
-
-    auto back = [&](const at::Tensor& t) {  // our [tokens, H] as Megatron's [seq, batch, H]
-      return by_sequence ? t.reshape({B, S, H}).transpose(0, 1) : t.reshape({S, B, H});
-    };
-    constexpr double kTol = 1e-5;
-    double worst = 0;
-    auto err = [&worst](const at::Tensor& got, const at::Tensor& want) {
-      const double e = RelErr(got, want);
-      worst = std::max(worst, e);
-      return e;
-    };
-    EXPECT_LT(err(back(out->output) * valid, c.T("out") * valid), kTol);
-    EXPECT_LT(err(back(x.grad()), c.T("x.grad")), kTol);
-    EXPECT_NEAR(out->aux_loss_value, c.T("aux_loss").item<double>(), 1e-6 * c.T("aux_loss").item<double>());
-    if (c.HasT("z_loss")) {
-      EXPECT_NEAR(out->z_loss_value, c.T("z_loss").item<double>(), 1e-6 * c.T("z_loss").item<double>());
-    } else {
-      EXPECT_EQ(out->z_loss_value, 0);
-    }
-    EXPECT_LT(err(layer->router().weight().grad(), c.T("router.weight.grad")), kTol);
-    for (int e = 0; e < E; ++e) {
-      SCOPED_TRACE(absl::StrCat("expert ", e));
-      const std::string k = absl::StrCat("experts.", e);
-      EXPECT_LT(err(layer->routed_experts().fc1().grad()[e].t(), c.T(k + ".fc1.grad")), kTol);
-      EXPECT_LT(err(layer->routed_experts().fc2().grad()[e].t(), c.T(k + ".fc2.grad")), kTol);
-    }
-    if (cfg.num_shared_experts > 0) {
-      EXPECT_LT(err(layer->shared_experts()->fc1().grad()[0].t(), c.T("shared.fc1.grad")), kTol);
-      EXPECT_LT(err(layer->shared_experts()->fc2().grad()[0].t(), c.T("shared.fc2.grad")), kTol);
-    }
-    if (cfg.shared_expert_gate) {
-      EXPECT_LT(err(layer->shared_expert_gate().grad(), c.T("shared.gate.grad")), kTol);
-    }
-    if (cfg.router.expert_bias) {
-      // Megatron counts the copies each expert kept; these cases drop none, where that is
-      // also our count of routed copies.
-      ASSERT_FALSE(c.Has("capacity"));
-      EXPECT_TRUE(at::equal(out->tokens_per_expert.to(at::kFloat), c.T("tokens_per_expert")))
-          << out->tokens_per_expert << c.T("tokens_per_expert");
-      ASSERT_TRUE(layer->UpdateExpertBias(out->tokens_per_expert).ok());
-      EXPECT_LT(RelErr(layer->router().expert_bias(), c.T("expert_bias.updated")), 1e-6);
-    }
-    // Megatron's drops: each expert's routed copies past its capacity.
-    EXPECT_EQ(out->dropped, static_cast<int64_t>(c.T("dropped").item<float>()));
-    if (c.Has("capacity")) {
-      EXPECT_GT(out->dropped, 0);
-    }
-    std::printf("%-36s largest relative error %.2g (output and gradients), %lld copies dropped\n", name.c_str(),
-                worst, static_cast<long long>(out->dropped));
   }
 }
 

@@ -323,7 +323,8 @@ absl::StatusOr<MoEOutput> MoELayer::ForwardTokens(const at::Tensor& hidden, cons
       if (!mine.ok()) return stop(mine.status());
       x = *std::move(mine);
     }
-    gate::ForwardArgs ga{.training = args.training, .num_sequences = args.num_sequences};
+    gate::ForwardArgs ga{
+        .training = args.training, .num_sequences = args.num_sequences, .sequence_order = args.sequence_order};
     if (comm_ != nullptr) ga.dp_replicas = int64_t{comm_->layout().dp()} * comm_->layout().cp();
     if (block != nullptr) {
       ga.block_tokens = block_tokens;

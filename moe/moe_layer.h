@@ -105,11 +105,13 @@ struct TaggedParam {
 
 struct MoEForwardArgs {
   bool training = false;
-  // Per-sequence aux loss: the sequences in the block (no CP), whole sequences one after
-  // another ([batch, seq] order). With sequence parallelism the TP ranks' shares joined in TP
-  // order must be that block (Megatron-Core's gives each rank a [seq / tp, batch] slice
-  // instead: reorder before the layer).
+  // Per-sequence aux loss: the sequences in the block (no CP), of equal length, laid out as
+  // `sequence_order` says: whole sequences one after another ([batch, seq]), or position by
+  // position ([seq, batch], Megatron-Core's layout). With sequence parallelism the TP ranks'
+  // shares joined in TP order must be that block: Megatron-Core's [seq / tp, batch] slices
+  // are, in kInterleaved order.
   int64_t num_sequences = 1;
+  gate::SequenceOrder sequence_order = gate::SequenceOrder::kWhole;
   // Optional [T] bool, true for the tokens that count and false for padding: padding tokens
   // are not routed and take no capacity, and the losses, counts and capacity are those of
   // the real tokens alone, as if the padding were not there; their output rows are 0 and

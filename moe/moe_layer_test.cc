@@ -66,6 +66,7 @@ struct Case {
   std::optional<gate::AuxLoss> aux;
   double z_loss = 0;
   int64_t seq_len = 0;
+  gate::SequenceOrder sequence_order = gate::SequenceOrder::kWhole;
   bool sequence_parallel = false;   // each TP rank gets its share of the DP block's tokens
   // Training mode with input jitter and noisy gating (one DP block: other replicas draw
   // other noise than one process).
@@ -185,7 +186,10 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
     const int64_t block_off = off;
     {
       const int64_t n = std::accumulate(block.begin(), block.end(), int64_t{0});
-      auto out = layer->Forward(x.narrow(0, off, n), {.training = c.training, .valid_tokens = Part(valid, off, n)});
+      auto out = layer->Forward(x.narrow(0, off, n), {.training = c.training,
+                                                      .num_sequences = c.seq_len > 0 ? n / c.seq_len : 1,
+                                                      .sequence_order = c.sequence_order,
+                                                      .valid_tokens = Part(valid, off, n)});
       EXPECT_TRUE(out.ok()) << out.status();
       outs.push_back(out->output);
       loss = loss + (out->output * ref.R.narrow(0, off, n)).sum();
@@ -210,7 +214,8 @@ Reference RunReference(const Case& c, const std::vector<std::vector<int64_t>>& s
       aux = gate::LoadBalancingLoss(a.scores, a.tokens_per_expert, Tb, k, coeff);
     } else if (AuxOf(c) == gate::AuxLoss::kSequence) {
       const gate::AuxLossInputs a = aux_scores(logits);
-      absl::StatusOr<at::Tensor> l = gate::SequenceLoadBalancingLoss(a.scores, a.routing_map, Tb / c.seq_len, k, coeff);
+      absl::StatusOr<at::Tensor> l =
+          gate::SequenceLoadBalancingLoss(a.scores, a.routing_map, Tb / c.seq_len, k, coeff, c.sequence_order);
       EXPECT_TRUE(l.ok()) << l.status();
       aux = *l;
     }
@@ -312,6 +317,7 @@ void RunCase(const Case& c) {
     at::Tensor x = ref.x.narrow(0, off, n).clone().requires_grad_(true);
     auto out = layer->Forward(x, {.training = c.training,
                                   .num_sequences = sequences,
+                                  .sequence_order = c.sequence_order,
                                   .valid_tokens = Part(ValidTokens(c), off, n)});
     if (!out.ok()) return out.status();
     // The optimizer's average over the DP x CP replicas, applied to the losses the layer
@@ -528,6 +534,15 @@ TEST(MoELayerEquivalenceTest, SequenceParallelTensorParallel2xExpertParallel2) {
            .dp_tokens = {15},
            .aux = gate::AuxLoss::kSequence,
            .seq_len = 5,
+           .sequence_parallel = true});
+  // Megatron-Core's layout: 3 sequences of 5 tokens position by position, each TP rank a
+  // [seq / tp, batch] share (8 and 7 tokens) holding part of every sequence.
+  RunCase({.name = "TP=2 sequence parallel x EP=2, per-sequence aux loss, [seq, batch] tokens",
+           .layout = {.world_size = 4, .tp = 2, .ep = 2, .etp = 1},
+           .dp_tokens = {15, 20},
+           .aux = gate::AuxLoss::kSequence,
+           .seq_len = 5,
+           .sequence_order = gate::SequenceOrder::kInterleaved,
            .sequence_parallel = true});
 }
 

@@ -527,7 +527,7 @@ absl::StatusOr<AuxLossInputs> AuxLossScores(const at::Tensor& logits, int top_k,
 absl::StatusOr<at::Tensor> SequenceLoadBalancingLoss(const at::Tensor& scores,
                                                      const at::Tensor& routing_map,
                                                      int64_t num_sequences, int top_k,
-                                                     double coeff) {
+                                                     double coeff, SequenceOrder order) {
   const int64_t T = scores.size(0), E = scores.size(1);
   if (num_sequences < 1 || T % num_sequences != 0) {
     return Invalid(absl::StrFormat("router: %d tokens do not split into %d sequences", T,
@@ -535,8 +535,13 @@ absl::StatusOr<at::Tensor> SequenceLoadBalancingLoss(const at::Tensor& scores,
   }
   if (T == 0) return scores.sum() * 0.0;  // no tokens, no load (and no 0/0)
   const int64_t S = T / num_sequences;
-  const at::Tensor per_seq_scores = scores.view({num_sequences, S, E}).sum(1);
-  const at::Tensor per_seq_counts = routing_map.view({num_sequences, S, E}).to(scores.scalar_type()).sum(1);
+  // [sequence, position, E] or [position, sequence, E]: the sums over the positions.
+  const bool whole = order == SequenceOrder::kWhole;
+  const std::vector<int64_t> shape = whole ? std::vector<int64_t>{num_sequences, S, E}
+                                           : std::vector<int64_t>{S, num_sequences, E};
+  const int64_t positions = whole ? 1 : 0;
+  const at::Tensor per_seq_scores = scores.reshape(shape).sum(positions);
+  const at::Tensor per_seq_counts = routing_map.reshape(shape).to(scores.scalar_type()).sum(positions);
   return (per_seq_scores * per_seq_counts).sum() *
          (static_cast<double>(E) * coeff /
           (static_cast<double>(top_k) * S * S * static_cast<double>(num_sequences)));
@@ -558,27 +563,27 @@ absl::Status CheckPart(int64_t part_tokens, int64_t first_token, int64_t block_t
 
 // Each of the part's tokens' sequence in the block.
 at::Tensor SequenceOfToken(int64_t part_tokens, int64_t first_token, int64_t block_tokens, int64_t num_sequences,
-                           const at::Device& device) {
-  const int64_t len = block_tokens / num_sequences;
-  return at::arange(first_token, first_token + part_tokens, at::TensorOptions().dtype(at::kLong).device(device))
-      .div(len, "floor");
+                           SequenceOrder order, const at::Device& device) {
+  const at::Tensor t =
+      at::arange(first_token, first_token + part_tokens, at::TensorOptions().dtype(at::kLong).device(device));
+  return order == SequenceOrder::kWhole ? t.div(block_tokens / num_sequences, "floor") : t.remainder(num_sequences);
 }
 
 }  // namespace
 
 absl::StatusOr<at::Tensor> SequenceCounts(const at::Tensor& routing_map, int64_t first_token,
-                                          int64_t block_tokens, int64_t num_sequences) {
+                                          int64_t block_tokens, int64_t num_sequences, SequenceOrder order) {
   const int64_t T = routing_map.size(0), E = routing_map.size(1);
   if (absl::Status s = CheckPart(T, first_token, block_tokens, num_sequences); !s.ok()) return s;
   at::Tensor counts = at::zeros({num_sequences, E}, routing_map.options().dtype(at::kFloat));
   if (T == 0) return counts;
-  return counts.index_add_(0, SequenceOfToken(T, first_token, block_tokens, num_sequences, routing_map.device()),
+  return counts.index_add_(0, SequenceOfToken(T, first_token, block_tokens, num_sequences, order, routing_map.device()),
                            routing_map.to(at::kFloat));
 }
 
 absl::StatusOr<at::Tensor> SequenceLoadBalancingLossOfPart(const at::Tensor& scores, int64_t first_token,
                                                            int64_t block_tokens, const at::Tensor& block_counts,
-                                                           int top_k, double coeff) {
+                                                           int top_k, double coeff, SequenceOrder order) {
   const int64_t T = scores.size(0), E = scores.size(1), N = block_counts.defined() ? block_counts.size(0) : 0;
   if (!block_counts.defined() || block_counts.dim() != 2 || block_counts.size(1) != E) {
     return Invalid(absl::StrFormat("router: block_counts must be [num_sequences, %d]", E));
@@ -586,7 +591,7 @@ absl::StatusOr<at::Tensor> SequenceLoadBalancingLossOfPart(const at::Tensor& sco
   if (absl::Status s = CheckPart(T, first_token, block_tokens, N); !s.ok()) return s;
   if (T == 0) return scores.sum() * 0.0;  // nothing of the block here (or an empty block)
   const double len = static_cast<double>(block_tokens / N);
-  const at::Tensor seq = SequenceOfToken(T, first_token, block_tokens, N, scores.device());
+  const at::Tensor seq = SequenceOfToken(T, first_token, block_tokens, N, order, scores.device());
   const at::Tensor part_scores = at::zeros({N, E}, scores.options()).index_add(0, seq, scores);
   return (part_scores * block_counts.to(scores.scalar_type())).sum() *
          (static_cast<double>(E) * coeff / (static_cast<double>(top_k) * len * len * static_cast<double>(N)));

@@ -160,25 +160,34 @@ absl::StatusOr<AuxLossInputs> AuxLossScores(const at::Tensor& logits, int top_k,
 at::Tensor LoadBalancingLoss(const at::Tensor& scores, const at::Tensor& tokens_per_expert,
                              int64_t total_tokens, int top_k, double coeff);
 
+// How a block's tokens hold its sequences of equal length.
+enum class SequenceOrder {
+  kWhole,        // one sequence after another: [batch, seq] (token t is in sequence t / len)
+  kInterleaved,  // position by position: [seq, batch], Megatron-Core's layout (sequence t % batch)
+};
+
 // The same loss per sequence, averaged over the sequences: tokens are `num_sequences`
-// sequences laid out one after another ([batch, seq] order), and fᵢ, Pᵢ are counted within
-// each. Equals Megatron-Core's seq_aux_loss (which takes tokens in [seq, batch] order).
+// sequences of equal length in `order`, and fᵢ, Pᵢ are counted within each. Equals
+// Megatron-Core's seq_aux_loss, which takes tokens in kInterleaved order.
 absl::StatusOr<at::Tensor> SequenceLoadBalancingLoss(const at::Tensor& scores,
                                                      const at::Tensor& routing_map,
                                                      int64_t num_sequences, int top_k,
-                                                     double coeff);
+                                                     double coeff,
+                                                     SequenceOrder order = SequenceOrder::kWhole);
 
-// A part of a block of `block_tokens` tokens, `num_sequences` sequences of equal length one
-// after another: the part's t-th token is token `first_token` + t of the block (a TP rank's
+// A part of a block of `block_tokens` tokens, `num_sequences` sequences of equal length in
+// `order`: the part's t-th token is token `first_token` + t of the block (a TP rank's
 // contiguous share when the group splits the block). SequenceCounts: the part's per-sequence
 // top-k counts [num_sequences, E]. SequenceLoadBalancingLossOfPart: its share of the block's
 // sequence loss, given `block_counts` (the counts summed over every part); the parts' shares
 // add up to SequenceLoadBalancingLoss of the whole block.
 absl::StatusOr<at::Tensor> SequenceCounts(const at::Tensor& routing_map, int64_t first_token,
-                                          int64_t block_tokens, int64_t num_sequences);
+                                          int64_t block_tokens, int64_t num_sequences,
+                                          SequenceOrder order = SequenceOrder::kWhole);
 absl::StatusOr<at::Tensor> SequenceLoadBalancingLossOfPart(const at::Tensor& scores, int64_t first_token,
                                                            int64_t block_tokens, const at::Tensor& block_counts,
-                                                           int top_k, double coeff);
+                                                           int top_k, double coeff,
+                                                           SequenceOrder order = SequenceOrder::kWhole);
 
 // Aux-loss-free balancing: bias + rate·sign(mean(n) − n), where n are the token counts of
 // the last step summed over every rank that shares the router (the caller all-reduces).

@@ -194,16 +194,19 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
     if (!in.ok()) return in.status();
     if (config_.aux_loss == AuxLoss::kSequence && part) {
       absl::StatusOr<at::Tensor> counts =
-          SequenceCounts(in->routing_map, args.block_offset, args.block_tokens, args.num_sequences);
+          SequenceCounts(in->routing_map, args.block_offset, args.block_tokens, args.num_sequences,
+                         args.sequence_order);
       if (!counts.ok()) return counts.status();
       absl::StatusOr<at::Tensor> l =
           SequenceLoadBalancingLossOfPart(in->scores, args.block_offset, args.block_tokens,
-                                          args.sum_over_block(*counts), config_.topk.top_k, config_.aux_loss_coeff);
+                                          args.sum_over_block(*counts), config_.topk.top_k, config_.aux_loss_coeff,
+                                          args.sequence_order);
       if (!l.ok()) return l.status();
       out.aux_loss = *l;
     } else if (config_.aux_loss == AuxLoss::kSequence) {
-      absl::StatusOr<at::Tensor> l = SequenceLoadBalancingLoss(
-          in->scores, in->routing_map, args.num_sequences, config_.topk.top_k, config_.aux_loss_coeff);
+      absl::StatusOr<at::Tensor> l =
+          SequenceLoadBalancingLoss(in->scores, in->routing_map, args.num_sequences, config_.topk.top_k,
+                                    config_.aux_loss_coeff, args.sequence_order);
       if (!l.ok()) return l.status();
       out.aux_loss = *l;
     } else if (config_.aux_loss == AuxLoss::kGlobal) {

@@ -41,7 +41,10 @@ struct RouterConfig {
 
 struct ForwardArgs {
   bool training = false;
-  int64_t num_sequences = 1;  // AuxLoss::kSequence: the block's tokens are this many sequences, in order
+  // AuxLoss::kSequence: the block's tokens are this many sequences of equal length, laid out
+  // in this order.
+  int64_t num_sequences = 1;
+  SequenceOrder sequence_order = SequenceOrder::kWhole;
   // AuxLoss::kGlobal: sums a tensor over the data-parallel group (the caller's collective).
   std::function<at::Tensor(const at::Tensor&)> sum_over_dp;
   // AuxLoss::kGlobal: the data-parallel replicas (DP x CP) whose gradients the optimizer

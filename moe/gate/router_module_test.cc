@@ -102,19 +102,25 @@ TEST(RouterModule, SequenceAndGlobalAuxLoss) {
 TEST(RouterModule, PartsOfABlockAddUpToTheBlock) {
   const int64_t T = 24, N = 3, E = 4;
   const at::Tensor h = Hidden(T, 8, 4);
-  for (AuxLoss aux : {AuxLoss::kBatch, AuxLoss::kSequence}) {
-    SCOPED_TRACE(aux == AuxLoss::kBatch ? "batch" : "sequence");
+  for (auto [aux, order] : {std::pair{AuxLoss::kBatch, SequenceOrder::kWhole},
+                            std::pair{AuxLoss::kSequence, SequenceOrder::kWhole},
+                            std::pair{AuxLoss::kSequence, SequenceOrder::kInterleaved}}) {
+    SCOPED_TRACE(aux == AuxLoss::kBatch                ? "batch"
+                 : order == SequenceOrder::kWhole ? "sequence, whole sequences"
+                                                  : "sequence, interleaved");
     RouterConfig c{.hidden_size = 8, .num_experts = E, .topk = {.top_k = 2}, .aux_loss = aux,
                    .aux_loss_coeff = 0.1, .z_loss_coeff = 0.01, .init_std = 0.5f};
     absl::StatusOr<Router> whole = Router::Create(c, 7), parts = Router::Create(c, 7);
     ASSERT_TRUE(whole.ok() && parts.ok());
-    absl::StatusOr<RouterOutput> w = whole->Forward(h, {.num_sequences = N});
+    absl::StatusOr<RouterOutput> w = whole->Forward(h, {.num_sequences = N, .sequence_order = order});
     ASSERT_TRUE(w.ok()) << w.status();
     (w->aux_loss + w->z_loss).backward();
     absl::StatusOr<AuxLossInputs> in = AuxLossScores(w->logits, 2, ScoreFunction::kSoftmax);
     ASSERT_TRUE(in.ok());
     const at::Tensor map = in->routing_map.to(at::kFloat);
-    const at::Tensor want = aux == AuxLoss::kBatch ? map.sum(0) : map.view({N, T / N, E}).sum(1);
+    const at::Tensor want = aux == AuxLoss::kBatch           ? map.sum(0)
+                            : order == SequenceOrder::kWhole ? map.view({N, T / N, E}).sum(1)
+                                                             : map.view({T / N, N, E}).sum(0);
     // (The one-element tensor is the block's NaN flag: 0 everywhere here.)
     at::Tensor summed;
     const std::function<at::Tensor(const at::Tensor&)> record = [&](const at::Tensor& t) {
@@ -131,8 +137,8 @@ TEST(RouterModule, PartsOfABlockAddUpToTheBlock) {
     for (bool second : {false, true}) {
       for (auto [off, n] : {std::pair<int64_t, int64_t>{0, 10}, {10, 7}, {17, 0}, {17, 7}}) {
         absl::StatusOr<RouterOutput> p = parts->Forward(
-            h.narrow(0, off, n), {.num_sequences = N, .block_tokens = T, .block_offset = off,
-                                  .sum_over_block = second ? sum_over_block : record});
+            h.narrow(0, off, n), {.num_sequences = N, .sequence_order = order, .block_tokens = T,
+                                  .block_offset = off, .sum_over_block = second ? sum_over_block : record});
         ASSERT_TRUE(p.ok()) << p.status();
         if (!second) continue;
         (p->aux_loss + p->z_loss).backward();

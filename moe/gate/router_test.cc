@@ -152,6 +152,16 @@ TEST(Router, MatchesMegatronCoreSequenceLossAndBiasUpdate) {
       loss->backward();
       const at::Tensor grad = logits.grad().view({B, S, E}).transpose(0, 1).reshape({S * B, E});
       EXPECT_LE(MaxRelErr(grad, c.tensors.at("seq_aux_grad_logits")), 1e-5);
+      // The same tokens in the fixture's own [seq, batch] order.
+      at::Tensor interleaved = seq_major.clone().requires_grad_(true);
+      absl::StatusOr<AuxLossInputs> in2 = AuxLossScores(interleaved, k, score);
+      ASSERT_TRUE(in2.ok()) << in2.status();
+      absl::StatusOr<at::Tensor> loss2 = SequenceLoadBalancingLoss(
+          in2->scores, in2->routing_map, B, k, DoubleOption(c, "aux_loss_coeff", 0), SequenceOrder::kInterleaved);
+      ASSERT_TRUE(loss2.ok()) << loss2.status();
+      EXPECT_LE(MaxRelErr(*loss2, c.tensors.at("seq_aux_loss")), 1e-6);
+      loss2->backward();
+      EXPECT_LE(MaxRelErr(interleaved.grad(), c.tensors.at("seq_aux_grad_logits")), 1e-5);
       ++seq;
     } else if (kind == "bias_update") {
       const at::Tensor updated = UpdateExpertBias(c.tensors.at("expert_bias"), c.tensors.at("tokens_per_expert"),

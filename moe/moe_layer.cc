@@ -85,15 +85,10 @@ absl::StatusOr<MoELayer> MoELayer::Create(const MoEConfig& config, uint64_t seed
     }
     if (l.cp() > 1) {
       // A block is then the CP ranks' chunks one after another, each a chunk of every
-      // sequence: not the sequences in order, as one process sees them.
+      // sequence: not the tokens in their order, as one process sees them. (The per-sequence
+      // aux loss needs only each token's sequence: Forward checks that the chunks allow it.)
       const gate::RouterConfig& rc = config.router;
       const bool token_choice = rc.type == gate::RoutingType::kTokenChoice;
-      if (token_choice && rc.aux_loss == gate::AuxLoss::kSequence && rc.aux_loss_coeff > 0) {
-        return absl::UnimplementedError(absl::StrFormat(
-            "%s: the per-sequence aux loss with context parallelism (parallel.cp = %d) is not supported: each CP "
-            "rank holds a chunk of every sequence; use the batch or global aux loss",
-            config.name, l.cp()));
-      }
       if (token_choice && rc.topk.capacity_factor > 0 && rc.topk.drop_policy != gate::DropPolicy::kByScore) {
         return absl::UnimplementedError(absl::StrFormat(
             "%s: dropping by position with context parallelism (parallel.cp = %d) is not supported: the CP ranks' "
@@ -170,9 +165,10 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
   const at::Tensor& m = args.valid_tokens;
   MoEForwardArgs inner = args;
   inner.valid_tokens = at::Tensor();
-  absl::Status bad;
+  groups::Group* slice = config_.sequence_parallel ? nullptr : GroupOrNull(GroupKind::kSlice);
+  if (!m.defined() && slice == nullptr) return ForwardTokens(hidden, inner);
+  absl::Status bad = CheckHidden(hidden);
   if (m.defined()) {
-    bad = CheckHidden(hidden);
     if (bad.ok() && (m.dim() != 1 || m.scalar_type() != at::kBool || !m.device().is_cpu() || m.size(0) != hidden.size(0))) {
       bad = absl::InvalidArgumentError(absl::StrFormat(
           "%s: valid_tokens must be a [%d] bool CPU tensor, one entry per token; got %s %s on %s", config_.name,
@@ -189,52 +185,61 @@ absl::StatusOr<MoEOutput> MoELayer::Forward(const at::Tensor& hidden, const MoEF
     forwarded = true;
     (void)ForwardTokens(at::Tensor(), inner);  // fails as bad hidden states do, which the stage hears
   };
+  // This rank's own work first (nothing here meets another rank, so a failure is only
+  // this rank's bad input): the kept positions, and under TP slicing the mask's bits.
+  at::Tensor keep;
+  std::vector<int64_t> bits;  // 62 mask bits per word
+  if (m.defined() && bad.ok()) {
+    try {
+      keep = m.nonzero().squeeze(1);
+      if (slice != nullptr) {
+        const at::Tensor mc = m.contiguous();
+        const bool* p = mc.data_ptr<bool>();
+        bits.assign((m.size(0) + 61) / 62, 0);
+        for (int64_t i = 0; i < m.size(0); ++i) bits[i / 62] |= static_cast<int64_t>(p[i]) << (i % 62);
+      }
+    } catch (const c10::Error& e) {
+      bad = absl::InternalError(absl::StrCat(config_.name, ": valid_tokens: ", e.what_without_backtrace()));
+    }
+  }
+  if (slice != nullptr) {
+    // The TP ranks hold the same tokens and each routes an even slice of the real ones: their
+    // masks must be the same, or their slices and gathers would not fit. Maxima of (v, −v)
+    // over the group give every member the same verdict, from the same numbers: first each
+    // member's (mask state, token count, kept count), then, where every member has the same
+    // good mask so far, its bits (all members then send as many).
+    auto all_equal = [&](const std::vector<int64_t>& v, bool* equal) -> absl::Status {
+      const int64_t n = static_cast<int64_t>(v.size());
+      *equal = true;
+      if (n == 0) return absl::OkStatus();
+      at::Tensor t = at::empty({2 * n}, at::kLong);
+      int64_t* d = t.data_ptr<int64_t>();
+      for (int64_t i = 0; i < n; ++i) d[i] = v[i], d[n + i] = -v[i];
+      SY_RETURN_IF_ERROR(slice->AllReduce(t, groups::ReduceOp::kMax).Wait());
+      for (int64_t i = 0; i < n; ++i) *equal = *equal && d[i] == -d[n + i];
+      return absl::OkStatus();
+    };
+    const int64_t state = !bad.ok() ? 2 : m.defined() ? 1 : 0;
+    const int64_t tokens = hidden.defined() && hidden.dim() >= 1 ? hidden.size(0) : -1;
+    bool same = false;
+    absl::Status st = all_equal({state, tokens, keep.defined() ? keep.numel() : -1}, &same);
+    if (st.ok() && same && state == 1) st = all_equal(bits, &same);
+    if (!st.ok() && bad.ok()) bad = st;
+    if (!same && bad.ok()) {
+      bad = absl::InvalidArgumentError(absl::StrFormat(
+          "%s: the TP ranks of %s hold the same tokens but gave different token counts or valid_tokens (some none, "
+          "or one of them bad input: see its error); under TP slicing each must give the same", config_.name,
+          slice->name()));
+    }
+  }
+  if (!bad.ok()) {
+    // The rest of the stage waits for this rank in the router's agreement and the block's
+    // exchanges: it fails there as a rank with bad hidden states does, and reports why.
+    release();
+    return bad;
+  }
+  if (!m.defined()) return ForwardTokens(hidden, inner);
   try {
-    at::Tensor keep;
-    if (m.defined() && bad.ok()) keep = m.nonzero().squeeze(1);
-    // Under TP slicing the TP ranks hold the same tokens and each routes an even slice of
-    // the real ones: their masks must agree, or their slices and gathers would not fit. One
-    // sum over the group of each member's (mask state, kept count, two hashes of the kept
-    // positions) and of their squares: all members are equal iff Σ(v − mine)² = 0.
-    groups::Group* slice = config_.sequence_parallel ? nullptr : GroupOrNull(GroupKind::kSlice);
-    if (slice != nullptr) {
-      int64_t v[4] = {!m.defined() ? 0 : bad.ok() ? 1 : 2, 0, 0, 0};
-      if (keep.defined()) {
-        v[1] = keep.numel();
-        const int64_t* k = keep.data_ptr<int64_t>();
-        for (int64_t i = 0; i < keep.numel(); ++i) {
-          v[2] = (v[2] + k[i] % 1000003) % 1000003;
-          v[3] = (v[3] + (k[i] % 999983) * (k[i] % 999983) % 999983) % 999983;
-        }
-      }
-      at::Tensor t = at::zeros({8}, at::kDouble);
-      for (int i = 0; i < 4; ++i) t[i] = static_cast<double>(v[i]), t[4 + i] = static_cast<double>(v[i]) * v[i];
-      if (absl::Status st = Sum(*slice, t); !st.ok()) {
-        release();
-        return st;
-      }
-      const double n = slice->size();
-      bool same = true;
-      for (int i = 0; i < 4; ++i) {
-        const double x = static_cast<double>(v[i]);
-        same = same && t[4 + i].item<double>() - 2 * x * t[i].item<double>() + n * x * x == 0;
-      }
-      if (!same && bad.ok()) {
-        bad = absl::InvalidArgumentError(absl::StrFormat(
-            "%s: the TP ranks of %s hold the same tokens but gave different valid_tokens (some none, or one of them "
-            "bad input: see its error); under TP slicing each must mask them alike", config_.name, slice->name()));
-      }
-    }
-    if (!bad.ok()) {
-      // The rest of the stage waits for this rank in the router's agreement and the block's
-      // exchanges: it fails there as a rank with bad hidden states does, and reports why.
-      release();
-      return bad;
-    }
-    if (!m.defined()) {
-      forwarded = true;
-      return ForwardTokens(hidden, inner);
-    }
     // The real tokens, in order: routing, experts and losses see nothing else.
     const at::Tensor real = hidden.index_select(0, keep);
     forwarded = true;
@@ -311,11 +316,35 @@ absl::StatusOr<MoEOutput> MoELayer::ForwardTokens(const at::Tensor& hidden, cons
     // block finds out together; the rest of the stage in the router).
     const int64_t block_tokens = block != nullptr ? std::accumulate(parts.begin(), parts.end(), int64_t{0})
                                                   : hidden.size(0);
-    if (config_.router.type == gate::RoutingType::kTokenChoice && config_.router.aux_loss == gate::AuxLoss::kSequence &&
-        config_.router.aux_loss_coeff > 0 && (args.num_sequences < 1 || block_tokens % args.num_sequences != 0)) {
+    const bool per_sequence = config_.router.type == gate::RoutingType::kTokenChoice &&
+                              config_.router.aux_loss == gate::AuxLoss::kSequence && config_.router.aux_loss_coeff > 0;
+    if (per_sequence && (args.num_sequences < 1 || block_tokens % args.num_sequences != 0)) {
       return stop(absl::InvalidArgumentError(absl::StrFormat(
           "%s: num_sequences = %d must be >= 1 and divide the %d tokens of the block (the per-sequence aux loss)",
           config_.name, args.num_sequences, block_tokens)));
+    }
+    // Under CP each rank holds a chunk of every sequence. Position by position ([seq, batch],
+    // as Megatron-Core's CP chunks are), a chunk of whole positions keeps each token's
+    // sequence at its block index mod num_sequences, which is all the loss needs; whole
+    // sequences one after another cannot be chunked so.
+    if (per_sequence && cp > 1) {
+      if (args.sequence_order != gate::SequenceOrder::kInterleaved) {
+        return stop(absl::InvalidArgumentError(absl::StrFormat(
+            "%s: the per-sequence aux loss under context parallelism (parallel.cp = %d) needs the tokens position by "
+            "position (MoEForwardArgs.sequence_order = kInterleaved, [seq, batch]): each CP rank holds a chunk of "
+            "every sequence", config_.name, cp)));
+      }
+      const std::vector<int> order = BlockOrder(*block);
+      const int tp = comm_->layout().tp();
+      std::vector<int64_t> chunk(cp, 0);
+      for (size_t i = 0; i < parts.size(); ++i) chunk[order[i] / tp] += parts[i];
+      for (int c = 0; c < cp; ++c) {
+        if (chunk[c] % args.num_sequences != 0) {
+          return stop(absl::InvalidArgumentError(absl::StrFormat(
+              "%s: under context parallelism each CP rank must hold whole positions of the %d sequences (the "
+              "per-sequence aux loss): CP rank %d holds %d tokens", config_.name, args.num_sequences, c, chunk[c])));
+        }
+      }
     }
     at::Tensor x = hidden;
     if (slice != nullptr) {

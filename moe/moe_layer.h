@@ -19,8 +19,9 @@
 // replica's tokens in one process (Megatron-Core and DeepSpeed count per rank), so TP and
 // CP change no drop (also with expert choice, where every expert picks from
 // the whole block). A part of a block keeps no padding slots, which change no number. Under
-// CP, the per-sequence aux loss and dropping by position are refused: a CP rank holds a
-// chunk of every sequence, so the block is not the tokens in their order.
+// CP, dropping by position is refused: a CP rank holds a chunk of every sequence, so the
+// block is not the tokens in their order; the per-sequence aux loss needs the tokens position
+// by position ([seq, batch], Megatron-Core's layout) and each CP chunk whole positions.
 // Counting capacity over the block costs, per layer under TP or CP, an all-gather of the
 // block's [B, k] choices and keys (B its tokens; expert choice: its [B, E] scores) and a
 // [B, E] mask on every rank; dropless routing gathers nothing. Jitter and noise:
@@ -117,8 +118,10 @@ struct MoEForwardArgs {
   // the real tokens alone, as if the padding were not there; their output rows are 0 and
   // their gradient 0. (Megatron-Core 0.16's padding_mask keeps padding out of the losses but
   // still routes it.) Each rank gives its own tokens' mask; under TP slicing the TP ranks
-  // share their tokens and must give the same mask, which one small all-reduce over the TP
-  // group checks on every call (masked or not: a rank without a mask must meet one with).
+  // share their tokens and must give the same mask: every call under TP slicing checks that
+  // they hold as many tokens and agree on having a mask (one all-reduce of 6 numbers over the
+  // TP group, masked or not: a rank without a mask must meet one with), then compares the
+  // masks bit for bit (a second, of T / 62 words).
   // Not with the per-sequence aux loss, whose sequences must be whole.
   at::Tensor valid_tokens;
 };

@@ -535,6 +535,24 @@ TEST(MoELayerEquivalenceTest, SequenceParallelTensorParallel2xExpertParallel2) {
            .aux = gate::AuxLoss::kSequence,
            .seq_len = 5,
            .sequence_parallel = true});
+  // Megatron-Core's layout under CP: 3 sequences of 8 tokens position by position, each CP
+  // rank 4 positions (12 tokens) and each TP rank a share of them (6 and 6); then 6
+  // sequences of 6 sliced, each CP rank 3 positions (18 tokens), each TP slice 9.
+  RunCase({.name = "CP=2 x TP=2 sequence parallel, per-sequence aux loss, [seq, batch] tokens",
+           .layout = {.world_size = 4, .tp = 2, .cp = 2, .etp = 1},
+           .dp_tokens = {24},
+           .aux = gate::AuxLoss::kSequence,
+           .z_loss = 0.01,
+           .seq_len = 8,
+           .sequence_order = gate::SequenceOrder::kInterleaved,
+           .sequence_parallel = true});
+  RunCase({.name = "CP=2 x TP=2 slicing, per-sequence aux loss, [seq, batch] tokens, capacity 1.0",
+           .layout = {.world_size = 4, .tp = 2, .cp = 2, .etp = 1},
+           .capacity_factor = 1.0,
+           .dp_tokens = {36},
+           .aux = gate::AuxLoss::kSequence,
+           .seq_len = 6,
+           .sequence_order = gate::SequenceOrder::kInterleaved});
   // Megatron-Core's layout: 3 sequences of 5 tokens position by position, each TP rank a
   // [seq / tp, batch] share (8 and 7 tokens) holding part of every sequence.
   RunCase({.name = "TP=2 sequence parallel x EP=2, per-sequence aux loss, [seq, batch] tokens",
@@ -1161,8 +1179,22 @@ TEST(MoELayerTest, BadInputOnOneRankStopsEveryRankAtOnce) {
     e = run({.world_size = 2, .tp = 2}, Config({}), [&](MoELayer& l, int rank) {
       return l.Forward(good, {.valid_tokens = rank == 1 ? mask : none ? at::Tensor() : other}).status();
     });
-    for (int r : {0, 1}) EXPECT_THAT(e[r], HasSubstr("hold the same tokens but gave different valid_tokens")) << r;
+    for (int r : {0, 1}) EXPECT_THAT(e[r], HasSubstr("hold the same tokens but gave different token counts or valid_tokens")) << r;
   }
+  // Masks that keep as many tokens at positions of equal sum and equal sum of squares
+  // ({0, 4, 5} and {1, 2, 6}): told apart all the same.
+  const at::Tensor seven = at::randn({7, kHidden});
+  e = run({.world_size = 2, .tp = 2}, Config({}), [&](MoELayer& l, int rank) {
+    const std::vector<int64_t> keep = rank == 0 ? std::vector<int64_t>{1, 0, 0, 0, 1, 1, 0}
+                                                : std::vector<int64_t>{0, 1, 1, 0, 0, 0, 1};
+    return l.Forward(seven, {.valid_tokens = at::tensor(keep).to(at::kBool)}).status();
+  });
+  for (int r : {0, 1}) EXPECT_THAT(e[r], HasSubstr("gave different token counts or valid_tokens")) << r;
+  // Different token counts without masks (the TP ranks must hold the same tokens).
+  e = run({.world_size = 2, .tp = 2}, Config({}), [&](MoELayer& l, int rank) {
+    return l.Forward(rank == 0 ? good : seven, {}).status();
+  });
+  for (int r : {0, 1}) EXPECT_THAT(e[r], HasSubstr("gave different token counts or valid_tokens")) << r;
   e = run({.world_size = 2, .tp = 2}, Config({}), [&](MoELayer& l, int) {
     return l.Forward(good, {.valid_tokens = mask}).status();
   });
@@ -1281,10 +1313,23 @@ TEST(MoELayerTest, LayoutThatDoesNotFitIsAClearError) {
   });
   EXPECT_TRUE(s.ok()) << s;
   // Under CP a block is not the tokens in their order: what depends on that order is refused.
+  // The per-sequence loss needs tokens position by position, each CP chunk whole positions:
+  // every rank of the stage stops together otherwise.
   s = groups::testing::RunRanks({.layout = {.world_size = 2, .cp = 2}}, [&](Communicator& comm) -> absl::Status {
     auto layer = MoELayer::Create(Config({.aux = gate::AuxLoss::kSequence}), kSeed, &comm);
-    EXPECT_THAT(std::string(layer.status().message()),
-                HasSubstr("per-sequence aux loss with context parallelism (parallel.cp = 2) is not supported"));
+    EXPECT_TRUE(layer.ok()) << layer.status();
+    const at::Tensor x = at::randn({6, kHidden});
+    EXPECT_THAT(std::string(layer->Forward(x, {.num_sequences = 3}).status().message()),
+                HasSubstr("the per-sequence aux loss under context parallelism (parallel.cp = 2) needs the tokens "
+                          "position by position"));
+    // 3 sequences in 12 tokens, 7 on CP rank 0 (the first chunk that is not whole positions).
+    EXPECT_THAT(std::string(layer->Forward(comm.rank() == 0 ? at::randn({7, kHidden}) : x.narrow(0, 0, 5),
+                                           {.num_sequences = 3, .sequence_order = gate::SequenceOrder::kInterleaved})
+                                .status()
+                                .message()),
+                HasSubstr("each CP rank must hold whole positions of the 3 sequences (the per-sequence aux loss): CP "
+                          "rank 0 holds 7 tokens"));
+    EXPECT_TRUE(layer->Forward(x, {.num_sequences = 3, .sequence_order = gate::SequenceOrder::kInterleaved}).ok());
     layer = MoELayer::Create(Config({.capacity_factor = 1.0, .drop_policy = gate::DropPolicy::kByPosition}), kSeed, &comm);
     EXPECT_THAT(std::string(layer.status().message()),
                 HasSubstr("dropping by position with context parallelism (parallel.cp = 2) is not supported"));

@@ -17,17 +17,14 @@
 #include "common/safetensors.h"
 #include "gtest/gtest.h"
 #include "moe/moe_layer.h"
+#include "moe/testing/rel_err.h"
 
 namespace switchyard::moe {
 namespace {
 
 constexpr char kFixture[] = "moe/testdata/megatron_layer.safetensors";
 
-// max|a − b| / max|b|.
-double RelErr(const at::Tensor& a, const at::Tensor& b) {
-  const at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
-  return ((x - y).abs().max() / (y.abs().max() + 1e-30)).item<double>();
-}
+using testing::RelErr;
 
 // "key=value" words of a case's metadata.
 std::map<std::string, std::string> Options(const std::string& words) {

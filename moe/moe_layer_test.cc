@@ -20,6 +20,7 @@
 #include "dist/groups/testing/multi_process.h"
 #include "dist/groups/testing/multi_rank.h"
 #include "moe/dispatch/exchange.h"
+#include "moe/testing/rel_err.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -36,12 +37,7 @@ constexpr uint64_t kSeed = 1234;
 
 absl::Status Expect(bool ok, const std::string& what) { return ok ? absl::OkStatus() : absl::InternalError(what); }
 
-// max|a − b| / max|b|: the error relative to the tensor's scale.
-double RelErr(const at::Tensor& a, const at::Tensor& b) {
-  if (b.numel() == 0) return a.numel() == 0 ? 0.0 : 1e9;
-  const at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
-  return ((x - y).abs().max() / (y.abs().max() + 1e-30)).item<double>();
-}
+using testing::RelErr;
 
 struct Case {
   std::string name;

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/safetensors.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "moe/moe_layer.h"
 #include "moe/testing/rel_err.h"
@@ -79,7 +80,9 @@ MoEConfig ConfigOf(const Case& c, int64_t hidden) {
     t.drop_policy = gate::DropPolicy::kByScore;
     t.pad_to_capacity = c.Flag("pad");
   }
-  m.router.aux_loss = c.Str("aux") == "seq_aux_loss" ? gate::AuxLoss::kSequence : gate::AuxLoss::kBatch;
+  m.router.aux_loss = c.Str("aux") == "seq_aux_loss"      ? gate::AuxLoss::kSequence
+                      : c.Str("aux") == "global_aux_loss" ? gate::AuxLoss::kGlobal
+                                                          : gate::AuxLoss::kBatch;
   m.router.aux_loss_coeff = c.Num("aux_coeff");
   if (c.Has("z_coeff")) m.router.z_loss_coeff = c.Num("z_coeff");
   m.router.expert_bias = c.Flag("bias");
@@ -109,7 +112,7 @@ TEST(MegatronLayerTest, MatchesMegatronCoreMoELayer) {
   absl::StatusOr<common::Safetensors> f = common::ReadSafetensors(kFixture);
   ASSERT_TRUE(f.ok()) << f.status();
   const std::vector<std::string> names = absl::StrSplit(f->metadata.at("cases"), ' ');
-  ASSERT_GE(names.size(), 8u);
+  ASSERT_GE(names.size(), 9u);
   for (const std::string& name : names) {
     const Case c(*f, name);
     // The per-sequence loss's tokens go in as whole sequences one after another, and as they
@@ -154,6 +157,20 @@ TEST(MegatronLayerTest, MatchesMegatronCoreMoELayer) {
               .valid_tokens = c.HasT("valid") ? Tokens(valid, by_sequence).squeeze(1) : at::Tensor()});
       ASSERT_TRUE(out.ok()) << out.status();
       ((out->output * Tokens(c.T("g"), by_sequence)).sum() + out->aux_loss + out->z_loss).backward();
+      // A second micro-batch of the same optimizer step (gradient accumulation): the global
+      // aux loss's counts are the average of both; the parameter gradients below are the sum.
+      if (c.HasT("x.1")) {
+        at::Tensor x1 = Tokens(c.T("x.1"), false).requires_grad_(true);
+        absl::StatusOr<MoEOutput> out1 = layer->Forward(x1, {.training = true, .micro_batch = 1});
+        ASSERT_TRUE(out1.ok()) << out1.status();
+        ((out1->output * Tokens(c.T("g.1"), false)).sum() + out1->aux_loss).backward();
+        EXPECT_LT(RelErr(out1->output.reshape({S, B, H}), c.T("out.1")), 1e-5);
+        EXPECT_LT(RelErr(x1.grad().reshape({S, B, H}), c.T("x.1.grad")), 1e-5);
+        EXPECT_NEAR(out1->aux_loss_value, c.T("aux_loss.1").item<double>(), 1e-6 * c.T("aux_loss.1").item<double>());
+        // Out of order: a clear error, and the step goes on from where it was.
+        EXPECT_THAT(std::string(layer->Forward(x1, {.training = true, .micro_batch = 3}).status().message()),
+                    ::testing::HasSubstr("micro_batch = 3 does not follow the step's 2 micro-batch(es) so far"));
+      }
 
       auto back = [&](const at::Tensor& t) {  // our [tokens, H] as Megatron's [seq, batch, H]
         return by_sequence ? t.reshape({B, S, H}).transpose(0, 1) : t.reshape({S, B, H});

@@ -354,6 +354,7 @@ absl::StatusOr<MoEOutput> MoELayer::ForwardTokens(const at::Tensor& hidden, cons
     }
     gate::ForwardArgs ga{
         .training = args.training, .num_sequences = args.num_sequences, .sequence_order = args.sequence_order};
+    ga.micro_batch = args.micro_batch;
     if (comm_ != nullptr) ga.dp_replicas = int64_t{comm_->layout().dp()} * comm_->layout().cp();
     if (block != nullptr) {
       ga.block_tokens = block_tokens;

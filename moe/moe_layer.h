@@ -113,6 +113,10 @@ struct MoEForwardArgs {
   // are, in kInterleaved order.
   int64_t num_sequences = 1;
   gate::SequenceOrder sequence_order = gate::SequenceOrder::kWhole;
+  // The global aux loss under gradient accumulation: this micro-batch's index in the
+  // optimizer step (gate::ForwardArgs::micro_batch: the counts are averaged over the step's
+  // micro-batches so far). 0 starts a step; left at 0, each micro-batch counts alone.
+  int64_t micro_batch = 0;
   // Optional [T] bool, true for the tokens that count and false for padding: padding tokens
   // are not routed and take no capacity, and the losses, counts and capacity are those of
   // the real tokens alone, as if the padding were not there; their output rows are 0 and

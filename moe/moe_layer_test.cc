@@ -1232,6 +1232,49 @@ TEST(MoELayerTest, BadInputOnOneRankStopsEveryRankAtOnce) {
   EXPECT_THAT(e[1], HasSubstr("another rank of"));
 }
 
+// The global aux loss over two micro-batches of one step under DP = 2 x EP = 2: each
+// micro-batch's loss (summed over the replicas' weighted shares) and the router's gradient
+// after both are one process's on the global micro-batches, whose second loss averages the
+// counts of both.
+TEST(MoELayerTest, GlobalAuxLossOverMicroBatchesAsInOneProcess) {
+  MoEConfig cfg = Config({.aux = gate::AuxLoss::kGlobal});
+  at::manual_seed(21);
+  const at::Tensor X[2] = {at::randn({20, kHidden}), at::randn({16, kHidden})};
+  const at::Tensor R[2] = {at::randn({20, kHidden}), at::randn({16, kHidden})};
+  auto one = MoELayer::Create(cfg, kSeed);
+  ASSERT_TRUE(one.ok());
+  double want_aux[2];
+  for (int mb = 0; mb < 2; ++mb) {
+    auto out = one->Forward(X[mb], {.training = true, .micro_batch = mb});
+    ASSERT_TRUE(out.ok()) << out.status();
+    ((out->output * R[mb]).sum() + out->aux_loss).backward();
+    want_aux[mb] = out->aux_loss_value;
+  }
+  const at::Tensor want_grad = one->router().weight().grad();
+  const absl::Status s = groups::testing::RunRanks({.layout = {.world_size = 4, .ep = 2}}, [&](Communicator& comm) -> absl::Status {
+    auto layer = MoELayer::Create(cfg, kSeed, &comm);
+    if (!layer.ok()) return layer.status();
+    const int d = comm.layout().Dense(comm.rank()).dp, replicas = comm.layout().dp();
+    for (int mb = 0; mb < 2; ++mb) {
+      const std::vector<int64_t> shards = dispatch::EvenSplit(X[mb].size(0), replicas);
+      const int64_t off = std::accumulate(shards.begin(), shards.begin() + d, int64_t{0});
+      auto out = layer->Forward(X[mb].narrow(0, off, shards[d]), {.training = true, .micro_batch = mb});
+      if (!out.ok()) return out.status();
+      ((out->output * R[mb].narrow(0, off, shards[d])).sum() + out->aux_loss / replicas).backward();
+      at::Tensor aux = at::full({1}, out->aux_loss_value / replicas, at::kDouble);
+      SY_RETURN_IF_ERROR(comm.World().AllReduce(aux).Wait());
+      SY_RETURN_IF_ERROR(Expect(std::abs(aux.item<double>() - want_aux[mb]) <= 1e-6 * want_aux[mb],
+                                absl::StrFormat("micro-batch %d: aux loss %.9g, one process %.9g", mb,
+                                                aux.item<double>(), want_aux[mb])));
+    }
+    at::Tensor g = layer->router().weight().grad().clone();
+    SY_RETURN_IF_ERROR(SumGradient(comm, layer->Parameters()[0].tag, g));
+    return Check("router gradient after both micro-batches", g, want_grad, 1e-5);
+  });
+  EXPECT_TRUE(s.ok()) << s;
+  EXPECT_GT(std::abs(want_aux[1] - want_aux[0]), 0);
+}
+
 // Data-parallel replicas draw their own jitter and noise: the same tokens on two replicas
 // are routed with different noise (one seed for all of them made every replica's noise the
 // same), while replica 0 draws what one process draws.

@@ -135,6 +135,13 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
     return absl::InvalidArgumentError(absl::StrFormat(
         "router: hidden states must be [tokens, %d]", config_.hidden_size));
   }
+  if (config_.aux_loss == AuxLoss::kGlobal &&
+      (args.micro_batch < 0 || (args.micro_batch > 0 && args.micro_batch != step_micro_batches_))) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "router: micro_batch = %d does not follow the step's %d micro-batch(es) so far (0 starts a step; the global "
+        "aux loss averages the counts over the step's micro-batches)",
+        args.micro_batch, step_micro_batches_));
+  }
   const bool part = args.block_tokens >= 0;
   if (part && (!args.sum_over_block || args.block_offset < 0 ||
                hidden.size(0) > args.block_tokens - args.block_offset)) {
@@ -215,9 +222,18 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
       }
       // Counts and the token total summed in double (the total exact past 2^24 tokens over
       // the stage; the counts then enter the loss's fp32 arithmetic).
-      const at::Tensor counts = args.sum_over_dp(in->tokens_per_expert.to(at::kDouble)).to(at::kFloat);
+      const at::Tensor counts = args.sum_over_dp(in->tokens_per_expert.to(at::kDouble));
       const int64_t total = static_cast<int64_t>(args.sum_over_dp(at::full({1}, static_cast<double>(T), at::kDouble)).item<double>());
-      out.aux_loss = LoadBalancingLoss(in->scores, counts, total, config_.topk.top_k, config_.aux_loss_coeff);
+      if (args.micro_batch == 0) {
+        step_counts_ = counts.clone();
+        step_micro_batches_ = 1;
+      } else {
+        step_counts_ += counts;
+        ++step_micro_batches_;
+      }
+      // The step's average counts; the token total is this micro-batch's (Megatron-Core's).
+      const at::Tensor mean = (step_counts_ / static_cast<double>(step_micro_batches_)).to(at::kFloat);
+      out.aux_loss = LoadBalancingLoss(in->scores, mean, total, config_.topk.top_k, config_.aux_loss_coeff);
       if (args.dp_replicas != 1) out.aux_loss = out.aux_loss * static_cast<double>(args.dp_replicas);
     } else if (part) {
       out.aux_loss = LoadBalancingLoss(in->scores, args.sum_over_block(in->tokens_per_expert.to(at::kFloat)),

@@ -54,6 +54,12 @@ struct ForwardArgs {
   // losses are each replica's own and need nothing here (a caller whose block is split over
   // CP ranks weights their shares by CP itself, as the MoE layer does).
   int64_t dp_replicas = 1;
+  // AuxLoss::kGlobal under gradient accumulation: which micro-batch of the optimizer step
+  // this is. The loss's counts are then the average over the step's micro-batches so far
+  // (0 to this one; each summed over the data-parallel group), as in Megatron-Core's
+  // global_aux_loss, after arXiv 2501.11873); 0 starts a step, and
+  // a micro-batch must follow the one before. Left at 0, each micro-batch counts alone.
+  int64_t micro_batch = 0;
   // A part of a block: under tensor or context parallelism each router of the group routes
   // a contiguous share of one block of tokens (a TP slice or share, a CP chunk). Its losses
   // are then its share of the block's (counts summed over the group with sum_over_block; the
@@ -116,6 +122,9 @@ class Router {
   RouterConfig config_;
   at::Tensor weight_, noise_weight_, expert_bias_;
   at::Generator generator_;
+  // AuxLoss::kGlobal: the counts summed over this step's micro-batches so far, and how many.
+  at::Tensor step_counts_;
+  int64_t step_micro_batches_ = 0;
 };
 
 // hidden · weightᵀ in fp32 with autograd: hidden [T, H] in any float dtype, weight [E, H] fp32.

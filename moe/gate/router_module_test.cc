@@ -91,6 +91,26 @@ TEST(RouterModule, SequenceAndGlobalAuxLoss) {
                                                     .dp_replicas = 2});
   ASSERT_TRUE(two.ok()) << two.status();
   EXPECT_NEAR(two->aux_loss_value, 2 * glob->aux_loss_value, 1e-9);
+  // Micro-batches of one step: the counts are averaged over the step so far (each summed
+  // over DP), the token total is the micro-batch's; micro-batch 0 starts a new step.
+  const auto dp2 = [](const at::Tensor& t) { return t * 2; };
+  const at::Tensor h1 = Hidden(16, 8, 5);
+  absl::StatusOr<RouterOutput> m0 = g->Forward(h, {.sum_over_dp = dp2, .micro_batch = 0});
+  absl::StatusOr<RouterOutput> m1 = g->Forward(h1, {.sum_over_dp = dp2, .micro_batch = 1});
+  ASSERT_TRUE(m0.ok() && m1.ok()) << m1.status();
+  absl::StatusOr<AuxLossInputs> in1 = AuxLossScores(m1->logits, 1, ScoreFunction::kSoftmax);
+  ASSERT_TRUE(in1.ok());
+  const at::Tensor mean = (in->tokens_per_expert * 2 + in1->tokens_per_expert * 2).to(at::kDouble) / 2;
+  EXPECT_NEAR(m1->aux_loss_value, LoadBalancingLoss(in1->scores, mean.to(at::kFloat), 32, 1, 0.01).item<double>(), 1e-8);
+  EXPECT_NEAR(m0->aux_loss_value, glob->aux_loss_value, 1e-12);
+  EXPECT_THAT(std::string(g->Forward(h1, {.sum_over_dp = dp2, .micro_batch = 1}).status().message()),
+              HasSubstr("micro_batch = 1 does not follow the step's 2 micro-batch(es) so far"));
+  EXPECT_THAT(std::string(g->Forward(h1, {.sum_over_dp = dp2, .micro_batch = -1}).status().message()),
+              HasSubstr("micro_batch = -1"));
+  absl::StatusOr<RouterOutput> next = g->Forward(h1, {.sum_over_dp = dp2, .micro_batch = 0});  // a new step
+  ASSERT_TRUE(next.ok());
+  EXPECT_NEAR(next->aux_loss_value,
+              LoadBalancingLoss(in1->scores, in1->tokens_per_expert * 2, 32, 1, 0.01).item<double>(), 1e-8);
 }
 
 // A block of 24 tokens (3 sequences of 8) routed in three uneven parts, as a TP group's

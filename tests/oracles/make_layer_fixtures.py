@@ -87,6 +87,11 @@ CASES = [
     ("swiglu_top2_padding_shared_z", dict(
         activation="swiglu", experts=8, ffn=12, topk=2, aux="aux_loss", aux_coeff=1e-2,
         z_coeff=1e-3, shared=16, padding=True)),
+    # The global aux loss over two micro-batches of one step (gradient accumulation): the
+    # second's counts are the average of both.
+    ("global_aux_two_micro_batches", dict(
+        activation="swiglu", experts=8, ffn=12, topk=2, aux="global_aux_loss", aux_coeff=1e-2,
+        micro_batches=2)),
     # Llama 4's routing: sigmoid top-1, the weight on the expert's input, a shared expert.
     ("sigmoid_top1_probs_on_input_shared", dict(
         activation="swiglu", experts=8, ffn=12, topk=1, score="sigmoid", aux="aux_loss",
@@ -248,6 +253,31 @@ def run_case(i, name, o):
     (out * g).sum().backward()
     t = {"x": x.detach(), "g": g, "out": out.detach(), "x.grad": x.grad}
     t["dropped"] = torch.tensor(float(dropped))
+    if o.get("micro_batches", 1) == 2:
+        # A second micro-batch of the same step, its gradients added to the first's.
+        x1 = torch.randn(SEQ, BATCH, HIDDEN, generator=gen).requires_grad_(True)
+        g1 = torch.randn(SEQ, BATCH, HIDDEN, generator=gen)
+        assert margins(layer, x1.detach(), o)[0] >= 1e-3, f"{name}: the second micro-batch is near a tie"
+        before = len(attached)
+        out1, _ = layer(x1)
+        (out1 * g1).sum().backward()
+        assert len(attached) == before + 1, name
+        t.update({"x.1": x1.detach(), "g.1": g1, "out.1": out1.detach(), "x.1.grad": x1.grad,
+                  "aux_loss.1": attached.pop()})  # (the first's losses stay, for below)
+        # It averaged the counts over the step: check against the loss from the formula, and
+        # that the second micro-batch's counts alone would give another number.
+        def scores_counts(xx):
+            lg = xx.detach().reshape(-1, HIDDEN) @ layer.router.weight.detach().t()
+            rmap, sc = moe_utils.compute_routing_scores_for_aux_loss(lg, o["topk"], "softmax")
+            return sc, rmap.sum(0).float()
+        s0, c0 = scores_counts(x)
+        s1, c1 = scores_counts(x1)
+        lb = lambda sc, c: moe_utils.switch_load_balancing_loss_func(  # noqa: E731
+            sc, c, SEQ * BATCH, o["topk"], o["experts"], o["aux_coeff"])
+        assert torch.allclose(t["aux_loss.1"], lb(s1, (c0 + c1) / 2), rtol=1e-6), name
+        assert not torch.allclose(t["aux_loss.1"], lb(s1, c1), rtol=1e-3), name
+        for key, p in w.items():
+            t[key + ".grad"] = p.grad  # both micro-batches' sum
     if valid is not None:
         t["valid"] = valid.float()
     for key, p in w.items():

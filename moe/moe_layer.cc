@@ -327,7 +327,7 @@ absl::StatusOr<MoEOutput> MoELayer::ForwardTokens(const at::Tensor& hidden, cons
     // as Megatron-Core's CP chunks are), a chunk of whole positions keeps each token's
     // sequence at its block index mod num_sequences, which is all the loss needs; whole
     // sequences one after another cannot be chunked so.
-    if (per_sequence && cp > 1) {
+    if (per_sequence && cp > 1 && block != nullptr && args.num_sequences > 1) {
       if (args.sequence_order != gate::SequenceOrder::kInterleaved) {
         return stop(absl::InvalidArgumentError(absl::StrFormat(
             "%s: the per-sequence aux loss under context parallelism (parallel.cp = %d) needs the tokens position by "

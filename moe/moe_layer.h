@@ -114,8 +114,9 @@ struct MoEForwardArgs {
   int64_t num_sequences = 1;
   gate::SequenceOrder sequence_order = gate::SequenceOrder::kWhole;
   // The global aux loss under gradient accumulation: this micro-batch's index in the
-  // optimizer step (gate::ForwardArgs::micro_batch: the counts are averaged over the step's
-  // micro-batches so far). 0 starts a step; left at 0, each micro-batch counts alone.
+  // optimizer step (gate::ForwardArgs::micro_batch: in training the counts are averaged over
+  // the step's micro-batches so far; one may be repeated, replacing its counts). 0 starts a
+  // step; left at 0, each micro-batch counts alone.
   int64_t micro_batch = 0;
   // Optional [T] bool, true for the tokens that count and false for padding: padding tokens
   // are not routed and take no capacity, and the losses, counts and capacity are those of
@@ -125,7 +126,7 @@ struct MoEForwardArgs {
   // share their tokens and must give the same mask: every call under TP slicing checks that
   // they hold as many tokens and agree on having a mask (one all-reduce of 6 numbers over the
   // TP group, masked or not: a rank without a mask must meet one with), then compares the
-  // masks bit for bit (a second, of T / 62 words).
+  // masks bit for bit (a second, of 2 × ⌈T / 62⌉ numbers).
   // Not with the per-sequence aux loss, whose sequences must be whole.
   at::Tensor valid_tokens;
 };

@@ -135,8 +135,11 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
     return absl::InvalidArgumentError(absl::StrFormat(
         "router: hidden states must be [tokens, %d]", config_.hidden_size));
   }
-  if (config_.aux_loss == AuxLoss::kGlobal &&
-      (args.micro_batch < 0 || (args.micro_batch > 0 && args.micro_batch != step_micro_batches_))) {
+  // The global aux loss of a training step's micro-batches: the next one, or the last one
+  // again (its forward failed later, or is recomputed), whose counts it then replaces.
+  const bool stepped = StepsGlobalLoss(args);
+  if (stepped && (args.micro_batch < 0 || (args.micro_batch > 0 && args.micro_batch != step_micro_batches_ &&
+                                           args.micro_batch != step_micro_batches_ - 1))) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "router: micro_batch = %d does not follow the step's %d micro-batch(es) so far (0 starts a step; the global "
         "aux loss averages the counts over the step's micro-batches)",
@@ -222,17 +225,37 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
       }
       // Counts and the token total summed in double (the total exact past 2^24 tokens over
       // the stage; the counts then enter the loss's fp32 arithmetic).
-      const at::Tensor counts = args.sum_over_dp(in->tokens_per_expert.to(at::kDouble));
-      const int64_t total = static_cast<int64_t>(args.sum_over_dp(at::full({1}, static_cast<double>(T), at::kDouble)).item<double>());
-      if (args.micro_batch == 0) {
-        step_counts_ = counts.clone();
-        step_micro_batches_ = 1;
-      } else {
-        step_counts_ += counts;
+      // One sum over the group: the counts, then (1, micro_batch, micro_batch²), whose sums
+      // tell every rank whether all gave the same micro_batch (Σ(m − mine)² = 0), then the
+      // token total.
+      const double mb = static_cast<double>(args.micro_batch);
+      const int64_t E = in->tokens_per_expert.size(0);
+      const at::Tensor sums = args.sum_over_dp(
+          at::cat({in->tokens_per_expert.to(at::kDouble), at::tensor({1.0, mb, mb * mb, static_cast<double>(T)}, at::kDouble)}));
+      const at::Tensor counts = sums.narrow(0, 0, E);
+      const double* tail = sums.data_ptr<double>() + E;
+      const int64_t total = static_cast<int64_t>(tail[3]);
+      if (stepped) {
+        if (tail[2] - 2 * mb * tail[1] + tail[0] * mb * mb != 0) {
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "router: the data-parallel ranks gave different micro_batch values (this one %d): the global aux loss "
+              "averages one step's micro-batches, which every rank must number alike", args.micro_batch));
+        }
+        if (args.micro_batch == 0) {
+          step_before_last_ = at::zeros_like(counts);
+          step_micro_batches_ = 0;
+        } else if (args.micro_batch == step_micro_batches_ - 1) {
+          --step_micro_batches_;  // the last micro-batch again: its counts replace the earlier ones
+        } else {
+          step_before_last_ = step_counts_;
+        }
+        step_counts_ = step_before_last_ + counts;
         ++step_micro_batches_;
       }
-      // The step's average counts; the token total is this micro-batch's (Megatron-Core's).
-      const at::Tensor mean = (step_counts_ / static_cast<double>(step_micro_batches_)).to(at::kFloat);
+      // The step's average counts (this micro-batch's alone outside a training step); the
+      // token total is this micro-batch's (Megatron-Core's).
+      const at::Tensor mean =
+          (stepped ? step_counts_ / static_cast<double>(step_micro_batches_) : counts).to(at::kFloat);
       out.aux_loss = LoadBalancingLoss(in->scores, mean, total, config_.topk.top_k, config_.aux_loss_coeff);
       if (args.dp_replicas != 1) out.aux_loss = out.aux_loss * static_cast<double>(args.dp_replicas);
     } else if (part) {

@@ -55,10 +55,12 @@ struct ForwardArgs {
   // CP ranks weights their shares by CP itself, as the MoE layer does).
   int64_t dp_replicas = 1;
   // AuxLoss::kGlobal under gradient accumulation: which micro-batch of the optimizer step
-  // this is. The loss's counts are then the average over the step's micro-batches so far
-  // (0 to this one; each summed over the data-parallel group), as in Megatron-Core's
-  // global_aux_loss, after arXiv 2501.11873); 0 starts a step, and
-  // a micro-batch must follow the one before. Left at 0, each micro-batch counts alone.
+  // this is. In training the loss's counts are the average over the step's micro-batches so
+  // far (0 to this one; each summed over the data-parallel group), as in Megatron-Core's
+  // global_aux_loss (after arXiv 2501.11873). 0 starts a step; a micro-batch follows the one
+  // before, or repeats it (a forward that failed later, or recomputation), replacing its
+  // counts. Every rank of the group must number them alike (checked in the counts' sum).
+  // Outside training, and left at 0, each micro-batch counts alone; the step is untouched.
   int64_t micro_batch = 0;
   // A part of a block: under tensor or context parallelism each router of the group routes
   // a contiguous share of one block of tokens (a TP slice or share, a CP chunk). Its losses
@@ -122,8 +124,14 @@ class Router {
   RouterConfig config_;
   at::Tensor weight_, noise_weight_, expert_bias_;
   at::Generator generator_;
-  // AuxLoss::kGlobal: the counts summed over this step's micro-batches so far, and how many.
-  at::Tensor step_counts_;
+  // Whether this call takes part in a training step's global aux loss.
+  bool StepsGlobalLoss(const ForwardArgs& args) const {
+    return args.training && config_.aux_loss == AuxLoss::kGlobal && config_.aux_loss_coeff > 0 &&
+           config_.type == RoutingType::kTokenChoice;
+  }
+  // AuxLoss::kGlobal: the counts summed over this step's micro-batches so far (and without
+  // the last one), and how many.
+  at::Tensor step_counts_, step_before_last_;
   int64_t step_micro_batches_ = 0;
 };
 

@@ -91,23 +91,47 @@ TEST(RouterModule, SequenceAndGlobalAuxLoss) {
                                                     .dp_replicas = 2});
   ASSERT_TRUE(two.ok()) << two.status();
   EXPECT_NEAR(two->aux_loss_value, 2 * glob->aux_loss_value, 1e-9);
-  // Micro-batches of one step: the counts are averaged over the step so far (each summed
-  // over DP), the token total is the micro-batch's; micro-batch 0 starts a new step.
+  // Micro-batches of one training step: the counts are averaged over the step so far (each
+  // summed over DP), the token total is the micro-batch's; micro-batch 0 starts a new step,
+  // and the last one may come again (a failed or recomputed forward), replacing its counts.
   const auto dp2 = [](const at::Tensor& t) { return t * 2; };
   const at::Tensor h1 = Hidden(16, 8, 5);
-  absl::StatusOr<RouterOutput> m0 = g->Forward(h, {.sum_over_dp = dp2, .micro_batch = 0});
-  absl::StatusOr<RouterOutput> m1 = g->Forward(h1, {.sum_over_dp = dp2, .micro_batch = 1});
+  absl::StatusOr<RouterOutput> m0 = g->Forward(h, {.training = true, .sum_over_dp = dp2, .micro_batch = 0});
+  absl::StatusOr<RouterOutput> m1 = g->Forward(h1, {.training = true, .sum_over_dp = dp2, .micro_batch = 1});
   ASSERT_TRUE(m0.ok() && m1.ok()) << m1.status();
   absl::StatusOr<AuxLossInputs> in1 = AuxLossScores(m1->logits, 1, ScoreFunction::kSoftmax);
   ASSERT_TRUE(in1.ok());
   const at::Tensor mean = (in->tokens_per_expert * 2 + in1->tokens_per_expert * 2).to(at::kDouble) / 2;
-  EXPECT_NEAR(m1->aux_loss_value, LoadBalancingLoss(in1->scores, mean.to(at::kFloat), 32, 1, 0.01).item<double>(), 1e-8);
+  const double want1 = LoadBalancingLoss(in1->scores, mean.to(at::kFloat), 32, 1, 0.01).item<double>();
+  const double alone1 = LoadBalancingLoss(in1->scores, in1->tokens_per_expert * 2, 32, 1, 0.01).item<double>();
+  EXPECT_NEAR(m1->aux_loss_value, want1, 1e-8);
+  EXPECT_GT(std::abs(want1 - alone1), 1e-4);  // the average is not micro-batch 1's counts
   EXPECT_NEAR(m0->aux_loss_value, glob->aux_loss_value, 1e-12);
-  EXPECT_THAT(std::string(g->Forward(h1, {.sum_over_dp = dp2, .micro_batch = 1}).status().message()),
-              HasSubstr("micro_batch = 1 does not follow the step's 2 micro-batch(es) so far"));
-  EXPECT_THAT(std::string(g->Forward(h1, {.sum_over_dp = dp2, .micro_batch = -1}).status().message()),
+  absl::StatusOr<RouterOutput> again = g->Forward(h1, {.training = true, .sum_over_dp = dp2, .micro_batch = 1});
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_NEAR(again->aux_loss_value, want1, 1e-8);
+  EXPECT_THAT(std::string(g->Forward(h1, {.training = true, .sum_over_dp = dp2, .micro_batch = 3}).status().message()),
+              HasSubstr("micro_batch = 3 does not follow the step's 2 micro-batch(es) so far"));
+  EXPECT_THAT(std::string(g->Forward(h1, {.training = true, .sum_over_dp = dp2, .micro_batch = -1}).status().message()),
               HasSubstr("micro_batch = -1"));
-  absl::StatusOr<RouterOutput> next = g->Forward(h1, {.sum_over_dp = dp2, .micro_batch = 0});  // a new step
+  // Another rank that numbers this micro-batch 3: every rank finds out in the sum.
+  const auto other_numbering = [](const at::Tensor& t) {
+    at::Tensor u = t.clone();
+    const int64_t n = t.size(0);
+    if (n > 4) u[n - 3] = 3.0, u[n - 2] = 9.0;  // (1, micro_batch, micro_batch², tokens) at the end
+    return t + u;
+  };
+  EXPECT_THAT(std::string(g->Forward(h1, {.training = true, .sum_over_dp = other_numbering, .micro_batch = 2})
+                              .status()
+                              .message()),
+              HasSubstr("the data-parallel ranks gave different micro_batch values (this one 2)"));
+  // Outside training each call counts alone and leaves the step as it was.
+  absl::StatusOr<RouterOutput> eval = g->Forward(h1, {.sum_over_dp = dp2, .micro_batch = 0});
+  ASSERT_TRUE(eval.ok());
+  EXPECT_NEAR(eval->aux_loss_value, alone1, 1e-8);
+  absl::StatusOr<RouterOutput> m2 = g->Forward(h1, {.training = true, .sum_over_dp = dp2, .micro_batch = 2});
+  ASSERT_TRUE(m2.ok()) << m2.status();
+  absl::StatusOr<RouterOutput> next = g->Forward(h1, {.training = true, .sum_over_dp = dp2, .micro_batch = 0});  // a new step
   ASSERT_TRUE(next.ok());
   EXPECT_NEAR(next->aux_loss_value,
               LoadBalancingLoss(in1->scores, in1->tokens_per_expert * 2, 32, 1, 0.01).item<double>(), 1e-8);

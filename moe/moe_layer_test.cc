@@ -1374,6 +1374,14 @@ TEST(MoELayerTest, LayoutThatDoesNotFitIsAClearError) {
                 HasSubstr("each CP rank must hold whole positions of the 3 sequences (the per-sequence aux loss): CP "
                           "rank 0 holds 7 tokens"));
     EXPECT_TRUE(layer->Forward(x, {.num_sequences = 3, .sequence_order = gate::SequenceOrder::kInterleaved}).ok());
+    // Ranks that disagree on the order: the one that refuses stops the other in the router.
+    const absl::Status mixed =
+        layer->Forward(x, {.num_sequences = 3,
+                           .sequence_order = comm.rank() == 0 ? gate::SequenceOrder::kWhole
+                                                              : gate::SequenceOrder::kInterleaved})
+            .status();
+    EXPECT_THAT(std::string(mixed.message()), HasSubstr(comm.rank() == 0 ? "needs the tokens position by position"
+                                                                         : "another rank stopped before routing"));
     layer = MoELayer::Create(Config({.capacity_factor = 1.0, .drop_policy = gate::DropPolicy::kByPosition}), kSeed, &comm);
     EXPECT_THAT(std::string(layer.status().message()),
                 HasSubstr("dropping by position with context parallelism (parallel.cp = 2) is not supported"));

@@ -238,7 +238,7 @@ absl::StatusOr<RouterOutput> Router::Forward(const at::Tensor& hidden, const For
       if (stepped) {
         if (tail[2] - 2 * mb * tail[1] + tail[0] * mb * mb != 0) {
           return absl::InvalidArgumentError(absl::StrFormat(
-              "router: the data-parallel ranks gave different micro_batch values (this one %d): the global aux loss "
+              "router: the ranks that sum the global aux loss gave different micro_batch values (this one %d): it "
               "averages one step's micro-batches, which every rank must number alike", args.micro_batch));
         }
         if (args.micro_batch == 0) {

@@ -124,7 +124,7 @@ TEST(RouterModule, SequenceAndGlobalAuxLoss) {
   EXPECT_THAT(std::string(g->Forward(h1, {.training = true, .sum_over_dp = other_numbering, .micro_batch = 2})
                               .status()
                               .message()),
-              HasSubstr("the data-parallel ranks gave different micro_batch values (this one 2)"));
+              HasSubstr("the ranks that sum the global aux loss gave different micro_batch values (this one 2)"));
   // Outside training each call counts alone and leaves the step as it was.
   absl::StatusOr<RouterOutput> eval = g->Forward(h1, {.sum_over_dp = dp2, .micro_batch = 0});
   ASSERT_TRUE(eval.ok());
